@@ -1,0 +1,294 @@
+"""Mixture-of-Recursions language model (Bae et al., 2025, arXiv 2507.10524).
+
+One stack of shared decoder layers (the recursion block) is applied up to N_r times; a router
+decides per token how many recursions it gets. The shapes:
+
+    embed → [unique first layer] → recursion block × N_r (routed) → [unique last layer] → head
+
+(the bracketed layers exist for the middle-cycle / middle-sequence sharing strategies, §2.1).
+A recursion runs only the tokens its router keeps: they are gathered (in causal order), run
+through the block with their original positions, and scattered back. A selected token gets the
+paper's gated update (§2.2.1, Eq. 1)
+
+    H^{r+1}_t = H^r_t + g^r_t · f(H^r_t),   f(H) = Block(H) − H   (the block's residual branch)
+
+and a token not selected keeps H^r_t. The official code adds g · Block(H) instead, which counts
+the residual stream twice (H + g·(H + f(H))); we follow the paper so that g = 1 is exactly the
+plain recursive transformer and g → 0 is an exact skip.
+
+This file holds no training infrastructure: no precision, parallelism or optimizer choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mor.config import MoRConfig
+from mor.layers import DecoderLayer, KVSite, RMSNorm, Rotary, TokenBatch
+from mor.routing import ExpertChoiceRouter, TokenChoiceRouter
+
+
+@dataclass
+class KVCache:
+    """Incremental-decoding state: one ``KVSite`` per attention site plus tokens seen per row.
+
+    Sites are keyed ("pre", i), ("rec", r, j) and ("post", i). With recursion-wise caching a
+    site at recursion r holds only the tokens active at r; with recursive sharing only r = 0
+    sites exist and deeper recursions read them.
+    """
+
+    sites: dict[tuple, KVSite] = field(default_factory=dict)
+    seen: torch.Tensor | None = None  # [B] valid tokens already processed per row
+
+    def num_bytes(self, valid_only: bool = True) -> int:
+        """Bytes of keys and values held (only entries that attention can see, by default)."""
+        total = 0
+        for site in self.sites.values():
+            per_entry = 2 * site.k.shape[1] * site.k.shape[3] * site.k.element_size()
+            entries = site.num_valid() if valid_only else site.valid.numel()
+            total += per_entry * entries
+        return total
+
+
+@dataclass
+class RoutingStats:
+    """What the routers did in one forward (over valid tokens)."""
+
+    active_fraction: list[float]  # fraction of tokens that ran recursion r
+    tokens_per_depth: list[int]  # tokens whose final depth is d, for d = 0..N_r
+    mean_depth: float
+    losses: dict[str, float]  # unweighted router losses (aux, z, balance), averaged
+
+    def to_metrics(self, prefix: str = "router/") -> dict[str, float]:
+        out = {f"{prefix}mean_depth": self.mean_depth}
+        total = max(1, sum(self.tokens_per_depth))
+        for d, n in enumerate(self.tokens_per_depth):
+            out[f"{prefix}frac_depth_{d}"] = n / total
+        for r, f in enumerate(self.active_fraction):
+            out[f"{prefix}active_r{r + 1}"] = f
+        for k, v in self.losses.items():
+            out[f"{prefix}{k}_loss"] = v
+        return out
+
+
+@dataclass
+class MoROutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + weighted router losses (what to backprop)
+    lm_loss: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
+    stats: RoutingStats | None = None
+    cache: KVCache | None = None
+    depth: torch.Tensor | None = None  # [B, T] recursions each token ran
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2:
+        return x.gather(1, idx)
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class MoRModel(nn.Module):
+    def __init__(self, cfg: MoRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Each unique layer exists once; the layer map says where it is reused (§2.1).
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_unique_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.router: nn.Module | None = None
+        if cfg.router == "expert_choice":
+            self.router = ExpertChoiceRouter(cfg)
+        elif cfg.router == "token_choice":
+            self.router = TokenChoiceRouter(cfg)
+        self.apply(self._init_weights)
+        # Scale the residual-branch outputs by depth (GPT-2 style) for stable deep stacks.
+        for layer in self.layers:
+            for p in (layer.attn.o_proj.weight, layer.mlp.down_proj.weight):
+                nn.init.normal_(p, std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+
+    # ------------------------------------------------------------------ parameters
+    def num_parameters(self) -> dict[str, int]:
+        """Unique parameters, split into embedding (+ untied head) and non-embedding."""
+        emb = self.embed.weight.numel() + (self.lm_head.weight.numel() if self.lm_head else 0)
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "embedding": emb, "non_embedding": total - emb}
+
+    # ------------------------------------------------------------------ forward
+    def _batch(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> TokenBatch:
+        cos, sin = self.rotary(pos)
+        return TokenBatch(x, pos, valid, cos.to(x.dtype), sin.to(x.dtype), bool(valid.all()))
+
+    def _run_layer(
+        self, i: int, key: tuple, tb: TokenBatch, sites: dict, reuse: KVSite | None = None
+    ) -> torch.Tensor:
+        out, store = self.layers[i](tb, past=sites.get(key), reuse=reuse)
+        if store is not None:
+            sites[key] = store
+        return out
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        max_depth: int | None = None,
+        cache: KVCache | None = None,
+    ) -> MoROutput:
+        """Run the model.
+
+        input_ids [B, T]; attention_mask [B, T] (1 = real token; padding may be on either side);
+        labels [B, T] (next-token targets are labels shifted left inside; -100 is ignored);
+        max_depth caps the recursions at test time (1..N_r); cache enables incremental decoding
+        (inference only). Routing is the training routing in ``train()`` mode and the causal,
+        per-token inference routing in ``eval()`` mode.
+        """
+        cfg = self.cfg
+        training = self.training
+        if cache is not None and training:
+            raise ValueError("cache: incremental decoding is only defined in eval() mode")
+        n_rec = cfg.num_recursions
+        if max_depth is not None:
+            if not 1 <= max_depth <= n_rec:
+                raise ValueError(f"max_depth: must be in 1..{n_rec}, got {max_depth}")
+            n_rec = max_depth
+        b, t = input_ids.shape
+        dev = input_ids.device
+        valid = (
+            torch.ones(b, t, dtype=torch.bool, device=dev)
+            if attention_mask is None
+            else attention_mask.to(torch.bool)
+        )
+        offset = torch.zeros(b, dtype=torch.long, device=dev)
+        if cache is not None and cache.seen is not None:
+            offset = cache.seen
+        pos = (offset[:, None] + valid.long().cumsum(-1) - 1).clamp_min(0)
+        sites: dict[tuple, KVSite] = cache.sites if cache is not None else {}
+
+        h = self.embed(input_ids)
+        full = self._batch(h, pos, valid)
+        for i in range(cfg.num_prefix_layers):
+            h = self._run_layer(i, ("pre", i), self._with_x(full, h), sites)
+
+        depth = torch.zeros(b, t, dtype=torch.long, device=dev)
+        losses: dict[str, list[torch.Tensor]] = {}
+        active_frac: list[float] = []
+        n_valid = max(1, int(valid.sum()))
+        active = valid
+        tc_depth = tc_gate = None
+        if isinstance(self.router, TokenChoiceRouter):
+            tc_depth, tc_gate, l_tc = self.router(h, valid, training)
+            for k, v in l_tc.items():
+                losses.setdefault(k, []).append(v)
+        for r in range(n_rec):
+            gate = None
+            if isinstance(self.router, ExpertChoiceRouter):
+                active, gate, l_ec = self.router(r, h, active, valid, training)
+                for k, v in l_ec.items():
+                    losses.setdefault(k, []).append(v)
+            elif tc_depth is not None:
+                active = valid & (tc_depth > r)
+                # The token's gate weighs its last recursion's update (its chosen "expert").
+                last = tc_depth == r + 1
+                gate = torch.where(last, tc_gate, torch.ones_like(tc_gate))
+            active_frac.append(int(active.sum()) / n_valid)
+            if not bool(active.any()):
+                continue
+            depth = depth + active.long()
+            h = self._recursion(r, h, pos, active, gate, sites)
+        for i in range(cfg.num_suffix_layers):
+            key = ("post", i)
+            h = self._run_layer(cfg.num_unique_layers - 1 - i, key, self._with_x(full, h), sites)
+
+        h = self.norm(h)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, weight)
+        if cache is not None:
+            cache.seen = offset + valid.long().sum(-1)
+
+        out = MoROutput(logits=logits, cache=cache, depth=depth)
+        router_loss = logits.new_zeros((), dtype=torch.float32)
+        coefs = {"aux": cfg.aux_loss_coef, "z": cfg.z_loss_coef, "balance": cfg.balancing_coef}
+        mean_losses = {k: torch.stack(v).mean() for k, v in losses.items()}
+        for k, v in mean_losses.items():
+            router_loss = router_loss + coefs[k] * v
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            target = labels[:, 1:].masked_fill(~valid[:, 1:], -100)
+            lm = F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), target.reshape(-1), ignore_index=-100
+            )
+            out.lm_loss, out.router_loss, out.loss = lm, router_loss, lm + router_loss
+        else:
+            out.router_loss = router_loss
+        if cfg.router != "none" or cfg.sharing != "none":
+            d_valid = depth[valid]
+            per_depth = torch.bincount(d_valid, minlength=cfg.num_recursions + 1).tolist()
+            out.stats = RoutingStats(
+                active_fraction=active_frac,
+                tokens_per_depth=per_depth,
+                mean_depth=float(d_valid.float().mean()) if d_valid.numel() else 0.0,
+                losses={k: float(v.detach()) for k, v in mean_losses.items()},
+            )
+        return out
+
+    @staticmethod
+    def _with_x(tb: TokenBatch, x: torch.Tensor) -> TokenBatch:
+        return TokenBatch(x, tb.pos, tb.valid, tb.cos, tb.sin, tb.all_valid)
+
+    def _recursion(
+        self,
+        r: int,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        active: torch.Tensor,
+        gate: torch.Tensor | None,
+        sites: dict,
+    ) -> torch.Tensor:
+        """Apply recursion r to the active tokens of h and return the updated hidden states."""
+        cfg = self.cfg
+        counts = active.sum(-1)
+        k = int(counts.max())
+        gathered = k < active.shape[1]
+        if gathered:
+            # Active tokens first, in their original (causal) order: a stable sort on ~active.
+            order = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices
+            idx = order[:, :k]
+            sel_valid = torch.arange(k, device=h.device)[None, :] < counts[:, None]
+            x, p = _gather_rows(h, idx), _gather_rows(pos, idx)
+            g = None if gate is None else _gather_rows(gate, idx)
+        else:
+            idx, sel_valid, x, p, g = None, active, h, pos, gate
+        tb = self._batch(x, p, sel_valid)
+        y = x
+        for j, layer_idx in enumerate(cfg.recursion_layers(r)):
+            if cfg.kv_cache == "shared" and r > 0:
+                # Recursive KV sharing (§2.3): reuse recursion 1's keys/values of this layer.
+                reuse = sites[("rec", 0, j)]
+                y = self._run_layer(layer_idx, ("rec", r, j), self._with_x(tb, y), sites, reuse)
+            else:
+                y = self._run_layer(layer_idx, ("rec", r, j), self._with_x(tb, y), sites)
+        if g is not None:
+            y = x + g[..., None] * (y - x)  # H + g · f(H), f = the block's residual branch
+        y = torch.where(sel_valid[..., None], y, x)
+        if not gathered:
+            return y
+        return h.scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), y)
+
+    # ------------------------------------------------------------------ routing upkeep
+    def update_router_bias(self) -> None:
+        """Call after each optimizer step: the loss-free balancing bias update (token-choice)."""
+        if isinstance(self.router, TokenChoiceRouter) and self.cfg.balancing == "loss_free":
+            self.router.update_bias()

@@ -1,0 +1,286 @@
+"""The MoR model: configs, sharing, routing, causality, incremental decoding, test-time depth."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from mor.config import MoRConfig, build_config
+from mor.generation import generate
+from mor.model import KVCache, MoRModel
+from mor.overrides import ConfigError
+
+SHARINGS = ["cycle", "sequence", "middle_cycle", "middle_sequence"]
+ROUTERS = ["none", "expert_choice", "token_choice"]
+KV_MODES = ["recursion_wise", "shared"]
+COMBOS = [("none", "none", "recursion_wise")] + list(itertools.product(SHARINGS, ROUTERS, KV_MODES))
+
+
+def small_config(sharing: str, router: str, kv: str, **kw) -> MoRConfig:
+    n_r = 1 if sharing == "none" else 2
+    fields = dict(sharing=sharing, num_recursions=n_r, router=router, kv_cache=kv, num_layers=6)
+    fields.update(kw)
+    return build_config("micro", **fields)
+
+
+def make_model(cfg: MoRConfig, seed: int = 0) -> MoRModel:
+    torch.manual_seed(seed)
+    model = MoRModel(cfg).double()
+    # Larger router weights than the default init so that inference routing really splits
+    # tokens across depths (a near-zero router would send everyone everywhere).
+    if model.router is not None:
+        for p in model.router.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    ("fields", "field_name"),
+    [
+        (dict(sharing="none", num_recursions=2), "num_recursions"),
+        (dict(router="expert_choice"), "router"),
+        (dict(sharing="cycle", num_recursions=4), "num_layers"),
+        (dict(sharing="middle_cycle", num_recursions=3), "num_layers"),
+        (dict(sharing="cycle", num_recursions=1), "num_recursions"),
+        (dict(sharing="cycle", num_recursions=2, router="expert_choice", gate="softmax"), "gate"),
+        (dict(sharing="cycle", num_recursions=2, router="expert_choice", capacities=[1.0]), "capacities"),
+        (dict(sharing="cycle", num_recursions=2, router="expert_choice", capacities=[0.5, 1.0]),
+         "capacities"),
+        (dict(sharing="cycle", num_recursions=2, router="token_choice", capacities=[1.0, 0.5]),
+         "capacities"),
+        (dict(kv_cache="shared"), "kv_cache"),
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(router="bogus"), "router"),
+        (dict(sharing="diagonal"), "sharing"),
+        (dict(num_layer=3), "num_layer"),
+        (dict(hidden_size=-4), "hidden_size"),
+    ],
+)
+def test_invalid_configs_name_the_field(fields: dict, field_name: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config("micro", **{"num_layers": 6, **fields})
+    assert field_name in str(err.value)
+
+
+def test_literal_errors_list_allowed_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config("micro", router="bogus")
+    assert "expert_choice" in str(err.value) and "token_choice" in str(err.value)
+
+
+def test_overrides_and_unknown_preset() -> None:
+    cfg = build_config("tiny", overrides=["sharing=middle_cycle", "num_recursions=2", "gate_scale=0.5"])
+    assert (cfg.sharing, cfg.num_recursions, cfg.gate_scale) == ("middle_cycle", 2, 0.5)
+    with pytest.raises(ConfigError, match="preset"):
+        build_config("no-such-preset")
+
+
+def test_every_field_has_a_docstring() -> None:
+    for name, f in MoRConfig.model_fields.items():
+        assert f.description and len(f.description) > 10, name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [({}, 315e6), (dict(sharing="middle_cycle", num_recursions=2), 167e6),
+     (dict(sharing="middle_cycle", num_recursions=3), 118e6)],
+)
+def test_paper_parameter_counts(overrides: dict, expected: float) -> None:
+    cfg = build_config("smollm-360m", **overrides)
+    with torch.device("meta"):
+        model = MoRModel(cfg)
+    assert abs(model.num_parameters()["non_embedding"] / expected - 1) < 0.01
+
+
+def test_layer_maps() -> None:
+    def lm(sharing: str, n_r: int, n_l: int) -> list[int]:
+        return build_config("micro", sharing=sharing, num_recursions=n_r, num_layers=n_l).layer_map
+
+    assert lm("cycle", 2, 6) == [0, 1, 2, 0, 1, 2]
+    assert lm("sequence", 2, 6) == [0, 0, 1, 1, 2, 2]
+    assert lm("middle_cycle", 2, 6) == [0, 1, 2, 1, 2, 3]
+    assert lm("middle_sequence", 2, 6) == [0, 1, 1, 2, 2, 3]
+    assert lm("middle_cycle", 3, 8) == [0, 1, 2, 1, 2, 1, 2, 3]
+    cfg = build_config("micro", sharing="cycle", num_recursions=3, num_layers=6)
+    assert [cfg.recursion_layers(r) for r in range(3)] == [[0, 1], [0, 1], [0, 1]]
+
+
+def test_shared_weights_exist_once() -> None:
+    cfg = small_config("middle_cycle", "none", "recursion_wise")
+    model = MoRModel(cfg)
+    assert len(model.layers) == cfg.num_unique_layers == 4
+    vanilla = MoRModel(build_config("micro", num_layers=6))
+    per_layer = sum(p.numel() for p in vanilla.layers[0].parameters())
+    diff = vanilla.num_parameters()["total"] - model.num_parameters()["total"]
+    assert diff == 2 * per_layer
+
+
+# ---------------------------------------------------------------------------------- inference
+@pytest.mark.parametrize(("sharing", "router", "kv"), COMBOS)
+def test_inference_is_causal(sharing: str, router: str, kv: str) -> None:
+    model = make_model(small_config(sharing, router, kv))
+    torch.manual_seed(1)
+    x = torch.randint(0, model.cfg.vocab_size, (2, 24))
+    t = 11
+    y = x.clone()
+    y[:, t + 1 :] = torch.randint(0, model.cfg.vocab_size, (2, 24 - t - 1))
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-10)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize(("sharing", "router", "kv"), COMBOS)
+def test_padding_takes_no_capacity(sharing: str, router: str, kv: str) -> None:
+    """Left- and right-padded rows give the same logits on real tokens as unpadded ones."""
+    model = make_model(small_config(sharing, router, kv))
+    x = torch.randint(0, model.cfg.vocab_size, (1, 12))
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        ref = model(x).logits
+        ones = torch.ones_like(x)
+        left = model(torch.cat([pad, x], 1), attention_mask=torch.cat([pad, ones], 1))
+        right = model(torch.cat([x, pad], 1), attention_mask=torch.cat([ones, pad], 1))
+    torch.testing.assert_close(left.logits[:, 5:], ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(right.logits[:, :12], ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("sharing", "router", "kv"), COMBOS)
+@pytest.mark.parametrize("max_depth", [None, 1])
+def test_incremental_decoding_matches_full_forward(
+    sharing: str, router: str, kv: str, max_depth: int | None
+) -> None:
+    model = make_model(small_config(sharing, router, kv))
+    torch.manual_seed(2)
+    x = torch.randint(0, model.cfg.vocab_size, (3, 20))
+    with torch.no_grad():
+        full = model(x, max_depth=max_depth)
+        cache = KVCache()
+        steps = [model(x[:, :7], max_depth=max_depth, cache=cache).logits]
+        for t in range(7, 20):
+            steps.append(model(x[:, t : t + 1], max_depth=max_depth, cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full.logits, rtol=0, atol=1e-9)
+    if router != "none" and max_depth is None:
+        # The inference router really splits tokens across depths in this test.
+        assert len(set(full.depth.flatten().tolist())) > 1
+
+
+def test_generate_with_left_padded_prompts() -> None:
+    model = make_model(small_config("middle_cycle", "expert_choice", "recursion_wise"))
+    x = torch.randint(1, model.cfg.vocab_size, (1, 9))
+    solo = generate(model, x, max_new_tokens=6)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), x], 1)
+    batch = torch.cat([padded, torch.randint(1, model.cfg.vocab_size, (1, 13))], 0)
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 9)], 1), torch.ones(1, 13)], 0)
+    both = generate(model, batch, attention_mask=mask.long(), max_new_tokens=6)
+    assert torch.equal(both[0], solo[0])
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_test_time_depth(router: str) -> None:
+    model = make_model(small_config("middle_cycle", router, "recursion_wise"))
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        d1, d2 = model(x, max_depth=1), model(x, max_depth=2)
+    assert int(d1.depth.max()) <= 1
+    if router == "none":
+        assert torch.all(d1.depth == 1) and torch.all(d2.depth == 2)
+        assert d1.stats.tokens_per_depth == [0, 32, 0]
+    assert not torch.allclose(d1.logits, d2.logits)
+    with pytest.raises(ValueError, match="max_depth"):
+        model(x, max_depth=3)
+
+
+# ---------------------------------------------------------------------------------- training
+def test_expert_choice_training_keeps_capacity() -> None:
+    cfg = small_config("middle_cycle", "expert_choice", "recursion_wise", num_recursions=3,
+                       num_layers=5, z_loss_coef=0.01)
+    model = MoRModel(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 30))
+    out = model(x, labels=x)
+    # Capacities (N_r − r)/N_r: 30, 20 and 10 of 30 tokens (paper §2.2.1).
+    assert out.stats.active_fraction == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert out.stats.tokens_per_depth == [0, 20, 20, 20]
+    assert {"aux", "z"} <= set(out.stats.losses)
+    out.loss.backward()
+    for net in model.router.nets:
+        assert net.weight.grad is not None and net.weight.grad.abs().sum() > 0
+
+
+def test_expert_choice_padding_in_training() -> None:
+    cfg = small_config("cycle", "expert_choice", "recursion_wise")
+    model = MoRModel(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 10:] = 0
+    out = model(x, attention_mask=mask, labels=x)
+    # Row 0 keeps 10 of 20 at recursion 2, row 1 keeps 5 of its 10 real tokens.
+    assert (out.depth[1, 10:] == 0).all()
+    assert int((out.depth[0] == 2).sum()) == 10 and int((out.depth[1] == 2).sum()) == 5
+
+
+def test_token_choice_losses_and_loss_free_bias() -> None:
+    cfg = small_config("middle_cycle", "token_choice", "recursion_wise")
+    model = MoRModel(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(x, labels=x)
+    assert "balance" in out.stats.losses and out.router_loss > 0
+    out.loss.backward()
+    assert model.router.net.weight.grad.abs().sum() > 0
+
+    cfg_lf = small_config("middle_cycle", "token_choice", "recursion_wise", balancing="loss_free",
+                          bias_update_rate=0.01)
+    model = MoRModel(cfg_lf).train()
+    with torch.no_grad():
+        model.router.net.weight.zero_()
+        model.router.net.weight[0].fill_(1.0)  # everyone prefers depth 1 at first
+    before = model.router.bias.clone()
+    out = model(x, labels=x)
+    assert "balance" not in out.stats.losses
+    model.update_router_bias()
+    delta = model.router.bias - before
+    # Depth 1 was over-loaded → its bias goes down; depth 2 under-loaded → up.
+    assert delta[0] < 0 < delta[1]
+    assert not model.router.bias.requires_grad
+    assert "router.bias" in model.state_dict()
+
+
+@pytest.mark.parametrize("logit", [50.0, -50.0])
+def test_gated_update_is_h_plus_g_times_residual_branch(logit: float) -> None:
+    """H + g·f(H) with f = Block(H) − H: g = 1 is the plain recursive model, g = 0 a skip."""
+    plain = make_model(small_config("cycle", "none", "recursion_wise"))
+    cfg = small_config("cycle", "expert_choice", "recursion_wise", capacities=[1.0, 1.0], gate="tanh")
+    mor = MoRModel(cfg).double().eval()
+    mor.load_state_dict(plain.state_dict(), strict=False)
+    for net in mor.router.nets:  # force every router logit: tanh(50) == 1.0, tanh(-50) == -1
+        net.register_forward_hook(lambda m, i, o: torch.full_like(o, logit))
+    if logit < 0:
+        mor.cfg.__dict__["gate"] = "sigmoid"  # sigmoid(-50) ≈ 2e-22: an exact skip in practice
+    x = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        out = mor(x).logits
+        if logit > 0:
+            ref = plain(x).logits
+        else:
+            ref = torch.nn.functional.linear(plain.norm(plain.embed(x)), plain.embed.weight)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+
+
+def test_training_reduces_loss() -> None:
+    torch.manual_seed(0)
+    cfg = small_config("middle_cycle", "expert_choice", "recursion_wise")
+    model = MoRModel(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, cfg.vocab_size, (4, 32))
+    losses = []
+    for _ in range(30):
+        out = model(x, labels=x)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < 0.5 * losses[0]
