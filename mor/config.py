@@ -7,6 +7,7 @@ Invalid combinations raise ``ConfigError`` naming the field and the allowed valu
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,7 +102,9 @@ class MoRConfig(BaseModel):
             raise ValueError(f"{field}: {msg}")
 
         if self.hidden_size % self.num_heads:
-            bad("hidden_size", f"{self.hidden_size} is not a multiple of num_heads={self.num_heads}")
+            bad(
+                "hidden_size", f"{self.hidden_size} is not a multiple of num_heads={self.num_heads}"
+            )
         if (self.hidden_size // self.num_heads) % 2:
             bad("hidden_size", "head dimension hidden_size/num_heads must be even for RoPE")
         if self.num_heads % self.num_kv_heads:
@@ -109,29 +112,47 @@ class MoRConfig(BaseModel):
         n_r, n_l = self.num_recursions, self.num_layers
         if self.sharing == "none":
             if n_r != 1:
-                bad("num_recursions", f"must be 1 when sharing='none' (got {n_r}); choose sharing "
-                    "from 'cycle', 'sequence', 'middle_cycle', 'middle_sequence'")
+                bad(
+                    "num_recursions",
+                    f"must be 1 when sharing='none' (got {n_r}); choose sharing "
+                    "from 'cycle', 'sequence', 'middle_cycle', 'middle_sequence'",
+                )
             if self.router != "none":
-                bad("router", f"{self.router!r} needs a recursive model: set sharing to one of "
-                    "'cycle', 'sequence', 'middle_cycle', 'middle_sequence'")
+                bad(
+                    "router",
+                    f"{self.router!r} needs a recursive model: set sharing to one of "
+                    "'cycle', 'sequence', 'middle_cycle', 'middle_sequence'",
+                )
             if self.kv_cache == "shared":
-                bad("kv_cache", "'shared' reuses the first recursion's KV and needs sharing != "
-                    "'none'; use 'recursion_wise'")
+                bad(
+                    "kv_cache",
+                    "'shared' reuses the first recursion's KV and needs sharing != "
+                    "'none'; use 'recursion_wise'",
+                )
         else:
             if n_r < 2:
                 bad("num_recursions", f"must be >= 2 with sharing={self.sharing!r} (got {n_r})")
             middle = self.sharing.startswith("middle")
             shared_layers = n_l - 2 if middle else n_l
             if middle and n_l < 2 + n_r:
-                bad("num_layers", f"{n_l} is too few for {self.sharing!r} with {n_r} recursions: "
-                    f"need at least {2 + n_r} (first + last unique, one layer per recursion)")
+                bad(
+                    "num_layers",
+                    f"{n_l} is too few for {self.sharing!r} with {n_r} recursions: "
+                    f"need at least {2 + n_r} (first + last unique, one layer per recursion)",
+                )
             if shared_layers % n_r:
                 what = "num_layers - 2" if middle else "num_layers"
-                bad("num_layers", f"{what} = {shared_layers} must be divisible by "
-                    f"num_recursions={n_r} for sharing={self.sharing!r}")
+                bad(
+                    "num_layers",
+                    f"{what} = {shared_layers} must be divisible by "
+                    f"num_recursions={n_r} for sharing={self.sharing!r}",
+                )
         if self.gate == "softmax" and self.router != "token_choice":
-            bad("gate", "'softmax' is only defined for router='token_choice' (a softmax over "
-                "depths); use 'sigmoid' or 'tanh'")
+            bad(
+                "gate",
+                "'softmax' is only defined for router='token_choice' (a softmax over "
+                "depths); use 'sigmoid' or 'tanh'",
+            )
         if self.capacities is not None:
             if self.router != "expert_choice":
                 bad("capacities", "only apply to router='expert_choice'")
@@ -140,8 +161,11 @@ class MoRConfig(BaseModel):
                 bad("capacities", f"needs one value per recursion ({n_r}), got {len(caps)}")
             if any(not (0.0 < c <= 1.0) for c in caps):
                 bad("capacities", f"each value must lie in (0, 1], got {list(caps)}")
-            if any(b > a for a, b in zip(caps, caps[1:])):
-                bad("capacities", f"must be non-increasing (hierarchical filtering), got {list(caps)}")
+            if any(b > a for a, b in itertools.pairwise(caps)):
+                bad(
+                    "capacities",
+                    f"must be non-increasing (hierarchical filtering), got {list(caps)}",
+                )
         return self
 
     # ----------------------------------------------------------------- derived quantities
@@ -221,26 +245,46 @@ class MoRConfig(BaseModel):
 _SMOLLM = dict(vocab_size=49152, max_seq_len=2048, tie_embeddings=True)
 # Paper Table 5 / SmolLM shapes.
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm-135m": dict(_SMOLLM, num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3,
-                        ffn_size=1536),
-    "smollm-360m": dict(_SMOLLM, num_layers=32, hidden_size=960, num_heads=15, num_kv_heads=5,
-                        ffn_size=2560),
-    "smollm-730m": dict(_SMOLLM, num_layers=26, hidden_size=1536, num_heads=24, num_kv_heads=8,
-                        ffn_size=4096),
-    "smollm-1.7b": dict(_SMOLLM, num_layers=24, hidden_size=2048, num_heads=32, num_kv_heads=32,
-                        ffn_size=8192),
+    "smollm-135m": dict(
+        _SMOLLM, num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, ffn_size=1536
+    ),
+    "smollm-360m": dict(
+        _SMOLLM, num_layers=32, hidden_size=960, num_heads=15, num_kv_heads=5, ffn_size=2560
+    ),
+    "smollm-730m": dict(
+        _SMOLLM, num_layers=26, hidden_size=1536, num_heads=24, num_kv_heads=8, ffn_size=4096
+    ),
+    "smollm-1.7b": dict(
+        _SMOLLM, num_layers=24, hidden_size=2048, num_heads=32, num_kv_heads=32, ffn_size=8192
+    ),
     # Tiny shapes that train in seconds to minutes on a CPU; vocab matches the default corpus's
     # locally trained BPE tokenizer.
-    "tiny": dict(vocab_size=4096, max_seq_len=256, num_layers=6, hidden_size=128, num_heads=4,
-                 num_kv_heads=2, ffn_size=344),
-    "micro": dict(vocab_size=512, max_seq_len=64, num_layers=4, hidden_size=32, num_heads=4,
-                  num_kv_heads=2, ffn_size=64),
+    "tiny": dict(
+        vocab_size=4096,
+        max_seq_len=256,
+        num_layers=6,
+        hidden_size=128,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_size=344,
+    ),
+    "micro": dict(
+        vocab_size=512,
+        max_seq_len=64,
+        num_layers=4,
+        hidden_size=32,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_size=64,
+    ),
 }
 # MoR presets: the paper's best recipe on top of a shape.
-PRESETS["tiny-mor"] = dict(PRESETS["tiny"], sharing="middle_cycle", num_recursions=2,
-                           router="expert_choice")
-PRESETS["smollm-360m-mor3"] = dict(PRESETS["smollm-360m"], sharing="middle_cycle",
-                                   num_recursions=3, router="expert_choice")
+PRESETS["tiny-mor"] = dict(
+    PRESETS["tiny"], sharing="middle_cycle", num_recursions=2, router="expert_choice"
+)
+PRESETS["smollm-360m-mor3"] = dict(
+    PRESETS["smollm-360m"], sharing="middle_cycle", num_recursions=3, router="expert_choice"
+)
 
 
 def preset_names() -> list[str]:

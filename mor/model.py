@@ -100,7 +100,9 @@ class MoRModel(nn.Module):
         # Each unique layer exists once; the layer map says where it is reused (§2.1).
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_unique_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = (
+            None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         self.router: nn.Module | None = None
         if cfg.router == "expert_choice":
@@ -228,7 +230,9 @@ class MoRModel(nn.Module):
             shift_logits = logits[:, :-1].float()
             target = labels[:, 1:].masked_fill(~valid[:, 1:], -100)
             lm = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), target.reshape(-1), ignore_index=-100
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                target.reshape(-1),
+                ignore_index=-100,
             )
             out.lm_loss, out.router_loss, out.loss = lm, router_loss, lm + router_loss
         else:

@@ -25,10 +25,14 @@ def make_router_net(cfg: MoRConfig, n_out: int) -> nn.Module:
     d = cfg.hidden_size
     if cfg.router_network == "linear":
         return nn.Linear(d, n_out, bias=False)
-    return nn.Sequential(nn.Linear(d, 2 * d, bias=False), nn.GELU(), nn.Linear(2 * d, n_out, bias=False))
+    return nn.Sequential(
+        nn.Linear(d, 2 * d, bias=False), nn.GELU(), nn.Linear(2 * d, n_out, bias=False)
+    )
 
 
-def gate_values(cfg: MoRConfig, logits: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+def gate_values(
+    cfg: MoRConfig, logits: torch.Tensor, chosen: torch.Tensor | None = None
+) -> torch.Tensor:
     """g = α · gate(logit). For token-choice ``logits`` is [..., N_r] and ``chosen`` the index."""
     if cfg.gate == "softmax":
         probs = logits.float().softmax(-1)

@@ -15,7 +15,7 @@ from mor.overrides import ConfigError
 SHARINGS = ["cycle", "sequence", "middle_cycle", "middle_sequence"]
 ROUTERS = ["none", "expert_choice", "token_choice"]
 KV_MODES = ["recursion_wise", "shared"]
-COMBOS = [("none", "none", "recursion_wise")] + list(itertools.product(SHARINGS, ROUTERS, KV_MODES))
+COMBOS = [("none", "none", "recursion_wise"), *itertools.product(SHARINGS, ROUTERS, KV_MODES)]
 
 
 def small_config(sharing: str, router: str, kv: str, **kw) -> MoRConfig:
@@ -47,11 +47,18 @@ def make_model(cfg: MoRConfig, seed: int = 0) -> MoRModel:
         (dict(sharing="middle_cycle", num_recursions=3), "num_layers"),
         (dict(sharing="cycle", num_recursions=1), "num_recursions"),
         (dict(sharing="cycle", num_recursions=2, router="expert_choice", gate="softmax"), "gate"),
-        (dict(sharing="cycle", num_recursions=2, router="expert_choice", capacities=[1.0]), "capacities"),
-        (dict(sharing="cycle", num_recursions=2, router="expert_choice", capacities=[0.5, 1.0]),
-         "capacities"),
-        (dict(sharing="cycle", num_recursions=2, router="token_choice", capacities=[1.0, 0.5]),
-         "capacities"),
+        (
+            dict(sharing="cycle", num_recursions=2, router="expert_choice", capacities=[1.0]),
+            "capacities",
+        ),
+        (
+            dict(sharing="cycle", num_recursions=2, router="expert_choice", capacities=[0.5, 1.0]),
+            "capacities",
+        ),
+        (
+            dict(sharing="cycle", num_recursions=2, router="token_choice", capacities=[1.0, 0.5]),
+            "capacities",
+        ),
         (dict(kv_cache="shared"), "kv_cache"),
         (dict(num_kv_heads=3), "num_kv_heads"),
         (dict(router="bogus"), "router"),
@@ -73,7 +80,9 @@ def test_literal_errors_list_allowed_values() -> None:
 
 
 def test_overrides_and_unknown_preset() -> None:
-    cfg = build_config("tiny", overrides=["sharing=middle_cycle", "num_recursions=2", "gate_scale=0.5"])
+    cfg = build_config(
+        "tiny", overrides=["sharing=middle_cycle", "num_recursions=2", "gate_scale=0.5"]
+    )
     assert (cfg.sharing, cfg.num_recursions, cfg.gate_scale) == ("middle_cycle", 2, 0.5)
     with pytest.raises(ConfigError, match="preset"):
         build_config("no-such-preset")
@@ -86,8 +95,11 @@ def test_every_field_has_a_docstring() -> None:
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
-    [({}, 315e6), (dict(sharing="middle_cycle", num_recursions=2), 167e6),
-     (dict(sharing="middle_cycle", num_recursions=3), 118e6)],
+    [
+        ({}, 315e6),
+        (dict(sharing="middle_cycle", num_recursions=2), 167e6),
+        (dict(sharing="middle_cycle", num_recursions=3), 118e6),
+    ],
 )
 def test_paper_parameter_counts(overrides: dict, expected: float) -> None:
     cfg = build_config("smollm-360m", **overrides)
@@ -197,8 +209,14 @@ def test_test_time_depth(router: str) -> None:
 
 # ---------------------------------------------------------------------------------- training
 def test_expert_choice_training_keeps_capacity() -> None:
-    cfg = small_config("middle_cycle", "expert_choice", "recursion_wise", num_recursions=3,
-                       num_layers=5, z_loss_coef=0.01)
+    cfg = small_config(
+        "middle_cycle",
+        "expert_choice",
+        "recursion_wise",
+        num_recursions=3,
+        num_layers=5,
+        z_loss_coef=0.01,
+    )
     model = MoRModel(cfg).train()
     x = torch.randint(0, cfg.vocab_size, (2, 30))
     out = model(x, labels=x)
@@ -232,8 +250,13 @@ def test_token_choice_losses_and_loss_free_bias() -> None:
     out.loss.backward()
     assert model.router.net.weight.grad.abs().sum() > 0
 
-    cfg_lf = small_config("middle_cycle", "token_choice", "recursion_wise", balancing="loss_free",
-                          bias_update_rate=0.01)
+    cfg_lf = small_config(
+        "middle_cycle",
+        "token_choice",
+        "recursion_wise",
+        balancing="loss_free",
+        bias_update_rate=0.01,
+    )
     model = MoRModel(cfg_lf).train()
     with torch.no_grad():
         model.router.net.weight.zero_()
@@ -253,7 +276,9 @@ def test_token_choice_losses_and_loss_free_bias() -> None:
 def test_gated_update_is_h_plus_g_times_residual_branch(logit: float) -> None:
     """H + g·f(H) with f = Block(H) − H: g = 1 is the plain recursive model, g = 0 a skip."""
     plain = make_model(small_config("cycle", "none", "recursion_wise"))
-    cfg = small_config("cycle", "expert_choice", "recursion_wise", capacities=[1.0, 1.0], gate="tanh")
+    cfg = small_config(
+        "cycle", "expert_choice", "recursion_wise", capacities=[1.0, 1.0], gate="tanh"
+    )
     mor = MoRModel(cfg).double().eval()
     mor.load_state_dict(plain.state_dict(), strict=False)
     for net in mor.router.nets:  # force every router logit: tanh(50) == 1.0, tanh(-50) == -1

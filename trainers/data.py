@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from tokenizers import Tokenizer
 
-from mor.overrides import ConfigError, format_validation_error
+from mor.overrides import ConfigError
 from trainers.tokenizer import (
     atomic_write,
     cache_key,
@@ -91,15 +91,10 @@ class DataConfig(BaseModel):
     streaming: bool = False
     """Stream an 'hf:' dataset instead of downloading it whole (Hugging Face sources only)."""
 
-    def __init__(self, **data: Any) -> None:
-        # Direct construction raises ConfigError too, as mor.overrides.validate does.
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
-
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        # As in MoRConfig: construction raises pydantic's ValidationError (a ValueError) with
+        # "field: message"; mor.overrides.validate / load_config turn it into a ConfigError.
         _check_config(self)
         return self
 
@@ -183,6 +178,7 @@ def split_text(text: str, doc_chars: int = TXT_DOC_CHARS) -> list[str]:
     text = text.replace("\r\n", "\n")
     paragraphs: list[str] = []
     for para in re.split(r"\n(?:[ \t]*\n)+", text):
+        para = para.strip("\n")  # keep indentation (verse, code), drop stray line ends
         if not para.strip():
             continue
         if len(para) <= doc_chars:

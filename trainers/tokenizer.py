@@ -1,8 +1,7 @@
-"""Tokenizer helpers for the data pipeline: load a tokenizer.json or HF tokenizer, find its
-end-of-text token, or train a small byte-level BPE on a corpus.
+"""Tokenizer helpers for the data pipeline: resolve and load a tokenizer.json or hub tokenizer,
+find its end-of-text token, train (and cache) a byte-level BPE, and encode documents.
 
-Everything here is keyed and cached by ``trainers.data``; these functions do no caching of
-their own except writing the file they are asked to write.
+``trainers.data`` decides the cache keys; ``get_tokenizer`` stores a trained BPE under one.
 """
 
 from __future__ import annotations

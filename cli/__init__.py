@@ -1,0 +1,1 @@
+"""The ``mor`` command line: one module per subcommand (``cli/<name>_cmd.py``)."""

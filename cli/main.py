@@ -1,0 +1,71 @@
+"""Entry point of the ``mor`` command (``mor = "cli.main:main"`` in pyproject.toml).
+
+Each subcommand lives in its own module ``cli/<name>_cmd.py`` exposing
+``register(subparsers) -> None``; ``register`` adds a parser and sets ``func`` (called with the
+parsed namespace, returns the exit code) via ``set_defaults``. To add a command, write the
+module and list it in ``COMMAND_MODULES``. Keep heavy imports (torch, ray) inside ``func`` so
+``mor --help`` stays fast.
+
+A command that takes free ``key=value`` overrides after its options sets
+``set_defaults(extra_dest="<dest>")``: bare words that argparse leaves over (e.g. overrides
+written after ``--json``) are appended to that list instead of being rejected.
+
+A ``ConfigError`` or ``ValueError`` raised by a command is a user error: it prints
+``error: <message>`` to stderr and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+# Subcommand modules, in the order ``mor --help`` lists them.
+COMMAND_MODULES: tuple[str, ...] = ("cli.inspect_cmd",)
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mor",
+        description="Mixture-of-Recursions research platform (arXiv 2507.10524).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``mor`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(None if argv is None else list(argv))
+        if extra:
+            dest = getattr(args, "extra_dest", None)
+            bad = [e for e in extra if e.startswith("-")]
+            if dest is None or bad:
+                parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+            getattr(args, dest).extend(extra)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(func(args) or 0)
+    except ValueError as exc:  # includes mor.overrides.ConfigError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `mor inspect ... --json | head`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

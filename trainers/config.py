@@ -1,0 +1,245 @@
+"""Typed config of one training run: model, data, optimizer, budget, DeepSpeed, Ray, tracking.
+
+A YAML file, then dotted overrides (``mor train run.yaml optim.lr=1e-3``), validated before any
+Ray or DeepSpeed resource is touched. Defaults follow the MoR paper (§4, Appendix): AdamW lr 3e-3,
+betas (0.9, 0.95), weight decay 0.1, clipping 1.0, warmup-stable-decay with the last 20% of
+steps decaying.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mor.config import MoRConfig, build_config
+from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
+from trainers.data import DataConfig
+
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
+
+
+class OptimConfig(BaseModel):
+    model_config = _STRICT
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2), each in [0, 1)."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """Decoupled weight decay, applied to matrices only (not to norms or router biases)."""
+    eps: float = Field(1e-8, gt=0.0)
+    """AdamW epsilon."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Global gradient-norm clipping threshold; 0 disables clipping."""
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    """Learning-rate schedule: warmup-stable-decay (the paper's trapezoid), cosine, constant."""
+    warmup_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Fraction of the steps spent in linear warmup."""
+    decay_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    """wsd: fraction of the steps (at the end) spent decaying linearly to min_lr_ratio · lr."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of the peak (wsd and cosine)."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> OptimConfig:
+        if self.schedule == "wsd" and self.warmup_fraction + self.decay_fraction > 1.0:
+            raise ValueError("warmup_fraction + decay_fraction must be <= 1 for schedule='wsd'")
+        return self
+
+
+class BatchConfig(BaseModel):
+    model_config = _STRICT
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per worker per forward/backward."""
+    grad_accum_steps: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+
+
+class BudgetConfig(BaseModel):
+    model_config = _STRICT
+    flops: float | None = Field(None, gt=0.0)
+    """Training-FLOPs budget; converted to optimizer steps at the global batch (mor/flops.py)."""
+    tokens: int | None = Field(None, gt=0)
+    """Token budget (alternative to flops)."""
+    steps: int | None = Field(None, gt=0)
+    """Optimizer-step budget (alternative to flops and tokens)."""
+    convention: Literal["exact", "paper"] = "exact"
+    """FLOPs accounting: 'exact' (3 × forward matmul FLOPs incl. head) or the paper's
+    (forward only, d×d attention projections, no embeddings/head)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        given = [k for k in ("flops", "tokens", "steps") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of flops, tokens, steps (got {given or 'none'})")
+        return self
+
+
+class DeepSpeedConfig(BaseModel):
+    model_config = _STRICT
+    zero_stage: int = Field(2, ge=0, le=3)
+    """ZeRO stage 0-3 (optimizer state / gradient / parameter partitioning)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """'auto' = bf16 on GPU, fp32 on CPU."""
+
+
+class ScalingConfigModel(BaseModel):
+    model_config = _STRICT
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """One GPU per worker; 'auto' uses GPUs when the Ray cluster has them."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per worker (also its torch thread count)."""
+
+
+class CheckpointConfigModel(BaseModel):
+    model_config = _STRICT
+    every_steps: int = Field(100, ge=1)
+    """Save a DeepSpeed checkpoint (all ranks) and report it to Ray every K optimizer steps."""
+    keep: int = Field(2, ge=1)
+    """Checkpoints kept by Ray (older ones are deleted)."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-failure restarts from the latest checkpoint (-1 = unlimited)."""
+
+
+class EvalConfig(BaseModel):
+    model_config = _STRICT
+    every_steps: int = Field(50, ge=1)
+    """Held-out validation loss every K optimizer steps (and at the end)."""
+    batches: int = Field(4, ge=1)
+    """Validation micro-batches per evaluation (per worker)."""
+
+
+class TrackingConfig(BaseModel):
+    model_config = _STRICT
+    uri: str | None = None
+    """MLflow tracking URI; default: env MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db."""
+    experiment: str = "mor"
+    """MLflow experiment name."""
+    parent_run_id: str | None = None
+    """Log as a nested child of this run (used by sweeps)."""
+
+
+class FaultInjection(BaseModel):
+    model_config = _STRICT
+    fail_at_step: int | None = Field(None, ge=1)
+    """Testing aid: raise in rank 0 before this step runs (once per run; used by the tests)."""
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class TrainConfig(BaseModel):
+    """Everything one training run needs."""
+
+    model_config = _STRICT
+    name: str = "mor-run"
+    """Run name: the Ray run folder and MLflow run name; rerunning a name resumes it."""
+    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny-mor"})
+    """Model: 'preset' plus any MoRConfig field overrides (vocab_size defaults to the
+    tokenizer's)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Corpus, tokenizer and sequence packing."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Micro-batch size and gradient accumulation."""
+    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(steps=100))
+    """How long to train: a FLOPs, token or step budget."""
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    scaling: ScalingConfigModel = Field(default_factory=ScalingConfigModel)
+    """Ray Train workers and their resources."""
+    checkpoint: CheckpointConfigModel = Field(default_factory=CheckpointConfigModel)
+    """Checkpoint frequency, retention and restarts."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Periodic held-out evaluation."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow tracking."""
+    storage_path: str = "outputs"
+    """Folder (or URI) for Ray run state, checkpoints and exports."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+    log_every_steps: int = Field(1, ge=1)
+    """Print progress every K steps (metrics reach MLflow every step)."""
+    address: str | None = None
+    """Ray cluster address; None = a local Ray started on demand (or $RAY_ADDRESS)."""
+    fault_injection: FaultInjection = Field(default_factory=FaultInjection)
+    """Testing aids; leave empty."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 100, no spaces)")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        mor_config_from(v)  # raises ConfigError naming model.<field>
+        return v
+
+    def mor_config(self, vocab_size: int | None = None) -> MoRConfig:
+        """The model config; vocab_size from the tokenizer unless the model section sets it."""
+        data = dict(self.model)
+        if vocab_size is not None:
+            given = data.get("vocab_size")
+            if given is not None and int(given) < vocab_size:
+                raise ConfigError(
+                    f"model.vocab_size: {given} is smaller than the tokenizer's vocabulary "
+                    f"({vocab_size}); remove it or set it >= {vocab_size}"
+                )
+            data.setdefault("vocab_size", vocab_size)
+        data.setdefault("max_seq_len", self.data.seq_len)
+        cfg = mor_config_from(data)
+        if cfg.max_seq_len < self.data.seq_len:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}"
+            )
+        return cfg
+
+    @property
+    def resolved_storage_path(self) -> str:
+        if "://" in self.storage_path:
+            return self.storage_path
+        return str(Path(self.storage_path).expanduser().resolve())
+
+
+def mor_config_from(section: dict[str, Any]) -> MoRConfig:
+    data = dict(section)
+    preset = data.pop("preset", None)
+    try:
+        return build_config(preset, **data)
+    except ConfigError as exc:
+        msg = str(exc).replace("invalid config:\n  ", "")
+        lines = [f"model.{line.strip()}" for line in msg.splitlines() if line.strip()]
+        raise ConfigError("\n  ".join(lines)) from None
+
+
+def load_train_config(path: str | Path | None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """YAML file (optional), then dotted overrides; every error names its field."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return validate(TrainConfig, data)
+
+
+def default_tracking_uri(cfg: TrainConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(cfg.resolved_storage_path) / 'mlflow.db'}"

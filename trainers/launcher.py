@@ -1,0 +1,192 @@
+"""Driver side of a training run: validate, plan, start Ray Train, export, log to MLflow.
+
+Everything that can be checked is checked before Ray starts: the config, the data (prepared and
+cached here, once), the model/tokenizer vocabulary, the budget, and that MLflow answers.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mor.flops import steps_for_budget, training_flops_per_token
+from mor.overrides import ConfigError
+from trainers.config import TrainConfig, default_tracking_uri
+from trainers.data import PackedDataset, prepare_data
+from trainers.tracking import connect, find_or_create_run, flatten
+
+
+class TrainingError(RuntimeError):
+    """The training run failed on the cluster; the message says why."""
+
+
+@dataclass
+class TrainPlan:
+    """What the workers receive besides the config (JSON-serialisable)."""
+
+    model: dict[str, Any]
+    total_steps: int
+    tokens_per_step: int
+    train_flops_per_token: float
+    train_path: str
+    val_path: str
+    tokenizer_path: str
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    resumed_run: bool
+    state_dir: str
+    use_gpu: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    export_dir: Path
+    metrics: dict[str, float]
+    total_steps: int
+
+
+def run_dirs(cfg: TrainConfig) -> tuple[str, Path]:
+    """(Ray storage path, this run's own state folder)."""
+    root = cfg.resolved_storage_path
+    return f"{root}/ray", Path(root) / "runs" / cfg.name
+
+
+def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
+    """Validate and prepare everything that does not need Ray (data, budget, MLflow run)."""
+    prepared = prepare_data(cfg.data)
+    mor_cfg = cfg.mor_config(prepared.vocab_size)
+    world = world_size or cfg.scaling.num_workers
+    seq = cfg.data.seq_len
+    tokens_per_step = cfg.batch.micro_batch_size * cfg.batch.grad_accum_steps * world * seq
+    b = cfg.budget
+    if b.steps is not None:
+        total = b.steps
+    elif b.tokens is not None:
+        total = b.tokens // tokens_per_step
+    else:
+        total = steps_for_budget(mor_cfg, b.flops, tokens_per_step, seq, convention=b.convention)
+    if total < 1:
+        raise ConfigError(
+            f"budget: gives {total} optimizer steps at {tokens_per_step} tokens per step; "
+            "raise the budget or lower batch.micro_batch_size / grad_accum_steps"
+        )
+    shard = PackedDataset(prepared.train_path, seq, 0, world)
+    if len(shard) < cfg.batch.micro_batch_size:
+        raise ConfigError(
+            f"data: each of {world} workers gets {len(shard)} training sequences of "
+            f"{seq} tokens, fewer than batch.micro_batch_size={cfg.batch.micro_batch_size}"
+        )
+    val_shard = PackedDataset(prepared.val_path, seq, 0, world)
+    if len(val_shard) < 1:
+        raise ConfigError("data.val_fraction: the held-out split is too small for one sequence")
+
+    uri = default_tracking_uri(cfg)
+    client, exp_id = connect(uri, cfg.tracking.experiment)
+    _, state_dir = run_dirs(cfg)
+    params = flatten(cfg.model_dump(mode="json"))
+    params.update(flatten(mor_cfg.model_dump(mode="json"), "resolved_model."))
+    params["plan.total_steps"] = str(total)
+    params["plan.tokens_per_step"] = str(tokens_per_step)
+    run_id, resumed = find_or_create_run(
+        client,
+        exp_id,
+        cfg.name,
+        state_dir,
+        params,
+        parent_run_id=cfg.tracking.parent_run_id,
+        tags={
+            "mor.sharing": mor_cfg.sharing,
+            "mor.router": mor_cfg.router,
+            "mor.num_recursions": str(mor_cfg.num_recursions),
+            "mor.kv_cache": mor_cfg.kv_cache,
+        },
+    )
+    return TrainPlan(
+        model=mor_cfg.model_dump(mode="json"),
+        total_steps=total,
+        tokens_per_step=tokens_per_step,
+        train_flops_per_token=training_flops_per_token(mor_cfg, seq, convention=b.convention),
+        train_path=str(prepared.train_path),
+        val_path=str(prepared.val_path),
+        tokenizer_path=str(prepared.tokenizer_path),
+        tracking_uri=uri,
+        experiment_id=exp_id,
+        run_id=run_id,
+        resumed_run=resumed,
+        state_dir=str(state_dir),
+        meta={
+            "run_name": cfg.name,
+            "mlflow_run_id": run_id,
+            "seq_len": seq,
+            "eos_id": prepared.eos_id,
+            "flops_convention": b.convention,
+        },
+    )
+
+
+def run_training(
+    cfg: TrainConfig, callbacks: list[Any] | None = None, plan: TrainPlan | None = None
+) -> TrainResult:
+    """Train one configuration on Ray Train workers; resumes a run of the same name."""
+    import ray
+    from mlflow import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.loop import train_loop_per_worker
+
+    plan = plan or plan_run(cfg)
+    if not ray.is_initialized():
+        ray.init(address=cfg.address)
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    plan.use_gpu = bool(use_gpu)
+    storage, state_dir = run_dirs(cfg)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "plan": plan.__dict__},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=bool(use_gpu),
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=callbacks,
+        ),
+    )
+    client = MlflowClient(tracking_uri=plan.tracking_uri)
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        client.set_tag(plan.run_id, "mor.failure", str(exc)[:5000])
+        client.set_terminated(plan.run_id, status="FAILED")
+        raise TrainingError(f"training run {cfg.name!r} failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
+    export_dir = state_dir / "export"
+    with result.checkpoint.as_directory() as ckpt_dir:
+        src = Path(ckpt_dir) / "export"
+        if not src.is_dir():
+            raise TrainingError(f"the final checkpoint of {cfg.name!r} holds no export")
+        if export_dir.exists():
+            shutil.rmtree(export_dir)
+        shutil.copytree(src, export_dir)
+    client.log_artifacts(plan.run_id, str(export_dir), artifact_path="model")
+    client.set_tag(plan.run_id, "mor.export_dir", str(export_dir))
+    client.set_terminated(plan.run_id, status="FINISHED")
+    metrics = {
+        k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
+    }
+    return TrainResult(plan.run_id, plan.tracking_uri, export_dir, metrics, plan.total_steps)
