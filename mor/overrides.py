@@ -7,6 +7,7 @@ Values are parsed as YAML scalars, so ``lr=3e-3``, ``use_gpu=true`` and ``depths
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -93,11 +94,20 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        if prefix:
-            loc = f"{prefix}.{loc}" if loc else prefix
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
+        if msg.startswith("invalid config:"):
+            msg = msg[len("invalid config:") :].strip()
+        named = re.match(r"^([A-Za-z_][\w.]*): ", msg)
+        if named:
+            # A model-level check names its own field ("num_layers: ..."), relative to loc, or a
+            # nested error is already prefixed with this location ("model.router: ...").
+            field = named.group(1)
+            loc = field if not loc or field.startswith(loc + ".") else f"{loc}.{field}"
+            msg = msg[named.end() :]
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc else prefix
         lines.append(f"{loc or '<config>'}: {msg}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

@@ -138,6 +138,7 @@ class FaultInjection(BaseModel):
     """Testing aid: raise in rank 0 before this step runs (once per run; used by the tests)."""
 
 
+DEFAULT_PRESET = "tiny-mor"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -147,9 +148,9 @@ class TrainConfig(BaseModel):
     model_config = _STRICT
     name: str = "mor-run"
     """Run name: the Ray run folder and MLflow run name; rerunning a name resumes it."""
-    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny-mor"})
-    """Model: 'preset' plus any MoRConfig field overrides (vocab_size defaults to the
-    tokenizer's)."""
+    model: dict[str, Any] = Field(default_factory=lambda: {"preset": DEFAULT_PRESET})
+    """Model: 'preset' (default 'tiny-mor') plus any MoRConfig field overrides; vocab_size
+    defaults to the tokenizer's and max_seq_len to data.seq_len."""
     data: DataConfig = Field(default_factory=DataConfig)
     """Corpus, tokenizer and sequence packing."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -189,6 +190,7 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        v = {"preset": DEFAULT_PRESET, **v}
         mor_config_from(v)  # raises ConfigError naming model.<field>
         return v
 

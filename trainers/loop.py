@@ -177,6 +177,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[mor] resumed from checkpoint at step {step}")
     logger = StepMetricLogger(plan["tracking_uri"], plan["run_id"]) if rank == 0 else None
+    if logger is not None and checkpoint is not None:
+        logger.set_tag("mor.resumed_from_step", str(step))
     state_dir = Path(plan["state_dir"])
     ga, mb = cfg.batch.grad_accum_steps, cfg.batch.micro_batch_size
     tokens_per_step = mb * ga * world * seq_len

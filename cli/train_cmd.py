@@ -1,0 +1,64 @@
+"""``mor train [CONFIG.yaml] [key=value ...]``: train one configuration on Ray Train workers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train one MoR configuration (Ray Train + DeepSpeed), logged to MLflow",
+        description=__doc__,
+    )
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG.yaml|key=value",
+        help="an optional YAML config, then dotted overrides such as optim.lr=1e-3",
+    )
+    p.add_argument("--address", help="Ray cluster address (default: local Ray, or $RAY_ADDRESS)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=run, extra_dest="items")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainers.config import load_train_config
+
+    path = None
+    overrides = list(args.items)
+    if overrides and "=" not in overrides[0]:
+        path = overrides.pop(0)
+    if args.address:
+        overrides.append(f"address={args.address}")
+    cfg = load_train_config(path, overrides)  # validated before Ray starts
+
+    from trainers.launcher import plan_run, run_training
+
+    plan = plan_run(cfg)
+    print(
+        f"[mor] run {cfg.name!r}: {plan.total_steps} steps x {plan.tokens_per_step} tokens, "
+        f"MLflow run {plan.run_id} at {plan.tracking_uri}"
+        + (" (resumed)" if plan.resumed_run else "")
+    )
+    result = run_training(cfg, plan=plan)
+    summary = {
+        "run_id": result.run_id,
+        "tracking_uri": result.tracking_uri,
+        "export_dir": str(result.export_dir),
+        "steps": result.total_steps,
+        "final": {
+            k: result.metrics[k]
+            for k in ("train/loss", "val/loss", "tokens", "flops")
+            if k in result.metrics
+        },
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"[mor] done: MLflow run {result.run_id}")
+        print(f"[mor] export: {result.export_dir}")
+        for k, v in summary["final"].items():
+            print(f"[mor]   {k} = {v:.6g}")
+    return 0
