@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order ``mor --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("cli.inspect_cmd", "cli.train_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("cli.inspect_cmd", "cli.train_cmd", "cli.eval_cmd")
 
 EXIT_USAGE = 2
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(func(args) or 0)
-    except ValueError as exc:  # includes mor.overrides.ConfigError
+    except (ValueError, FileNotFoundError) as exc:  # includes mor.overrides.ConfigError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. `mor inspect ... --json | head`

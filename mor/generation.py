@@ -15,6 +15,7 @@ def generate(
     max_new_tokens: int = 32,
     eos_id: int | None = None,
     max_depth: int | None = None,
+    force_depth: int | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -27,7 +28,8 @@ def generate(
     model.eval()
     try:
         cache = KVCache()
-        out = model(input_ids, attention_mask=attention_mask, max_depth=max_depth, cache=cache)
+        depth = {"max_depth": max_depth, "force_depth": force_depth}
+        out = model(input_ids, attention_mask=attention_mask, cache=cache, **depth)
         b = input_ids.shape[0]
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
@@ -44,7 +46,7 @@ def generate(
             new_tokens.append(nxt)
             if eos_id is not None and bool(done.all()):
                 break
-            out = model(nxt[:, None], max_depth=max_depth, cache=cache)
+            out = model(nxt[:, None], cache=cache, **depth)
             logits = out.logits[:, -1]
         return torch.stack(new_tokens, dim=1)
     finally:

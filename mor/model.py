@@ -148,14 +148,18 @@ class MoRModel(nn.Module):
         labels: torch.Tensor | None = None,
         max_depth: int | None = None,
         cache: KVCache | None = None,
+        force_depth: int | None = None,
     ) -> MoROutput:
         """Run the model.
 
         input_ids [B, T]; attention_mask [B, T] (1 = real token; padding may be on either side);
         labels [B, T] (next-token targets are labels shifted left inside; -100 is ignored);
-        max_depth caps the recursions at test time (1..N_r); cache enables incremental decoding
-        (inference only). Routing is the training routing in ``train()`` mode and the causal,
-        per-token inference routing in ``eval()`` mode.
+        max_depth caps the recursions at test time (1..N_r): the router still decides within the
+        cap. force_depth (1..N_r) instead sends every token through exactly that many
+        recursions, ignoring the router's selection (its gates still weigh the updates): the
+        fixed test-time depth of a compute-vs-accuracy curve. cache enables incremental
+        decoding (inference only). Routing is the training routing in ``train()`` mode and the
+        causal, per-token inference routing in ``eval()`` mode.
         """
         cfg = self.cfg
         training = self.training
@@ -166,6 +170,12 @@ class MoRModel(nn.Module):
             if not 1 <= max_depth <= n_rec:
                 raise ValueError(f"max_depth: must be in 1..{n_rec}, got {max_depth}")
             n_rec = max_depth
+        if force_depth is not None:
+            if not 1 <= force_depth <= cfg.num_recursions:
+                raise ValueError(
+                    f"force_depth: must be in 1..{cfg.num_recursions}, got {force_depth}"
+                )
+            n_rec = min(n_rec, force_depth)
         b, t = input_ids.shape
         dev = input_ids.device
         valid = (
@@ -192,6 +202,8 @@ class MoRModel(nn.Module):
         tc_depth = tc_gate = None
         if isinstance(self.router, TokenChoiceRouter):
             tc_depth, tc_gate, l_tc = self.router(h, valid, training)
+            if force_depth is not None:
+                tc_depth = torch.full_like(tc_depth, force_depth)
             for k, v in l_tc.items():
                 losses.setdefault(k, []).append(v)
         for r in range(n_rec):
@@ -200,6 +212,8 @@ class MoRModel(nn.Module):
                 active, gate, l_ec = self.router(r, h, active, valid, training)
                 for k, v in l_ec.items():
                     losses.setdefault(k, []).append(v)
+                if force_depth is not None:
+                    active = valid
             elif tc_depth is not None:
                 active = valid & (tc_depth > r)
                 # The token's gate weighs its last recursion's update (its chosen "expert").
@@ -240,6 +254,8 @@ class MoRModel(nn.Module):
         if cfg.router != "none" or cfg.sharing != "none":
             d_valid = depth[valid]
             per_depth = torch.bincount(d_valid, minlength=cfg.num_recursions + 1).tolist()
+            # Recursions skipped by a depth cap ran no tokens.
+            active_frac += [0.0] * (cfg.num_recursions - len(active_frac))
             out.stats = RoutingStats(
                 active_fraction=active_frac,
                 tokens_per_depth=per_depth,

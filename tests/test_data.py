@@ -13,6 +13,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import mor.corpus
 import trainers.data as data_mod
 import trainers.tokenizer as tok_mod
 from mor.overrides import ConfigError, validate
@@ -87,7 +88,7 @@ def test_default_corpus_is_large_and_deterministic() -> None:
     assert len(docs) > 300
     assert sum(len(d) for d in docs) > 1_000_000
     assert all(d.strip() for d in docs)
-    data_mod._default_corpus.cache_clear()  # recompute from the files, not the memo
+    mor.corpus._default_corpus.cache_clear()  # recompute from the files, not the memo
     assert default_corpus_documents() == docs
 
 

@@ -162,21 +162,26 @@ def test_padding_takes_no_capacity(sharing: str, router: str, kv: str) -> None:
 
 
 @pytest.mark.parametrize(("sharing", "router", "kv"), COMBOS)
-@pytest.mark.parametrize("max_depth", [None, 1])
+@pytest.mark.parametrize("depth", [{}, {"max_depth": 1}, {"force_depth": 2}])
 def test_incremental_decoding_matches_full_forward(
-    sharing: str, router: str, kv: str, max_depth: int | None
+    sharing: str, router: str, kv: str, depth: dict
 ) -> None:
     model = make_model(small_config(sharing, router, kv))
     torch.manual_seed(2)
     x = torch.randint(0, model.cfg.vocab_size, (3, 20))
+    max_depth = depth.get("max_depth")
+    if "force_depth" in depth and sharing == "none":
+        depth = {"force_depth": 1}
     with torch.no_grad():
-        full = model(x, max_depth=max_depth)
+        full = model(x, **depth)
         cache = KVCache()
-        steps = [model(x[:, :7], max_depth=max_depth, cache=cache).logits]
+        steps = [model(x[:, :7], cache=cache, **depth).logits]
         for t in range(7, 20):
-            steps.append(model(x[:, t : t + 1], max_depth=max_depth, cache=cache).logits)
+            steps.append(model(x[:, t : t + 1], cache=cache, **depth).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full.logits, rtol=0, atol=1e-9)
-    if router != "none" and max_depth is None:
+    if "force_depth" in depth:
+        assert torch.all(full.depth == depth["force_depth"])
+    elif router != "none" and max_depth is None:
         # The inference router really splits tokens across depths in this test.
         assert len(set(full.depth.flatten().tolist())) > 1
 

@@ -7,7 +7,6 @@ The default corpus needs no network or files: the documentation text shipped wit
 
 from __future__ import annotations
 
-import ast
 import glob
 import hashlib
 import itertools
@@ -16,10 +15,8 @@ import operator
 import os
 import re
 import sys
-import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from tokenizers import Tokenizer
 
+from mor.corpus import default_corpus_documents, split_documents
 from mor.overrides import ConfigError
 from trainers.tokenizer import (
     atomic_write,
@@ -56,10 +54,6 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_DOC_CHARS = 8000
 """Target size of one .txt document: small enough that a single-file corpus (TinyShakespeare)
 still has many documents for the hash split, large enough to keep long-range context."""
-_SKIP_DIRS = frozenset(
-    {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "turtledemo"}
-)
-_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 class DataConfig(BaseModel):
@@ -130,46 +124,6 @@ class PreparedData:
 
 
 # --------------------------------------------------------------------------- documents
-
-
-def default_corpus_documents() -> list[str]:
-    """The embedded corpus: pydoc help topics, then one document per stdlib module holding its
-    docstrings in source order. About 2.3 MB of English; deterministic for a Python version."""
-    return list(_default_corpus())
-
-
-@lru_cache(maxsize=1)
-def _default_corpus() -> tuple[str, ...]:
-    # Parsing ~700 files takes seconds, so one process does it once.
-    docs: list[str] = []
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some minimal distributions strip pydoc_data
-        topics = {}
-    docs.extend(topics[k] for k in sorted(topics))
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        # Prune here rather than filter later: site-packages can hold far more than the stdlib.
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
-        paths.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
-    for path in sorted(paths):
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):
-            continue
-        text = "\n\n".join(_docstrings(tree))
-        if text.strip():
-            docs.append(text)
-    return tuple(docs)
-
-
-def _docstrings(node: ast.AST) -> Iterator[str]:
-    # Depth-first in source order, descending into if/try blocks that define functions too.
-    if isinstance(node, _DOC_NODES) and (doc := ast.get_docstring(node)):
-        yield doc
-    for child in ast.iter_child_nodes(node):
-        yield from _docstrings(child)
 
 
 def split_text(text: str, doc_chars: int = TXT_DOC_CHARS) -> list[str]:
@@ -304,19 +258,6 @@ def load_documents(cfg: DataConfig) -> list[str]:
     if not docs:
         raise ConfigError(f"source: empty corpus: {cfg.source!r} yields no non-empty documents")
     return docs
-
-
-def _is_val(doc: str, val_fraction: float) -> bool:
-    digest = hashlib.blake2b(doc.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < val_fraction * 2.0**64
-
-
-def split_documents(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, val) by a hash of each document's text, keeping the corpus order."""
-    flags = [_is_val(d, val_fraction) for d in documents]
-    train = [d for d, v in zip(documents, flags) if not v]
-    val = [d for d, v in zip(documents, flags) if v]
-    return train, val
 
 
 # --------------------------------------------------------------------------- caching

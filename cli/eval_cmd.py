@@ -1,0 +1,94 @@
+"""``mor eval MODEL``: lm-eval at every test-time depth → compute-vs-accuracy curve in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate an exported model at every test-time depth (lm-eval), log to MLflow",
+        description=__doc__,
+    )
+    p.add_argument("model", help="an exported model folder (written by `mor train`)")
+    p.add_argument(
+        "--tasks",
+        default="mor_heldout_bpb,mor_heldout_mc",
+        help="comma-separated lm-eval task names (default: the embedded held-out tasks); "
+        "the paper's: lambada_openai,hellaswag,piqa,winogrande,arc_easy,arc_challenge",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="folder with the eval sets in their release formats "
+        "(offline); without it, lm-eval's built-in tasks download their data",
+    )
+    p.add_argument("--depths", help="comma-separated points, e.g. 1,2,router (default: all)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", help="artifact folder (default: next to the export, eval/)")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
+    p.add_argument("--run-id", help="parent MLflow run (default: the training run)")
+    p.add_argument("--no-mlflow", action="store_true", help="write files only")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from evals.lm_backend import export_path
+    from evals.pipeline import run_eval
+
+    model_dir = export_path(args.model)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    depths = [d.strip() for d in args.depths.split(",")] if args.depths else None
+    report, run_id, out = run_eval(
+        model_dir,
+        tasks,
+        data_dir=args.data_dir,
+        depths=depths,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        out_dir=args.out,
+        tracking_uri=args.tracking_uri,
+        parent_run_id=args.run_id,
+        log_mlflow=not args.no_mlflow,
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {"report": report.to_dict(), "mlflow_run_id": run_id, "artifacts": str(out)},
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    header = f"{'point':>7} {'mean depth':>10} {'GFLOP/token':>12} {'NLL':>7} {'avg acc':>8}"
+    cols = []
+    for task in report.tasks:
+        metrics = report.points[0].metrics.get(task, {})
+        name = next(
+            (m for m in ("acc_norm", "acc", "bits_per_byte", "perplexity") if m in metrics), None
+        )
+        if name:
+            cols.append((task, name))
+            header += f"  {task}/{name}"
+    print(header)
+    for p in report.points:
+        line = (
+            f"{p.label:>7} {p.mean_depth:>10.3f} {p.flops_per_token / 1e9:>12.5f} "
+            f"{p.nll if p.nll is not None else float('nan'):>7.4f} "
+            f"{p.average if p.average is not None else float('nan'):>8.4f}"
+        )
+        for task, name in cols:
+            v = p.metrics.get(task, {}).get(name)
+            se = p.metrics.get(task, {}).get(f"{name}_stderr")
+            cell = "n/a" if v is None else f"{v:.4f}" + (f"±{se:.3f}" if se else "")
+            line += f"  {cell:>{len(task) + len(name) + 1}}"
+        print(line)
+    print(f"[mor] artifacts: {out}")
+    if run_id:
+        print(f"[mor] MLflow eval run: {run_id}")
+    return 0

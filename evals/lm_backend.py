@@ -1,0 +1,256 @@
+"""lm-evaluation-harness backend for MoR models, registered as ``mor``.
+
+    lm_eval --model mor --model_args pretrained=outputs/runs/NAME/export,depth=2 --tasks piqa
+
+Routing is always the model's causal inference routing (``eval()`` mode): a token's depth never
+depends on later tokens, and padding is never eligible, so batching cannot change a score.
+``depth`` fixes every token's recursion count (the test-time depth knob); ``max_depth`` only
+caps the router. The backend accumulates routing statistics over every forward it runs, so the
+caller can turn them into measured inference FLOPs per token (``mor/flops.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from mor.checkpoint import load_pretrained, tokenizer_file
+from mor.generation import generate
+from mor.model import MoRModel
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
+
+
+@dataclass
+class RoutingTally:
+    """Token counts over every forward the backend ran (valid tokens only)."""
+
+    tokens: int = 0
+    active: list[float] = field(default_factory=list)  # tokens that ran recursion r
+    per_depth: list[int] = field(default_factory=list)  # tokens that ended at depth d
+    seq_tokens: int = 0  # Σ sequence lengths (for the mean attention span)
+    sequences: int = 0
+
+    def add(self, stats: Any, n_tokens: int, lengths: list[int]) -> None:
+        if stats is None:
+            return
+        if not self.active:
+            self.active = [0.0] * len(stats.active_fraction)
+            self.per_depth = [0] * len(stats.tokens_per_depth)
+        self.tokens += n_tokens
+        self.active = [a + f * n_tokens for a, f in zip(self.active, stats.active_fraction)]
+        self.per_depth = [a + b for a, b in zip(self.per_depth, stats.tokens_per_depth)]
+        self.seq_tokens += sum(lengths)
+        self.sequences += len(lengths)
+
+    def active_fractions(self) -> list[float] | None:
+        return [a / self.tokens for a in self.active] if self.tokens else None
+
+    def mean_seq_len(self) -> float:
+        return self.seq_tokens / self.sequences if self.sequences else 0.0
+
+
+@register_model("mor")
+class MoRLM(TemplateLM):
+    """An exported (or in-memory) MoR model as an lm-eval ``TemplateLM``."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        model: MoRModel | None = None,
+        tokenizer: str | Tokenizer | None = None,
+        depth: int | None = None,
+        max_depth: int | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        batch_size: int | str = 16,
+        max_length: int | None = None,
+        max_gen_toks: int = 128,
+        eos_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        if (pretrained is None) == (model is None):
+            raise ValueError("pretrained: give exactly one of pretrained (export dir) or model")
+        torch_dtype = _dtype(dtype, device)
+        if pretrained is not None:
+            model, meta = load_pretrained(pretrained, device=device, dtype=torch_dtype)
+            tokenizer = tokenizer or tokenizer_file(pretrained)
+            eos_id = eos_id if eos_id is not None else meta.get("eos_id")
+        else:
+            model = model.to(device=device, dtype=torch_dtype).eval()
+        if tokenizer is None:
+            raise ValueError("tokenizer: the export holds no tokenizer.json; pass tokenizer=PATH")
+        self.tokenizer = (
+            tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_file(str(tokenizer))
+        )
+        if self.tokenizer.get_vocab_size() > model.cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer: vocabulary {self.tokenizer.get_vocab_size()} exceeds the model's "
+                f"vocab_size {model.cfg.vocab_size}"
+            )
+        self.model: MoRModel = model
+        self._device = torch.device(device)
+        self.depth = None if depth in (None, "", "router") else int(depth)
+        self.max_depth = None if max_depth in (None, "") else int(max_depth)
+        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 16
+        self.max_length = int(max_length or model.cfg.max_seq_len)
+        self.max_gen_toks = int(max_gen_toks)
+        self._eos = eos_id if eos_id is not None else _find_eos(self.tokenizer)
+        self.tally = RoutingTally()
+
+    # ------------------------------------------------------------------ tokenizer plumbing
+    @property
+    def eot_token_id(self) -> int:
+        return self._eos
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "mor-tokenizer"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=False).ids
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def _forward(self, rows: list[list[int]]) -> torch.Tensor:
+        """Log-probs [B, T, V] for right-padded rows; padding is masked out of routing."""
+        t = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), t, dtype=torch.long)
+        mask = torch.zeros(len(rows), t, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        out = self.model(
+            ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_depth=self.max_depth,
+            force_depth=self.depth,
+        )
+        self.tally.add(out.stats, int(mask.sum()), [len(r) for r in rows])
+        return F.log_softmax(out.logits.float(), dim=-1).cpu()
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str], list[int], list[int]]],
+        disable_tqdm: bool = False,
+        **kw,
+    ) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        # Longest first: the first batch shows memory problems early, and similar lengths pad less.
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            rows, spans = [], []
+            for i in chunk:
+                _, ctx, cont = requests[i]
+                whole = (ctx + cont)[-(self.max_length + 1) :]
+                inp = whole[:-1]
+                n_cont = min(len(cont), len(inp))
+                rows.append(inp)
+                spans.append((len(inp) - n_cont, len(inp), whole[-n_cont:]))
+            logp = self._forward(rows)
+            for row, i, (a, b, target) in zip(range(len(chunk)), chunk, spans):
+                lp = logp[row, a:b]
+                tgt = torch.tensor(target)
+                score = float(lp.gather(-1, tgt[:, None]).sum())
+                greedy = bool((lp.argmax(-1) == tgt).all())
+                results[i] = (score, greedy)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], (score, greedy))
+            bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Sum of token log-likelihoods of whole documents, in windows of max_length."""
+        out = []
+        for req in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
+            (text,) = req.args
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    self.tok_encode(text), self.eot_token_id, self.max_length, 1
+                )
+            ]
+            pairs = [((text, ""), ctx, cont) for ctx, cont in windows]
+            scores = self._loglikelihood_tokens(pairs, disable_tqdm=True)
+            total = sum(s for s, _ in scores)
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            out.append(total)
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled) continuation with the KV cache, cut at the first stop string."""
+        out = []
+        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+            if not kwargs.pop("do_sample", False):
+                temperature = 0.0
+            ctx = self.tok_encode(context)[-(self.max_length - max_new) :] or [self.eot_token_id]
+            ids = torch.tensor([ctx], device=self.device)
+            new = generate(
+                self.model,
+                ids,
+                max_new_tokens=max_new,
+                eos_id=self.eot_token_id,
+                max_depth=self.max_depth,
+                force_depth=self.depth,
+                temperature=temperature,
+            )[0].tolist()
+            if self.eot_token_id in new:
+                new = new[: new.index(self.eot_token_id)]
+            text = self.tok_decode(new)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
+            out.append(text)
+        return out
+
+
+def _dtype(name: str, device: str) -> torch.dtype | None:
+    if name in ("auto", "", None):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+    }[name]
+
+
+def _find_eos(tok: Tokenizer) -> int:
+    for name in EOS_CANDIDATES:
+        idx = tok.token_to_id(name)
+        if idx is not None:
+            return idx
+    raise ValueError(f"tokenizer: none of {EOS_CANDIDATES} is in the vocabulary; pass eos_id")
+
+
+def export_path(model_ref: str) -> Path:
+    p = Path(model_ref)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{model_ref}: not an exported MoR model folder (no config.json)")
+    return p

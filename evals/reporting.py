@@ -1,0 +1,208 @@
+"""Results of an evaluation as files and MLflow records: tables, the depth curve, router maps."""
+
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: files only
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from evals.runner import EvalReport
+from mor.model import MoRModel
+
+
+def write_tables(report: EvalReport, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    csv, js = out / "results.csv", out / "results.json"
+    pd.DataFrame(report.rows()).to_csv(csv, index=False)
+    js.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    return [csv, js]
+
+
+def plot_depth_curve(report: EvalReport, path: Path) -> Path:
+    """Inference FLOPs per token vs average accuracy and NLL: the fixed depths as a line, the
+    router's own choice as a star."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fixed = sorted((p for p in report.points if p.depth is not None), key=lambda p: p.depth)
+    routed = [p for p in report.points if p.depth is None]
+    for ax, key, label in (
+        (axes[0], "average", "average accuracy"),
+        (axes[1], "nll", "held-out NLL"),
+    ):
+        if all(getattr(p, key) is None for p in report.points):
+            ax.set_visible(False)
+            continue
+        pts = [p for p in fixed if getattr(p, key) is not None]
+        ax.plot(
+            [p.flops_per_token for p in pts],
+            [getattr(p, key) for p in pts],
+            "o-",
+            color="tab:blue",
+            label="fixed depth",
+        )
+        for p in pts:
+            ax.annotate(
+                f"d={p.label}",
+                (p.flops_per_token, getattr(p, key)),
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
+        for p in routed:
+            if getattr(p, key) is not None:
+                ax.plot(
+                    p.flops_per_token,
+                    getattr(p, key),
+                    "*",
+                    ms=14,
+                    color="tab:orange",
+                    label=f"router (mean depth {p.mean_depth:.2f})",
+                )
+        ax.set_xlabel("inference FLOPs per token")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    name = report.meta.get("run_name") or Path(report.model).parent.name or report.model
+    fig.suptitle(f"Compute vs accuracy across test-time depth: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_router_histogram(report: EvalReport, path: Path) -> Path:
+    """Fraction of tokens ending at each depth, per evaluation point."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(report.points))
+    for i, p in enumerate(report.points):
+        total = max(1, sum(p.tokens_per_depth))
+        xs = [d + i * width for d in range(len(p.tokens_per_depth))]
+        ax.bar(xs, [c / total for c in p.tokens_per_depth], width=width, label=f"d={p.label}")
+    ax.set_xlabel("recursion depth reached")
+    ax.set_ylabel("fraction of tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def depth_map(model: MoRModel, tokenizer: Any, text: str, out_dir: Path) -> list[Path]:
+    """Per-token depth chosen by the router over a sample text: HTML (colored) and PNG."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids[: model.cfg.max_seq_len]
+    out = model.eval()(torch.tensor([ids], device=next(model.parameters()).device))
+    depths = out.depth[0].tolist()
+    n_r = model.cfg.num_recursions
+    colors = ["#f7fbff", "#c6dbef", "#6baed6", "#2171b5", "#08306b", "#041a3a"]
+    spans = []
+    for tok, d in zip(ids, depths):
+        piece = html.escape(tokenizer.decode([tok]))
+        fg = "white" if d >= 3 else "black"
+        spans.append(
+            f'<span title="depth {d}" style="background:{colors[min(d, 5)]};'
+            f'color:{fg}">{piece}</span>'
+        )
+    legend = " ".join(
+        f'<span style="background:{colors[min(d, 5)]}">&nbsp;depth {d}&nbsp;</span>'
+        for d in range(n_r + 1)
+    )
+    html_path = out_dir / "depth_map.html"
+    html_path.write_text(
+        f"<html><body><p>{legend}</p><p style='font-family:monospace;"
+        f"white-space:pre-wrap'>{''.join(spans)}</p></body></html>"
+    )
+    fig, ax = plt.subplots(figsize=(10, 1.8))
+    ax.imshow([depths], aspect="auto", cmap="Blues", vmin=0, vmax=n_r)
+    ax.set_yticks([])
+    ax.set_xlabel("token position (sample held-out text)")
+    ax.set_title("recursion depth per token (router's choice)")
+    fig.tight_layout()
+    png = out_dir / "depth_map.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return [html_path, png]
+
+
+def write_artifacts(
+    report: EvalReport,
+    out_dir: Path,
+    model: MoRModel | None = None,
+    tokenizer: Any = None,
+    sample_text: str | None = None,
+) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = write_tables(report, out_dir)
+    files.append(plot_depth_curve(report, out_dir / "depth_curve.png"))
+    files.append(plot_router_histogram(report, out_dir / "router_histogram.png"))
+    if model is not None and tokenizer is not None and sample_text:
+        files.extend(depth_map(model, tokenizer, sample_text, out_dir))
+    return files
+
+
+def log_to_mlflow(
+    report: EvalReport,
+    tracking_uri: str,
+    parent_run_id: str | None = None,
+    experiment: str = "mor",
+    artifacts_dir: Path | None = None,
+    run_name: str = "eval",
+) -> str:
+    """A child run of the training run (or a top-level run) holding the whole depth curve."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if parent_run_id:
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    tags = {"mor.kind": "eval"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    rid = run.info.run_id
+    params = [
+        Param("tasks", ",".join(report.tasks)),
+        Param("limit", str(report.limit)),
+        Param("points", ",".join(p.label for p in report.points)),
+        Param("model", report.model[:500]),
+    ]
+    metrics: list[Metric] = []
+    for step, p in enumerate(report.points):
+        values: dict[str, float | None] = {
+            "flops_per_token": p.flops_per_token,
+            "flops_per_token_paper": p.flops_per_token_paper,
+            "mean_depth": p.mean_depth,
+            "average": p.average,
+            "nll": p.nll,
+        }
+        for task, ms in p.metrics.items():
+            values.update({f"{task}/{k}": v for k, v in ms.items()})
+        for key, value in values.items():
+            if value is None:
+                continue
+            # A series over the points (step = point index) and a per-point key for tables.
+            metrics.append(Metric(f"eval/{key}", float(value), 0, step))
+            metrics.append(Metric(f"eval/d{p.label}/{key}", float(value), 0, 0))
+    client.log_batch(rid, params=params)
+    for i in range(0, len(metrics), 500):
+        client.log_batch(rid, metrics=metrics[i : i + 500])
+    if artifacts_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_artifacts(report, Path(tmp))
+            client.log_artifacts(rid, tmp)
+    else:
+        client.log_artifacts(rid, str(artifacts_dir))
+    client.set_terminated(rid, "FINISHED")
+    if parent_run_id:
+        client.set_tag(parent_run_id, "mor.eval_run_id", rid)
+    return rid

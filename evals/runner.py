@@ -1,0 +1,234 @@
+"""Compute-vs-accuracy: evaluate one model at every test-time depth with lm-eval.
+
+For a model with N_r recursions the points are: depth d = 1..N_r (every token runs exactly d
+recursions, ``force_depth``) and ``router`` (the router's own causal choice, when the model has
+a router). Each point records the measured inference FLOPs per token (from the routing the
+model actually did on the evaluated text, ``mor/flops.py``), every task's metrics with standard
+errors, the average accuracy, and the held-out NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals.default_tasks import DEFAULT_TASKS, bpb_docs, heldout_documents, prepare_default_tasks
+from evals.lm_backend import MoRLM
+from mor.checkpoint import load_pretrained, tokenizer_file
+from mor.flops import forward_flops_per_token
+from mor.model import MoRModel
+
+PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
+PRIMARY = ("acc_norm", "acc")  # the paper reports acc_norm for HellaSwag, PIQA, ARC
+NLL_DOCS = 12
+
+
+@dataclass
+class DepthPoint:
+    label: str  # "1".."N_r" (forced depth) or "router"
+    depth: int | None
+    mean_depth: float
+    tokens_per_depth: list[int]
+    active_fractions: list[float] | None
+    flops_per_token: float  # exact forward FLOPs per token, measured routing
+    flops_per_token_paper: float
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    average: float | None = None  # mean primary accuracy over the accuracy tasks
+    nll: float | None = None  # mean next-token NLL on held-out default-corpus text
+
+
+@dataclass
+class EvalReport:
+    model: str
+    tasks: list[str]
+    limit: int | None
+    num_recursions: int
+    points: list[DepthPoint]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per (point, task, metric), for CSV/pandas."""
+        out = []
+        for p in self.points:
+            base = {
+                "point": p.label,
+                "depth": p.depth,
+                "mean_depth": p.mean_depth,
+                "flops_per_token": p.flops_per_token,
+                "flops_per_token_paper": p.flops_per_token_paper,
+                "average": p.average,
+                "nll": p.nll,
+            }
+            for task, metrics in p.metrics.items():
+                for name, value in metrics.items():
+                    if not name.endswith("_stderr"):
+                        out.append(
+                            {
+                                **base,
+                                "task": task,
+                                "metric": name,
+                                "value": value,
+                                "stderr": metrics.get(f"{name}_stderr"),
+                            }
+                        )
+        return out
+
+
+def depth_points(model: MoRModel, depths: list[str] | None = None) -> list[tuple[str, int | None]]:
+    n_r = model.cfg.num_recursions
+    if depths:
+        out = []
+        for d in depths:
+            if str(d) == "router":
+                out.append(("router", None))
+            else:
+                if not 1 <= int(d) <= n_r:
+                    raise ValueError(f"depths: {d} is outside 1..{n_r} for this model")
+                out.append((str(int(d)), int(d)))
+        return out
+    points = [(str(d), d) for d in range(1, n_r + 1)]
+    if model.cfg.router != "none":
+        points.append(("router", None))
+    return points
+
+
+def build_task_manager(tasks: list[str], data_dir: str | Path | None, work_dir: Path) -> Any:
+    """Local YAMLs: the default tasks, plus the paper's tasks read from ``data_dir``."""
+    from lm_eval.tasks import TaskManager
+
+    include = [str(prepare_default_tasks(work_dir / "default_tasks"))]
+    wanted = [t for t in tasks if t not in DEFAULT_TASKS]
+    if wanted and data_dir is not None:
+        from evals.tasks import prepare_tasks
+
+        include.append(str(prepare_tasks(data_dir, work_dir / "paper_tasks", wanted)))
+    return TaskManager(include_path=include)
+
+
+def heldout_nll(lm: MoRLM, docs: int = NLL_DOCS) -> float:
+    """Mean next-token NLL over held-out default-corpus text, in max_length windows."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    total, count = 0.0, 0
+    for doc in bpb_docs(heldout_documents())[:docs]:
+        toks = lm.tok_encode(doc["text"])
+        windows = [
+            make_disjoint_window(w)
+            for w in get_rolling_token_windows(toks, lm.eot_token_id, lm.max_length, 1)
+        ]
+        scores = lm._loglikelihood_tokens([(("", ""), c, t) for c, t in windows], disable_tqdm=True)
+        total += sum(s for s, _ in scores)
+        count += len(toks)
+    return -total / max(1, count)
+
+
+def _task_metrics(results: dict[str, Any], task: str) -> dict[str, float]:
+    raw = results["results"].get(task, {})
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(value, (int, float)) or key in ("alias", "sample_len"):
+            continue
+        name = key.split(",")[0]  # lm-eval keys look like "acc,none"
+        if isinstance(value, float) and math.isnan(value):
+            continue
+        out[name] = float(value)
+    return out
+
+
+def evaluate_model(
+    model_ref: str | Path | MoRModel,
+    tasks: list[str],
+    data_dir: str | Path | None = None,
+    depths: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    work_dir: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    num_fewshot: int | None = None,
+    nll_docs: int = NLL_DOCS,
+) -> EvalReport:
+    """Evaluate ``model_ref`` (an export folder or a model) at every test-time depth."""
+    import lm_eval
+
+    if isinstance(model_ref, MoRModel):
+        model, meta, name = model_ref.eval(), {}, "in-memory"
+    else:
+        model, meta = load_pretrained(model_ref, device=device)
+        tokenizer = tokenizer or tokenizer_file(model_ref)
+        name = str(model_ref)
+    if tokenizer is None:
+        raise ValueError("tokenizer: the model has no tokenizer.json; pass --tokenizer")
+    work = Path(work_dir or Path.home() / ".cache" / "mor-platform" / "eval_tasks")
+    manager = build_task_manager(tasks, data_dir, work)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hint = "" if data_dir else " (the paper's tasks need --data-dir offline)"
+        raise ValueError(f"tasks: unknown task(s) {unknown}{hint}")
+    points = []
+    for label, depth in depth_points(model, depths):
+        lm = MoRLM(
+            model=model,
+            tokenizer=str(tokenizer),
+            depth=depth,
+            device=device,
+            batch_size=batch_size,
+            eos_id=meta.get("eos_id"),
+        )
+        torch.manual_seed(0)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=100,
+            log_samples=False,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
+        metrics = {t: _task_metrics(results, t) for t in tasks}
+        nll = heldout_nll(lm, nll_docs) if nll_docs > 0 else None
+        fractions = lm.tally.active_fractions()
+        seq = max(1, round(lm.tally.mean_seq_len())) if lm.tally.sequences else None
+        capped = depth if depth is not None else None
+        exact = forward_flops_per_token(model.cfg, seq, fractions, max_depth=capped).total
+        paper = forward_flops_per_token(
+            model.cfg, seq, fractions, max_depth=capped, convention="paper"
+        ).total
+        per_depth = lm.tally.per_depth or [0] * (model.cfg.num_recursions + 1)
+        n = max(1, sum(per_depth))
+        mean_depth = (
+            sum(d * c for d, c in enumerate(per_depth)) / n
+            if sum(per_depth)
+            else float(depth or model.cfg.num_recursions)
+        )
+        accs = [
+            next(m[k] for k in PRIMARY if k in m)
+            for m in metrics.values()
+            if any(k in m for k in PRIMARY)
+        ]
+        points.append(
+            DepthPoint(
+                label=label,
+                depth=depth,
+                mean_depth=mean_depth,
+                tokens_per_depth=list(per_depth),
+                active_fractions=fractions,
+                flops_per_token=exact,
+                flops_per_token_paper=paper,
+                metrics=metrics,
+                average=sum(accs) / len(accs) if accs else None,
+                nll=nll,
+            )
+        )
+    return EvalReport(name, list(tasks), limit, model.cfg.num_recursions, points, meta)

@@ -1,0 +1,252 @@
+"""evals/: the lm-eval backend, the depth curve, and MLflow logging, all offline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+from mlflow import MlflowClient
+
+from cli.main import main as mor_main
+from evals.default_tasks import mc_items, prepare_default_tasks
+from evals.lm_backend import MoRLM
+from evals.pipeline import run_eval
+from mor.checkpoint import save_pretrained
+from mor.config import build_config
+from mor.model import MoRModel
+from trainers.data import DataConfig, PackedDataset, prepare_data
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SMOLLM = SHARED / "tokenizers" / "smollm2" / "tokenizer.json"
+EVAL_DIR = SHARED / "eval"
+needs_shared = pytest.mark.skipif(not SMOLLM.is_file(), reason="../shared/data missing")
+PAPER_TASKS = [
+    "lambada_openai",
+    "hellaswag",
+    "piqa",
+    "winogrande",
+    "arc_easy",
+    "arc_challenge",
+    "sciq",
+    "openbookqa",
+    "boolq",
+]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing here may touch the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def random_model(router: str = "expert_choice") -> MoRModel:
+    torch.manual_seed(0)
+    cfg = build_config(
+        "micro",
+        vocab_size=49152,
+        sharing="middle_cycle",
+        num_recursions=2,
+        num_layers=6,
+        router=router,
+        max_seq_len=64,
+    )
+    model = MoRModel(cfg).eval()
+    if model.router is not None:
+        for p in model.router.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+def req(kind: str, *args: object) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+@needs_shared
+@pytest.mark.parametrize("router", ["expert_choice", "token_choice", "none"])
+def test_loglikelihood_equals_direct_computation(router: str) -> None:
+    model = random_model(router)
+    texts = [
+        ("The quick brown fox", " jumps over the dog"),
+        ("To be, or not", " to be"),
+        ("Numbers: 1 2 3", " 4 5 6 7 8"),
+        ("A", "n apple a day keeps the doctor away"),
+    ]
+    results = {}
+    for bs in (1, 3):
+        lm = MoRLM(model=model, tokenizer=str(SMOLLM), batch_size=bs)
+        results[bs] = lm.loglikelihood([req("loglikelihood", c, x) for c, x in texts])
+    for (ctx, cont), (score, greedy), (score3, greedy3) in zip(texts, results[1], results[3]):
+        # lm-eval's convention: context tokens, then the tail of the whole text's tokens.
+        ctx_enc = lm.tok_encode(ctx)
+        whole = ctx_enc + lm.tok_encode(ctx + cont)[len(ctx_enc) :]
+        n_ctx = len(ctx_enc)
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].float(), -1)
+        target = torch.tensor(whole[n_ctx:])
+        expected = logp[n_ctx - 1 :].gather(-1, target[:, None]).sum().item()
+        assert score == pytest.approx(expected, abs=1e-4)
+        assert score3 == pytest.approx(score, abs=1e-4)  # batching/padding changes nothing
+        assert greedy == bool((logp[n_ctx - 1 :].argmax(-1) == target).all()) == greedy3
+
+    # Rolling loglikelihood of a short document: log p(tok_0 | eot) + Σ log p(tok_i | ...).
+    doc = "Once upon a time there was a recursive transformer."
+    lm = MoRLM(model=model, tokenizer=str(SMOLLM))
+    (rolled,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", doc)])
+    toks = lm.tok_encode(doc)
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([[lm.eot_token_id, *toks[:-1]]])).logits[0], -1)
+    assert rolled == pytest.approx(
+        logp.gather(-1, torch.tensor(toks)[:, None]).sum().item(), abs=1e-3
+    )
+    assert lm.tally.tokens > 0 and len(lm.tally.active_fractions()) == 2
+
+
+@needs_shared
+def test_generate_until_stops_and_rolling_windows() -> None:
+    model = random_model()
+    lm = MoRLM(model=model, tokenizer=str(SMOLLM), max_length=16)
+    (free,) = lm.generate_until([req("generate_until", "Hello there", {"max_gen_toks": 8})])
+    assert free
+    stop = free[2:4] if len(free) > 4 else free[:1]
+    (cut,) = lm.generate_until(
+        [req("generate_until", "Hello there", {"max_gen_toks": 8, "until": [stop]})]
+    )
+    assert stop not in cut and free.startswith(cut)
+    # A document longer than max_length is scored in several windows, each within 16 tokens.
+    long_doc = " ".join(["recursion"] * 60)
+    (score,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", long_doc)])
+    assert score < 0
+
+
+def test_default_mc_task_is_well_formed(tmp_path: Path) -> None:
+    items = mc_items(
+        [
+            "alpha beta gamma " * 100,
+            "delta epsilon zeta " * 100,
+            "eta theta iota " * 100,
+            "kappa lambda mu " * 100,
+        ]
+    )
+    assert items and all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
+    out = prepare_default_tasks(tmp_path)
+    assert (out / "mor_heldout_mc.yaml").is_file() and (out / "mor_heldout_bpb.jsonl").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MoR trained briefly on TinyShakespeare, exported like `mor train` does."""
+    tmp = tmp_path_factory.mktemp("evalmodel")
+    data = prepare_data(
+        DataConfig(
+            source=str(SHARED / "corpus" / "tinyshakespeare"),
+            tokenizer=str(SMOLLM),
+            seq_len=64,
+            cache_dir=str(tmp),
+        )
+    )
+    cfg = build_config(
+        "micro",
+        vocab_size=data.vocab_size,
+        sharing="middle_cycle",
+        num_recursions=2,
+        num_layers=6,
+        router="expert_choice",
+        max_seq_len=128,
+    )
+    torch.manual_seed(0)
+    model = MoRModel(cfg).train()
+    ds = PackedDataset(data.train_path, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(40):
+        x = torch.stack([ds[(step * 8 + i) % len(ds)] for i in range(8)])
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_pretrained(
+        tmp / "export",
+        cfg,
+        model.state_dict(),
+        meta={"eos_id": data.eos_id, "run_name": "evaltest"},
+        tokenizer_path=data.tokenizer_path,
+    )
+
+
+@needs_shared
+def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("evals", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="train").info.run_id
+    tasks = ["mor_heldout_bpb", "mor_heldout_mc", *PAPER_TASKS]
+    report, run_id, out = run_eval(
+        trained_export,
+        tasks,
+        data_dir=EVAL_DIR,
+        limit=50,
+        tracking_uri=uri,
+        parent_run_id=parent,
+        work_dir=tmp_path / "work",
+        batch_size=32,
+    )
+    assert [p.label for p in report.points] == ["1", "2", "router"]
+    fixed = [p.flops_per_token for p in report.points if p.depth is not None]
+    assert fixed[0] < fixed[1]  # one point per depth, increasing FLOPs
+    router = report.points[-1]
+    assert 1.0 <= router.mean_depth <= 2.0
+    for p in report.points:
+        for task in PAPER_TASKS + ["mor_heldout_mc"]:
+            assert "acc" in p.metrics[task] and "acc_stderr" in p.metrics[task], task
+        assert "bits_per_byte" in p.metrics["mor_heldout_bpb"]
+        assert p.nll is not None and 0 < p.nll < 11
+    assert "perplexity" in report.points[0].metrics["lambada_openai"]
+    assert "acc_norm" in report.points[0].metrics["hellaswag"]
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert "eval/d2/piqa/acc" in run.data.metrics
+    steps = [m.step for m in client.get_metric_history(run_id, "eval/flops_per_token")]
+    assert steps == [0, 1, 2]
+    files = {a.path for a in client.list_artifacts(run_id)}
+    assert {
+        "results.csv",
+        "results.json",
+        "depth_curve.png",
+        "router_histogram.png",
+        "depth_map.html",
+        "depth_map.png",
+    } <= files
+    assert (out / "depth_curve.png").stat().st_size > 1000
+
+
+@needs_shared
+def test_eval_cli_offline_json(
+    trained_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code = mor_main(
+        [
+            "eval",
+            str(trained_export),
+            "--tasks",
+            "piqa,mor_heldout_mc",
+            "--data-dir",
+            str(EVAL_DIR),
+            "--limit",
+            "10",
+            "--depths",
+            "1,router",
+            "--no-mlflow",
+            "--json",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [p["label"] for p in got["report"]["points"]] == ["1", "router"]
+    assert mor_main(["eval", str(trained_export), "--tasks", "nope", "--no-mlflow"]) == 2
+    assert mor_main(["eval", str(tmp_path), "--no-mlflow"]) != 0
