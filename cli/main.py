@@ -23,7 +23,12 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order ``mor --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("cli.inspect_cmd", "cli.train_cmd", "cli.eval_cmd")
+COMMAND_MODULES: tuple[str, ...] = (
+    "cli.inspect_cmd",
+    "cli.train_cmd",
+    "cli.eval_cmd",
+    "cli.sweep_cmd",
+)
 
 EXIT_USAGE = 2
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from evals.default_tasks import DEFAULT_TASKS, bpb_docs, heldout_documents, prepare_default_tasks
+from evals.default_tasks import bpb_docs, heldout_documents, prepare_default_tasks
 from evals.lm_backend import MoRLM
 from mor.checkpoint import load_pretrained, tokenizer_file
 from mor.flops import forward_flops_per_token
@@ -104,10 +104,10 @@ def build_task_manager(tasks: list[str], data_dir: str | Path | None, work_dir: 
     from lm_eval.tasks import TaskManager
 
     include = [str(prepare_default_tasks(work_dir / "default_tasks"))]
-    wanted = [t for t in tasks if t not in DEFAULT_TASKS]
-    if wanted and data_dir is not None:
-        from evals.tasks import prepare_tasks
+    from evals.tasks import TASK_NAMES, prepare_tasks
 
+    wanted = [t for t in tasks if t in TASK_NAMES]
+    if wanted and data_dir is not None:
         include.append(str(prepare_tasks(data_dir, work_dir / "paper_tasks", wanted)))
     return TaskManager(include_path=include)
 

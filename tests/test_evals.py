@@ -200,7 +200,7 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
     router = report.points[-1]
     assert 1.0 <= router.mean_depth <= 2.0
     for p in report.points:
-        for task in PAPER_TASKS + ["mor_heldout_mc"]:
+        for task in [*PAPER_TASKS, "mor_heldout_mc"]:
             assert "acc" in p.metrics[task] and "acc_stderr" in p.metrics[task], task
         assert "bits_per_byte" in p.metrics["mor_heldout_bpb"]
         assert p.nll is not None and 0 < p.nll < 11

@@ -175,6 +175,9 @@ class TrainConfig(BaseModel):
     """Seed for initialisation and data order."""
     log_every_steps: int = Field(1, ge=1)
     """Print progress every K steps (metrics reach MLflow every step)."""
+    report_every_steps: int = Field(10, ge=1)
+    """Report metrics to Ray (Tune, schedulers) every K steps, plus at evals, checkpoints and the
+    end. Ray Train V2 takes one report per ~2 s controller poll, so each report can block."""
     address: str | None = None
     """Ray cluster address; None = a local Ray started on demand (or $RAY_ADDRESS)."""
     fault_injection: FaultInjection = Field(default_factory=FaultInjection)

@@ -300,7 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             tokenizer_path=plan["tokenizer_path"],
                         )
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+        elif step % cfg.report_every_steps == 0 or "val/loss" in metrics:
             ray.train.report(metrics)
     if logger is not None:
         logger.flush()

@@ -1,0 +1,280 @@
+"""Run a sweep with Ray Tune: one function trainable per trial drives that trial's TorchTrainer.
+
+Ray Train V2 pattern: the Tune trial is a light driver (it reserves almost no CPU) that starts
+a ``TorchTrainer``; training metrics flow back to Tune through ``TuneReportCallback``. After
+training, the trial's exported model is evaluated at every test-time depth (``evals``) and the
+final metrics are reported. MLflow: one parent run per sweep; every trial's training run is its
+child, and each evaluation a child of that.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mor.overrides import ConfigError
+from sweeps.spec import SweepSpec, trial_config, validate_spec
+from trainers.config import TrackingConfig
+from trainers.tracking import connect, find_or_create_run, flatten
+
+# The per-trial driver only waits on its TorchTrainer: it reserves no CPU (a fractional CPU
+# would leave e.g. 1.98 of 2 CPUs, and a second trial's 1-CPU worker would never start), only
+# a little memory, because a Tune trial needs a non-empty resource request.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 256 * 2**20}
+SPEC_FILE = "spec.json"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    summary_csv: Path
+    rows: list[dict[str, Any]]
+    errors: list[str]
+
+
+def tracking_uri_for(spec: SweepSpec) -> str:
+    if spec.tracking.uri:
+        return spec.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(spec.resolved_storage_path) / 'mlflow.db'}"
+
+
+def sweep_dirs(spec_or_storage: SweepSpec | str, name: str | None = None) -> tuple[Path, Path]:
+    """(Tune storage folder, this sweep's own state folder)."""
+    if isinstance(spec_or_storage, SweepSpec):
+        root, name = Path(spec_or_storage.resolved_storage_path), spec_or_storage.name
+    else:
+        root = Path(spec_or_storage).expanduser().resolve()
+    return root / "tune", root / "sweeps" / str(name)
+
+
+def _tune_dimension(dim: Any) -> Any:
+    from ray import tune
+
+    kind = dim.kind
+    if kind == "choice":
+        return tune.choice(dim.choice)
+    if kind == "uniform":
+        return tune.uniform(*dim.uniform)
+    if kind == "loguniform":
+        return tune.loguniform(*dim.loguniform)
+    return tune.randint(*dim.randint)
+
+
+def trial_fn(
+    config: dict[str, Any], spec_dict: dict[str, Any], parent_run_id: str, tracking_uri: str
+) -> None:
+    """One Tune trial: train (Ray Train workers), evaluate at every depth, report."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from evals.pipeline import run_eval
+    from trainers.launcher import run_training
+
+    spec = SweepSpec.model_validate(spec_dict)
+    trial_id = tune.get_context().get_trial_id()
+    overrides = dict(config["point"]["overrides"])
+    overrides.update({k: v for k, v in config.items() if k != "point"})
+    cfg = trial_config(spec, overrides, f"{spec.name}-{trial_id}")
+    res = spec.resources
+    cfg = cfg.model_copy(
+        update={
+            "tracking": TrackingConfig(
+                uri=tracking_uri, experiment=spec.tracking.experiment, parent_run_id=parent_run_id
+            ),
+            "scaling": cfg.scaling.model_copy(
+                update={
+                    "num_workers": res.num_workers,
+                    "cpus_per_worker": res.cpus_per_worker,
+                    "use_gpu": res.gpus_per_worker > 0,
+                }
+            ),
+            "storage_path": spec.resolved_storage_path,
+        }
+    )
+    result = run_training(cfg, callbacks=[TuneReportCallback()])
+    final: dict[str, Any] = {
+        k: v
+        for k, v in result.metrics.items()
+        if k in ("val/loss", "train/loss", "flops", "tokens", "step")
+    }
+    final["train_run_id"] = result.run_id
+    final["label"] = config["point"]["label"]
+    if spec.eval.enabled:
+        report, eval_run_id, _ = run_eval(
+            result.export_dir,
+            spec.eval.tasks,
+            data_dir=spec.eval.data_dir,
+            depths=spec.eval.depths,
+            limit=spec.eval.limit,
+            batch_size=spec.eval.batch_size,
+            tracking_uri=tracking_uri,
+            parent_run_id=result.run_id,
+            work_dir=Path(spec.resolved_storage_path) / "eval_tasks",
+        )
+        final["eval_run_id"] = eval_run_id
+        for p in report.points:
+            final[f"eval/d{p.label}/average"] = p.average
+            final[f"eval/d{p.label}/flops_per_token"] = p.flops_per_token
+            final[f"eval/d{p.label}/nll"] = p.nll
+        best = report.points[-1]  # the router's choice, or full depth without a router
+        final["eval/average"] = best.average
+        final["eval/flops_per_token"] = best.flops_per_token
+        final["eval/nll"] = best.nll
+    tune.report({k: v for k, v in final.items() if v is not None})
+
+
+def _searcher_and_space(spec: SweepSpec, points: list[dict[str, Any]]) -> tuple[Any, dict, int]:
+    from ray import tune
+
+    sampled = {k: _tune_dimension(d) for k, d in spec.space.items() if d.kind != "grid"}
+    if spec.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        space = {"point": tune.choice(points), **sampled}
+        return OptunaSearch(metric=spec.metric, mode=spec.mode, seed=0), space, spec.num_samples
+    space = {"point": tune.grid_search(points), **sampled}
+    return None, space, spec.num_samples if spec.searcher == "random" else 1
+
+
+def max_concurrent_trials(spec: SweepSpec) -> int:
+    import ray
+
+    if spec.resources.max_concurrent:
+        return spec.resources.max_concurrent
+    res = ray.cluster_resources()
+    per_trial_cpu = spec.resources.num_workers * spec.resources.cpus_per_worker
+    fits = math.floor(res.get("CPU", 1) / per_trial_cpu + 1e-9)
+    if spec.resources.gpus_per_worker > 0:
+        per_trial_gpu = spec.resources.num_workers * spec.resources.gpus_per_worker
+        fits = min(fits, math.floor(res.get("GPU", 0) / per_trial_gpu + 1e-9))
+    if fits < 1:
+        raise ConfigError(
+            f"resources: a trial needs {per_trial_cpu} CPUs"
+            f"{' and GPUs' if spec.resources.gpus_per_worker else ''}; "
+            f"the cluster has {dict(res)}"
+        )
+    return fits
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None) -> SweepResult:
+    """Run (or, with resume=True, continue) a sweep to the end and summarise it."""
+    import ray
+    from ray import tune
+
+    points, dropped = validate_spec(spec)
+    for msg in dropped:
+        print(f"[mor] skipped invalid {msg}")
+    uri = tracking_uri_for(spec)
+    client, exp_id = connect(uri, spec.tracking.experiment)
+    tune_dir, state_dir = sweep_dirs(spec)
+    parent_run_id, _ = find_or_create_run(
+        client,
+        exp_id,
+        spec.name,
+        state_dir,
+        flatten(spec.model_dump(mode="json")),
+        tags={"mor.kind": "sweep"},
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (state_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+    if not ray.is_initialized():
+        ray.init(address=address)
+    # Tune's intermediate results come from training; the searcher's metric arrives at the end.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_fn,
+            spec_dict=spec.model_dump(mode="json"),
+            parent_run_id=parent_run_id,
+            tracking_uri=uri,
+        ),
+        TRIAL_RESOURCES,
+    )
+    experiment_path = tune_dir / spec.name
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment_path)):
+            raise ConfigError(f"name: no sweep {spec.name!r} to resume under {tune_dir}")
+        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+    else:
+        search_alg, space, num_samples = _searcher_and_space(spec, points)
+        scheduler = None
+        if spec.scheduler is not None:
+            from ray.tune.schedulers import ASHAScheduler
+
+            s = spec.scheduler
+            scheduler = ASHAScheduler(
+                time_attr="flops",
+                metric=s.metric,
+                mode=s.mode,
+                max_t=max(spec.budgets) if spec.budgets else 1e30,
+                grace_period=s.grace_flops,
+                reduction_factor=s.reduction_factor,
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric if search_alg else None,
+                mode=spec.mode if search_alg else None,
+                search_alg=search_alg,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=max_concurrent_trials(spec),
+            ),
+            run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir)),
+        )
+    grid = tuner.fit()
+    return summarise(spec, grid, client, parent_run_id, uri, state_dir)
+
+
+def summarise(
+    spec: SweepSpec, grid: Any, client: Any, parent_run_id: str, uri: str, state_dir: Path
+) -> SweepResult:
+    """One row per trial (config + final metrics) → CSV on disk and on the parent run."""
+    import pandas as pd
+
+    rows, errors = [], []
+    for res in grid:
+        cfg = res.config or {}
+        row: dict[str, Any] = {
+            "trial": Path(res.path).name if res.path else None,
+            "label": (cfg.get("point") or {}).get("label"),
+        }
+        row.update({k: v for k, v in cfg.items() if k != "point"})
+        metrics = res.metrics or {}
+        row.update(
+            {
+                k: v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float, str))
+                and not k.startswith(("config/", "time_", "timestamp"))
+            }
+        )
+        if res.error:
+            row["error"] = str(res.error).splitlines()[0][:300]
+            errors.append(f"{row['label']}: {row['error']}")
+        rows.append(row)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    csv = state_dir / "summary.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    client.log_artifact(parent_run_id, str(csv))
+    client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
+    return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors)
+
+
+def load_saved_spec(name: str, storage_path: str = "outputs") -> SweepSpec:
+    """The spec a sweep was started with (for `mor sweep resume NAME`)."""
+    _, state_dir = sweep_dirs(storage_path, name)
+    path = state_dir / SPEC_FILE
+    if not path.is_file():
+        raise ConfigError(f"name: no sweep {name!r} under {state_dir.parent} (no {SPEC_FILE})")
+    return SweepSpec.model_validate_json(path.read_text())
