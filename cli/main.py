@@ -28,6 +28,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.train_cmd",
     "cli.eval_cmd",
     "cli.sweep_cmd",
+    "cli.stack_cmd",
+    "cli.report_cmd",
 )
 
 EXIT_USAGE = 2

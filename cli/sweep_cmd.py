@@ -16,7 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("run", help="run a sweep spec to the end (local Ray, or --address)")
     r.add_argument("items", nargs="*", metavar="SPEC.yaml|key=value")
-    r.add_argument("--address", help="an existing Ray cluster (default: local, started on demand)")
+    r.add_argument(
+        "--address",
+        help="an existing Ray cluster (default: $RAY_ADDRESS, else the `mor up` stack, "
+        "else a local Ray started on demand)",
+    )
     r.add_argument("--spec-from-env", action="store_true", help=argparse.SUPPRESS)
     r.set_defaults(func=run, extra_dest="items")
 
@@ -62,6 +66,8 @@ def _print_result(res) -> None:
     print(f"[mor] sweep {res.name!r} finished: {len(res.rows)} trials, {len(res.errors)} failed")
     for err in res.errors:
         print(f"[mor]   failed: {err}")
+    if res.errors:
+        print(f"[mor] rerun the failed trials with: mor sweep resume {res.name}")
     print(f"[mor] summary table: {res.summary_csv}")
     for extra in getattr(res, "artifacts", []):
         print(f"[mor] plot: {extra}")
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         spec = spec_from_env()
     else:
         spec = _spec(args.items)  # validated before Ray starts
-    _print_result(run_sweep(spec, address=args.address))
+    _print_result(run_sweep(spec, address=args.address or _stack_ray()))
     return 0
 
 
@@ -90,8 +96,14 @@ def resume(args: argparse.Namespace) -> int:
     from sweeps.driver import load_saved_spec, run_sweep
 
     spec = load_saved_spec(args.name, args.storage_path)
-    _print_result(run_sweep(spec, resume=True, address=args.address))
+    _print_result(run_sweep(spec, resume=True, address=args.address or _stack_ray()))
     return 0
+
+
+def _stack_ray() -> str | None:
+    from trainers.stack_defaults import default_ray_address
+
+    return default_ray_address()  # the `mor up` stack's head while it is up
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -105,7 +117,28 @@ def _address(args: argparse.Namespace) -> str:
             address = None
     if not address:
         raise ValueError("--address: give the Ray job server, e.g. http://127.0.0.1:8265")
+    try:  # send the Ray auth token if one is configured (the stack's head requires it)
+        from cli.stack import enable_ray_token_auth
+
+        enable_ray_token_auth()
+    except Exception:
+        pass
     return address
+
+
+def _stack_tracking(spec, address: str):
+    """A spec submitted to the `mor up` stack's head, with no tracking URI of its own (nor
+    $MLFLOW_TRACKING_URI), is tracked on the stack's MLflow server."""
+    if spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return spec
+    from cli.stack import stack_addresses
+
+    stack = stack_addresses()
+    if not stack or stack["ray_dashboard"].rstrip("/") != address.rstrip("/"):
+        return spec
+    return spec.model_copy(
+        update={"tracking": spec.tracking.model_copy(update={"uri": stack["mlflow"]})}
+    )
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -113,7 +146,7 @@ def submit(args: argparse.Namespace) -> int:
 
     spec = _spec(args.items)
     address = _address(args)
-    job_id = jobs.submit(spec, address)
+    job_id = jobs.submit(_stack_tracking(spec, address), address)
     print(job_id)
     if args.wait:
         while (state := jobs.status(job_id, address)) not in ("SUCCEEDED", "FAILED", "STOPPED"):

@@ -18,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="CONFIG.yaml|key=value",
         help="an optional YAML config, then dotted overrides such as optim.lr=1e-3",
     )
-    p.add_argument("--address", help="Ray cluster address (default: local Ray, or $RAY_ADDRESS)")
+    p.add_argument(
+        "--address",
+        help="Ray cluster address (default: $RAY_ADDRESS, else the `mor up` stack, else local Ray)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run, extra_dest="items")
 
@@ -33,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"address={args.address}")
     cfg = load_train_config(path, overrides)  # validated before Ray starts
+    if cfg.address is None:
+        from trainers.stack_defaults import default_ray_address
+
+        stack = default_ray_address()  # the `mor up` stack's head while it is up
+        if stack:
+            cfg = cfg.model_copy(update={"address": stack})
 
     from trainers.launcher import plan_run, run_training
 

@@ -3,8 +3,8 @@
 - ``mor_heldout_bpb``: bits-per-byte (and word/byte perplexity) of held-out documents, by
   ``loglikelihood_rolling`` (the same metrics lm-eval's wikitext task reports).
 - ``mor_heldout_mc``: 4-way multiple choice: a passage of held-out text, and the true next
-  span against three spans taken from other held-out documents. Even tiny CPU models beat
-  chance on it, and deeper/better models beat it more, so configurations separate.
+  span against three word-order scrambles of it. Even tiny CPU models beat chance on it, and
+  deeper/better models beat it more, so configurations separate.
 
 The held-out split is the one the trainers never train on (``mor.corpus.split_documents``
 with the default 5% validation fraction).
@@ -37,8 +37,14 @@ doc_to_target: "{{{{text}}}}"
 should_decontaminate: false
 metric_list:
   - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
   - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
 metadata:
   version: 1.0
 """
@@ -93,34 +99,50 @@ def bpb_docs(docs: list[str]) -> list[dict[str, str]]:
     return out
 
 
+def _shuffled(span: str, rng: random.Random) -> str | None:
+    """The span's words in another order (None when it has too few distinct orders)."""
+    words = span.split()
+    if len(set(words)) < 4:
+        return None
+    for _ in range(20):
+        perm = words[:]
+        rng.shuffle(perm)
+        if perm != words:
+            return " ".join(perm)
+    return None
+
+
 def mc_items(docs: list[str], seed: int = 0) -> list[dict[str, object]]:
-    """Passages and their true continuation vs. three continuations from other documents."""
+    """A passage, its true continuation, and three word-order scrambles of that continuation.
+
+    Every choice holds the same words, so only the model's sense of fluent, in-context English
+    separates them: a unigram model is at chance (25%), a model that learned word order and
+    context beats it, and better models beat it more.
+    """
     rng = random.Random(seed)
-    windows: list[tuple[int, str, str]] = []
-    for d, doc in enumerate(docs):
+    items = []
+    for doc in docs:
         text = _clean(doc)
         step = MC_CONTEXT_CHARS + MC_SPAN_CHARS
         for start in range(0, len(text) - step, step):
             ctx = _cut_at_word(text[start:], MC_CONTEXT_CHARS)
             rest = text[start + len(ctx) :].lstrip()
             span = _cut_at_word(rest, MC_SPAN_CHARS)
-            if len(span) > 20:
-                windows.append((d, ctx, span))
-    items = []
-    for d, ctx, span in windows:
-        others = [w[2] for w in windows if w[0] != d]
-        if len(others) < 3:
-            continue
-        choices = [" " + span] + [" " + s for s in rng.sample(others, 3)]
-        order = list(range(4))
-        rng.shuffle(order)
-        items.append(
-            {
-                "context": ctx,
-                "choices": [choices[i] for i in order],
-                "label": order.index(0),
-            }
-        )
+            wrong: list[str] = []
+            for _ in range(10):
+                cand = _shuffled(span, rng)
+                if cand and cand not in wrong and cand != span:
+                    wrong.append(cand)
+                if len(wrong) == 3:
+                    break
+            if len(span) < 20 or len(wrong) < 3:
+                continue
+            choices = [" " + span] + [" " + w for w in wrong]
+            order = list(range(4))
+            rng.shuffle(order)
+            items.append(
+                {"context": ctx, "choices": [choices[i] for i in order], "label": order.index(0)}
+            )
     return items
 
 

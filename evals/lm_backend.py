@@ -41,7 +41,9 @@ class RoutingTally:
     sequences: int = 0
 
     def add(self, stats: Any, n_tokens: int, lengths: list[int]) -> None:
-        if stats is None:
+        self.seq_tokens += sum(lengths)
+        self.sequences += len(lengths)
+        if stats is None:  # a vanilla model: every token runs every layer
             return
         if not self.active:
             self.active = [0.0] * len(stats.active_fraction)
@@ -49,8 +51,6 @@ class RoutingTally:
         self.tokens += n_tokens
         self.active = [a + f * n_tokens for a, f in zip(self.active, stats.active_fraction)]
         self.per_depth = [a + b for a, b in zip(self.per_depth, stats.tokens_per_depth)]
-        self.seq_tokens += sum(lengths)
-        self.sequences += len(lengths)
 
     def active_fractions(self) -> list[float] | None:
         return [a / self.tokens for a in self.active] if self.tokens else None

@@ -187,6 +187,8 @@ def log_to_mlflow(
         }
         for task, ms in p.metrics.items():
             values.update({f"{task}/{k}": v for k, v in ms.items()})
+        total = max(1, sum(p.tokens_per_depth))
+        values.update({f"frac_depth_{d}": c / total for d, c in enumerate(p.tokens_per_depth)})
         for key, value in values.items():
             if value is None:
                 continue

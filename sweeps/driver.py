@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class SweepResult:
     summary_csv: Path
     rows: list[dict[str, Any]]
     errors: list[str]
+    artifacts: list[Path] = field(default_factory=list)
 
 
 def tracking_uri_for(spec: SweepSpec) -> str:
@@ -43,6 +44,11 @@ def tracking_uri_for(spec: SweepSpec) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
+    from trainers.stack_defaults import stack_mlflow_uri
+
+    stack = stack_mlflow_uri()  # the `mor up` stack's server, while it is up
+    if stack:
+        return stack
     return f"sqlite:///{Path(spec.resolved_storage_path) / 'mlflow.db'}"
 
 
@@ -87,7 +93,10 @@ def trial_fn(
     cfg = cfg.model_copy(
         update={
             "tracking": TrackingConfig(
-                uri=tracking_uri, experiment=spec.tracking.experiment, parent_run_id=parent_run_id
+                uri=tracking_uri,
+                experiment=spec.tracking.experiment,
+                parent_run_id=parent_run_id,
+                tags={"mor.label": config["point"]["label"]},
             ),
             "scaling": cfg.scaling.model_copy(
                 update={
@@ -267,8 +276,16 @@ def summarise(
     csv = state_dir / "summary.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     client.log_artifact(parent_run_id, str(csv))
+    artifacts: list[Path] = []
+    try:  # the Pareto plots and results table, attached to the parent run
+        from dashboards.report import build_report
+
+        report = build_report(uri, [spec.name], state_dir / "report")
+        artifacts = [f for f in report.files if f.suffix in (".png", ".html", ".md")]
+    except Exception as exc:  # a report problem must not lose the sweep's results
+        print(f"[mor] report not built: {exc}")
     client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
-    return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors)
+    return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors, artifacts)
 
 
 def load_saved_spec(name: str, storage_path: str = "outputs") -> SweepSpec:

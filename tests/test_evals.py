@@ -124,15 +124,14 @@ def test_generate_until_stops_and_rolling_windows() -> None:
 
 
 def test_default_mc_task_is_well_formed(tmp_path: Path) -> None:
-    items = mc_items(
-        [
-            "alpha beta gamma " * 100,
-            "delta epsilon zeta " * 100,
-            "eta theta iota " * 100,
-            "kappa lambda mu " * 100,
-        ]
-    )
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
+    docs = [" ".join(words[(i + k) % len(words)] for k in range(400)) for i in range(3)]
+    items = mc_items(docs)
     assert items and all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
+    for item in items:  # the distractors are the true span's words in another order
+        true = item["choices"][item["label"]]
+        assert all(sorted(c.split()) == sorted(true.split()) for c in item["choices"])
+        assert len(set(item["choices"])) == 4
     out = prepare_default_tasks(tmp_path)
     assert (out / "mor_heldout_mc.yaml").is_file() and (out / "mor_heldout_bpb.jsonl").is_file()
 

@@ -125,11 +125,14 @@ class EvalConfig(BaseModel):
 class TrackingConfig(BaseModel):
     model_config = _STRICT
     uri: str | None = None
-    """MLflow tracking URI; default: env MLFLOW_TRACKING_URI, else sqlite:///<storage>/mlflow.db."""
+    """MLflow tracking URI; default: env MLFLOW_TRACKING_URI, else the `mor up` stack's server
+    while it is up, else sqlite:///<storage>/mlflow.db."""
     experiment: str = "mor"
     """MLflow experiment name."""
     parent_run_id: str | None = None
     """Log as a nested child of this run (used by sweeps)."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Extra MLflow tags on the run (sweeps set 'mor.label' to the trial's point)."""
 
 
 class FaultInjection(BaseModel):
@@ -247,4 +250,9 @@ def default_tracking_uri(cfg: TrainConfig) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
+    from trainers.stack_defaults import stack_mlflow_uri
+
+    stack = stack_mlflow_uri()  # the `mor up` stack's server, while it is up
+    if stack:
+        return stack
     return f"sqlite:///{Path(cfg.resolved_storage_path) / 'mlflow.db'}"

@@ -51,6 +51,16 @@ class TrainResult:
     total_steps: int
 
 
+def parameter_counts(mor_cfg: Any) -> dict[str, int]:
+    """Unique parameters (shared layers once), counted on the meta device: no memory used."""
+    import torch
+
+    from mor.model import MoRModel
+
+    with torch.device("meta"):
+        return MoRModel(mor_cfg).num_parameters()
+
+
 def run_dirs(cfg: TrainConfig) -> tuple[str, Path]:
     """(Ray storage path, this run's own state folder)."""
     root = cfg.resolved_storage_path
@@ -91,6 +101,8 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
     _, state_dir = run_dirs(cfg)
     params = flatten(cfg.model_dump(mode="json"))
     params.update(flatten(mor_cfg.model_dump(mode="json"), "resolved_model."))
+    for key, value in parameter_counts(mor_cfg).items():
+        params[f"model.params_{key}"] = str(value)
     params["plan.total_steps"] = str(total)
     params["plan.tokens_per_step"] = str(tokens_per_step)
     run_id, resumed = find_or_create_run(
@@ -105,6 +117,7 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
             "mor.router": mor_cfg.router,
             "mor.num_recursions": str(mor_cfg.num_recursions),
             "mor.kv_cache": mor_cfg.kv_cache,
+            **cfg.tracking.tags,
         },
     )
     return TrainPlan(

@@ -1,0 +1,69 @@
+"""``mor report EXPERIMENT_OR_SWEEP``: Pareto fronts, iso-FLOP view and results table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="Pareto plots and the results table of sweeps, from MLflow",
+        description=__doc__,
+    )
+    p.add_argument(
+        "names",
+        nargs="+",
+        metavar="EXPERIMENT_OR_SWEEP",
+        help="sweep names (their MLflow parent runs) or MLflow experiment names",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: reports/<first name>)")
+    p.add_argument(
+        "--metric",
+        default="average",
+        help="accuracy to plot: 'average' or TASK/METRIC, e.g. piqa/acc_norm",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else the `mor up` stack, "
+        "else sqlite:///outputs/mlflow.db)",
+    )
+    p.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not attach the report to the sweeps' parent runs",
+    )
+    p.set_defaults(func=run)
+
+
+def default_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    try:
+        from cli.stack import stack_addresses
+
+        uri = stack_addresses().get("mlflow")
+    except Exception:
+        uri = None
+    return uri or f"sqlite:///{os.path.abspath('outputs/mlflow.db')}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from dashboards.report import build_report
+
+    out = args.out or os.path.join("reports", args.names[0])
+    rep = build_report(
+        args.tracking_uri or default_uri(),
+        args.names,
+        out,
+        metric=args.metric,
+        log_to_mlflow=not args.no_mlflow,
+    )
+    print((rep.out_dir / "results.md").read_text())
+    print(f"[mor] {len(rep.table)} trials, {len(rep.front)} Pareto-optimal depth points")
+    for f in rep.files:
+        print(f"[mor] wrote {f}")
+    return 0

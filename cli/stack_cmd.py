@@ -1,0 +1,137 @@
+"""``mor up|status|down``: a local Ray head and MLflow server that sweeps and training use.
+
+    mor up [--state-dir DIR] [--ray-port 6379] [--dashboard-port 8265] [--mlflow-port 5000]
+    mor status [--json]
+    mor down
+
+While the stack is up, ``mor sweep submit`` sends jobs to its Ray head, ``mor train`` and
+``mor sweep run`` use it as their Ray cluster, and runs are tracked on its MLflow server
+(unless --address, $RAY_ADDRESS, tracking.uri or $MLFLOW_TRACKING_URI say otherwise).
+State lives in --state-dir, else $MOR_STACK_DIR, else ~/.mor/stack; use $MOR_STACK_DIR for a
+non-default place so that every command finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the stack keeps stack.json, logs, mlflow.db and artifacts "
+        "(default: $MOR_STACK_DIR, else ~/.mor/stack)",
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from cli.stack import DEFAULT_PORTS
+
+    u = subparsers.add_parser(
+        "up", help="start the local stack (Ray head + MLflow server)", description=__doc__
+    )
+    _state_arg(u)
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    u.add_argument("--ray-port", type=int, help=f"Ray GCS port (default {DEFAULT_PORTS['ray']})")
+    u.add_argument(
+        "--dashboard-port",
+        type=int,
+        help=f"Ray dashboard + job server port (default {DEFAULT_PORTS['dashboard']})",
+    )
+    u.add_argument(
+        "--mlflow-port", type=int, help=f"MLflow server port (default {DEFAULT_PORTS['mlflow']})"
+    )
+    u.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for health")
+    u.set_defaults(func=run_up)
+
+    s = subparsers.add_parser(
+        "status", help="health of the local stack (exit 0 if healthy)", description=__doc__
+    )
+    _state_arg(s)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=run_status)
+
+    d = subparsers.add_parser(
+        "down", help="stop the local stack (only the processes it started)", description=__doc__
+    )
+    _state_arg(d)
+    d.set_defaults(func=run_down)
+
+
+def _print_addresses(record: dict[str, Any]) -> None:
+    ray, ml = record["ray"], record["mlflow"]
+    print(f"[mor]   Ray dashboard + jobs : {ray['dashboard']}")
+    print(f"[mor]   Ray address          : {ray['address']}")
+    print(f"[mor]   MLflow               : {ml['url']}")
+    print(f"[mor]   state                : {record['state_dir']}")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from cli.stack import StackError, up
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"[mor] warning: binding {args.host}: MLflow has no authentication; "
+            "only do this on a trusted network"
+        )
+    try:
+        record, started = up(
+            args.state_dir,
+            host=args.host,
+            ray_port=args.ray_port,
+            dashboard_port=args.dashboard_port,
+            mlflow_port=args.mlflow_port,
+            timeout=args.timeout,
+        )
+    except StackError as exc:
+        print(f"error: {exc}")
+        return 1
+    print("[mor] stack up" if started else "[mor] stack already running")
+    _print_addresses(record)
+    print(f"[mor] next: mor sweep submit SPEC.yaml, then browse {record['mlflow']['url']}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from cli.stack import health, is_healthy, read_stack, resolve_dir
+
+    state = resolve_dir(args.state_dir)
+    record = read_stack(state)
+    report = health(record)
+    ok = bool(record) and record.get("status") == "up" and is_healthy(report)
+    if args.json:
+        out = {"healthy": ok, "state_dir": str(state), "services": report}
+        if record:
+            out["status"] = record.get("status")
+        print(json.dumps(out, indent=2))
+        return 0 if ok else 1
+    if not record:
+        print(f"[mor] no stack recorded in {state} (start one with `mor up`)")
+        return 1
+    for name, svc in report.items():
+        where = svc.get("dashboard") or svc.get("url")
+        state_word = "healthy" if svc["healthy"] else (
+            "not answering" if svc["pid_alive"] else "not running"
+        )  # fmt: skip
+        print(f"[mor] {name:<7} {state_word:<14} pid {svc['pid']}  {where}")
+    print("[mor] stack healthy" if ok else "[mor] stack NOT healthy (try `mor down && mor up`)")
+    return 0 if ok else 1
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from cli.stack import StackError, down, read_stack, resolve_dir
+
+    state = resolve_dir(args.state_dir)
+    if read_stack(state) is None:
+        print(f"[mor] no stack recorded in {state}: nothing to stop")
+        return 0
+    try:
+        stopped = down(state)
+    except StackError as exc:
+        print(f"error: {exc}")
+        return 1
+    print(f"[mor] stack down: stopped {len(stopped)} processes (data kept in {state})")
+    return 0

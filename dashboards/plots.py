@@ -1,0 +1,202 @@
+"""Pictures of a sweep: Pareto front (PNG and interactive HTML), iso-FLOP view, router depths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from dashboards.pareto import pareto_front
+
+COST = "flops_per_token"
+
+
+def _metric_label(metric: str) -> str:
+    return "average accuracy" if metric == "average" else metric
+
+
+def pareto_png(points: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Every model's depth curve (fixed depths joined, router's choice as a star), front in red."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    cmap = plt.get_cmap("tab10")
+    for i, (model, grp) in enumerate(points.groupby("model", sort=True)):
+        color = cmap(i % 10)
+        fixed = grp[grp["fixed_depth"]].sort_values(COST)
+        ax.plot(fixed[COST], fixed[metric], "o-", color=color, alpha=0.8, label=model)
+        for _, row in fixed.iterrows():
+            ax.annotate(
+                f"d{row['point']}",
+                (row[COST], row[metric]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+                color=color,
+            )
+        routed = grp[~grp["fixed_depth"]]
+        ax.plot(routed[COST], routed[metric], "*", ms=13, color=color)
+    front = pareto_front(points, COST, metric)
+    ax.step(
+        front[COST], front[metric], where="post", color="red", lw=2, alpha=0.6, label="Pareto front"
+    )
+    ax.scatter(front[COST], front[metric], s=120, facecolors="none", edgecolors="red", lw=1.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference FLOPs per token (measured routing)")
+    ax.set_ylabel(_metric_label(metric))
+    ax.set_title("Accuracy per FLOP: every model at every test-time depth (★ = router's choice)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def iso_flop_png(trials: pd.DataFrame, path: Path) -> Path:
+    """Training FLOPs vs held-out NLL per trial (the paper's iso-FLOP comparison)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = trials.dropna(subset=["train_flops", "val_nll"])
+    for i, (_, row) in enumerate(ok.iterrows()):
+        ax.scatter(row["train_flops"], row["val_nll"], color=plt.get_cmap("tab10")(i % 10))
+        ax.annotate(
+            row["model"],
+            (row["train_flops"], row["val_nll"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, 2),
+        )
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation NLL")
+    ax.set_title("Iso-FLOP view: lower is better at equal training compute")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def router_depths_png(points: pd.DataFrame, path: Path) -> Path | None:
+    """Tokens-per-depth distribution of each routed model at its router's choice."""
+    cols = sorted(
+        (c for c in points.columns if c.startswith("frac_depth_")),
+        key=lambda c: int(c.rsplit("_", 1)[1]),
+    )
+    routed = points[(~points["fixed_depth"]) & points["router"].ne("none")]
+    if routed.empty or not cols:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(routed)
+    for i, (_, row) in enumerate(routed.iterrows()):
+        xs = [int(c.rsplit("_", 1)[1]) + i * width for c in cols]
+        ax.bar(xs, [row.get(c, 0) or 0 for c in cols], width=width, label=row["model"])
+    ax.set_xlabel("recursion depth reached")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title("Router depth distributions across the sweep")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def interactive_html(points: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Plotly page: hover shows the configuration, front highlighted, depth curves per model,
+    filters by sharing / router / N_r. Self-contained (plotly.js embedded): works offline."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    models = sorted(points["model"].unique())
+    meta = []
+    for model in models:
+        grp = points[points["model"] == model].sort_values(
+            ["fixed_depth", COST], ascending=[False, True]
+        )
+        first = grp.iloc[0]
+        hover = [
+            f"<b>{model}</b><br>sharing={r['sharing']} router={r['router']} "
+            f"N_r={r['num_recursions']} kv={r['kv_cache']}<br>point={r['point']} "
+            f"FLOPs/token={r[COST]:.4g}<br>{metric}={r[metric]:.4f}"
+            for _, r in grp.iterrows()
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=grp[COST],
+                y=grp[metric],
+                mode="lines+markers",
+                name=model,
+                text=hover,
+                hoverinfo="text",
+                marker={
+                    "symbol": ["circle" if f else "star" for f in grp["fixed_depth"]],
+                    "size": [9 if f else 15 for f in grp["fixed_depth"]],
+                },
+            )
+        )
+        meta.append(
+            {
+                "sharing": first["sharing"],
+                "router": first["router"],
+                "num_recursions": int(first["num_recursions"]),
+            }
+        )
+    front = pareto_front(points, COST, metric)
+    fig.add_trace(
+        go.Scatter(
+            x=front[COST],
+            y=front[metric],
+            mode="lines",
+            name="Pareto front",
+            line={"color": "red", "width": 3, "shape": "hv"},
+            opacity=0.5,
+            hoverinfo="skip",
+        )
+    )
+    buttons = [
+        {
+            "label": "all models",
+            "method": "update",
+            "args": [{"visible": [True] * (len(models) + 1)}],
+        }
+    ]
+    for key, title in (("sharing", "sharing"), ("router", "router"), ("num_recursions", "N_r")):
+        for value in sorted({m[key] for m in meta}, key=str):
+            vis = [m[key] == value for m in meta] + [True]
+            buttons.append(
+                {"label": f"{title} = {value}", "method": "update", "args": [{"visible": vis}]}
+            )
+    fig.update_layout(
+        title=f"{_metric_label(metric)} vs inference FLOPs per token (★ = router's choice)",
+        xaxis={"title": "inference FLOPs per token", "type": "log"},
+        yaxis={"title": _metric_label(metric)},
+        template="plotly_white",
+        height=600,
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.15}],
+    )
+    html = fig.to_html(include_plotlyjs=True, full_html=True, div_id="mor-pareto")
+    n_points = int(sum(len(points[points["model"] == m]) for m in models))
+    # A small self-check the headless-browser test reads: errors and rendered marker count.
+    probe = f"""
+<div id="mor-errors" style="display:none"></div>
+<div id="mor-expected-points" style="display:none">{n_points}</div>
+<div id="mor-rendered-points" style="display:none">pending</div>
+<script>
+window.addEventListener('error', e => {{
+  document.getElementById('mor-errors').textContent += (e.message || 'error') + '\\n';
+}});
+window.addEventListener('load', () => {{
+  const count = () => document.querySelectorAll('#mor-pareto .scatterlayer .trace')
+      .length ? Array.from(document.querySelectorAll('#mor-pareto .scatterlayer .trace'))
+      .slice(0, {len(models)}).reduce((n, t) => n + t.querySelectorAll('.point').length, 0) : 0;
+  setTimeout(() => {{
+    document.getElementById('mor-rendered-points').textContent = String(count());
+  }}, 500);
+}});
+</script>
+<script type="application/json" id="mor-models">{json.dumps(meta)}</script>
+"""
+    path.write_text(html.replace("</body>", probe + "</body>"))
+    return path

@@ -1,0 +1,131 @@
+"""`mor report`: from MLflow runs to the paper's pictures and table, on disk and in MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dashboards.pareto import pareto_front
+from dashboards.plots import COST, interactive_html, iso_flop_png, pareto_png, router_depths_png
+from dashboards.runs import SweepRuns, load_runs
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    files: list[Path]
+    table: pd.DataFrame  # one row per trial
+    front: pd.DataFrame  # the Pareto-optimal depth points
+    parent_run_ids: list[str] = field(default_factory=list)
+
+
+def native_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Each model's own operating point: the router's choice, else its full depth."""
+    rows = []
+    for _, grp in points.groupby("run_id"):
+        routed = grp[~grp["fixed_depth"]]
+        if not routed.empty:
+            rows.append(routed.iloc[0])
+        else:
+            rows.append(grp.sort_values(COST).iloc[-1])
+    return pd.DataFrame(rows)
+
+
+def results_table(runs: SweepRuns) -> pd.DataFrame:
+    """Like the paper's main table: params, training FLOPs, tokens, NLL, accuracy per task."""
+    trials = runs.trials
+    if trials.empty:
+        return trials
+    cols = [
+        "model",
+        "sharing",
+        "router",
+        "num_recursions",
+        "kv_cache",
+        "params_non_embedding",
+        "train_flops",
+        "tokens",
+        "val_nll",
+    ]
+    table = trials[cols].copy()
+    table.insert(0, "run_id", trials["run_id"])
+    if not runs.points.empty:
+        native = native_points(runs.points).set_index("run_id")
+        acc_cols = sorted(
+            c
+            for c in native.columns
+            if c.endswith(("/acc_norm", "/acc")) and not c.endswith("_stderr")
+        )
+        # One accuracy per task: acc_norm where the task defines it (paper convention).
+        per_task: dict[str, str] = {}
+        for c in acc_cols:
+            task = c.rsplit("/", 1)[0]
+            if task not in per_task or c.endswith("acc_norm"):
+                per_task[task] = c
+        for task, c in sorted(per_task.items()):
+            table[task] = table["run_id"].map(native[c])
+        for extra in ("average", COST, "mean_depth"):
+            if extra in native.columns:
+                table[extra] = table["run_id"].map(native[extra])
+    return table.sort_values(["sharing", "num_recursions", "router"], na_position="first")
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    shown = table.drop(columns=["run_id"], errors="ignore")
+    head = "| " + " | ".join(shown.columns) + " |"
+    sep = "| " + " | ".join("---" for _ in shown.columns) + " |"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def build_report(
+    tracking_uri: str,
+    names: list[str],
+    out_dir: str | Path,
+    metric: str = "average",
+    log_to_mlflow: bool = True,
+) -> Report:
+    """Read the sweeps/experiments ``names`` and write plots and tables to ``out_dir``."""
+    runs = load_runs(tracking_uri, names)
+    if runs.trials.empty:
+        raise ValueError(f"no training runs found for {names} at {tracking_uri}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    table = results_table(runs)
+    (out / "results.md").write_text(_markdown(table))
+    table.to_csv(out / "results.csv", index=False)
+    files += [out / "results.md", out / "results.csv"]
+    files.append(iso_flop_png(runs.trials, out / "iso_flop.png"))
+    front = pd.DataFrame()
+    if not runs.points.empty:
+        if metric not in runs.points.columns:
+            choices = sorted(
+                c for c in runs.points.columns if c == "average" or "/acc" in c or c == "nll"
+            )
+            raise ValueError(f"--metric: {metric!r} was not logged; choose from {choices}")
+        points = runs.points.dropna(subset=[metric])
+        runs.points.to_csv(out / "points.csv", index=False)
+        front = pareto_front(runs.points, COST, metric)
+        front.to_csv(out / "front.csv", index=False)
+        files += [out / "points.csv", out / "front.csv"]
+        files.append(pareto_png(points, metric, out / "pareto.png"))
+        files.append(interactive_html(points, metric, out / "report.html"))
+        hist = router_depths_png(runs.points, out / "router_depths.png")
+        if hist is not None:
+            files.append(hist)
+    if log_to_mlflow and runs.parent_run_ids:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        for parent in runs.parent_run_ids:
+            for f in files:
+                client.log_artifact(parent, str(f), artifact_path="report")
+    return Report(out, files, table, front, runs.parent_run_ids)

@@ -1,0 +1,529 @@
+"""Inference engine for MoR: continuous depth-wise batching with early exit (arXiv 2507.10524).
+
+The MoR paper's throughput claim (§3, Fig. 4a; App. "continuous depth-wise batching", after Bae et
+al. 2024, *Relaxed Recursive Transformers*) rests on one property: every recursion reuses the same
+weights, so tokens at *different* recursion depths can go through the same layer call. The engine
+keeps ``max_slots`` sequences in flight; each engine step
+
+1. admits queued requests into free slots (one padded prefill forward of the model, whose
+   ``KVCache`` is copied into the engine's per-slot storage),
+2. embeds the token each newly emitted slot feeds back, runs the unique first layer(s) and
+   routes it (expert-choice: router r's logit > 0 keeps the token for recursion r; token-choice:
+   the argmax depth, chosen once; the model's ``eval()`` routing),
+3. runs the shared recursion block ONCE over every token currently at any recursion: token of
+   sequence A at recursion 2 and token of sequence B at recursion 1 share each layer call (with
+   sequence sharing, tokens whose recursions map position j to different unique layers are split
+   into one call per unique layer),
+4. sends tokens whose router stops them (early exit: they do no work at deeper recursions)
+   through the unique last layer(s) and the LM head, and emits the greedy token; a finished
+   sequence frees its slot, which the next step refills from the queue.
+
+Each slot owns its keys/values per attention site: prefix/suffix layers, and per layer position
+j of the block one site per recursion (recursion-wise caching: only the tokens active at r) or
+only recursion 0's (recursive KV sharing, §2.3: deeper recursions attend to it and project no
+keys). A token at recursion r attends to its own sequence's cache of site (r, j), so the result
+equals plain step-by-step decoding (``mor.generation.generate``) of each request.
+
+``naive_generate`` is the baseline: static batches decoded with the model's own forward, which
+runs recursion after recursion over shrinking (gathered) token sets.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mor.layers import apply_rotary
+from mor.model import KVCache, MoRModel
+from mor.routing import ExpertChoiceRouter, TokenChoiceRouter
+
+__all__ = ["DepthwiseBatchingEngine", "EngineStats", "NaiveResult", "naive_generate"]
+
+_IDLE, _ENTRY, _REC, _EXIT = 0, 1, 2, 3
+
+
+@dataclass
+class EngineStats:
+    """Counters of one engine's work (decode = tokens fed back after the prefill)."""
+
+    steps: int = 0
+    """Engine steps (each runs the shared block at most once per layer position)."""
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    """Tokens fed through the model one at a time (every generated token but the last)."""
+    generated_tokens: int = 0
+    layer_calls: dict[str, int] = field(default_factory=lambda: {"pre": 0, "rec": 0, "post": 0})
+    """Decoder-layer calls during decoding, by kind (unique first/last layers, shared block)."""
+    rec_rows: int = 0
+    """Token-rows processed by shared-block layer calls (= Σ_tokens depth × block depth)."""
+    tokens_per_recursion: list[int] = field(default_factory=list)
+    """Decode tokens that ran recursion r."""
+    tokens_per_depth: list[int] = field(default_factory=list)
+    """Decode tokens whose final depth is d (0..N_r)."""
+    prefill_active: list[float] = field(default_factory=list)
+    """Prefill tokens that ran recursion r."""
+    kv_bytes_finished: int = 0
+    """Valid KV-cache bytes of each sequence when it finished, summed."""
+    wall_s: float = 0.0
+
+    def active_fractions(self, include_prefill: bool = True) -> list[float]:
+        """Fraction of tokens (prefill + decode, or decode only) that ran each recursion."""
+        n = self.decode_tokens + (self.prefill_tokens if include_prefill else 0)
+        act = [
+            float(d) + (p if include_prefill else 0.0)
+            for d, p in zip(self.tokens_per_recursion, self.prefill_active)
+        ]
+        return [a / max(1, n) for a in act]
+
+    def mean_depth(self) -> float:
+        n = sum(self.tokens_per_depth)
+        return sum(d * c for d, c in enumerate(self.tokens_per_depth)) / max(1, n)
+
+
+@dataclass
+class _Request:
+    rid: int
+    prompt: list[int]
+    max_new: int
+    out: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class _Bank:
+    """Keys/values of a group of attention sites: [sites, slots, H_kv, max_len, hd] + lengths."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    n: torch.Tensor  # [sites, slots] long, on the CPU (valid entries per site and slot)
+
+
+class DepthwiseBatchingEngine:
+    """Greedy batched generation for an MoR model with continuous depth-wise batching.
+
+    ``submit`` requests, then ``run()``; ``stats`` tells what was computed. ``max_depth`` caps
+    the recursions as in ``MoRModel.forward``. ``record_logits`` keeps each emitted token's
+    logits (for tests).
+    """
+
+    def __init__(
+        self,
+        model: MoRModel,
+        max_slots: int = 8,
+        eos_id: int | None = None,
+        max_len: int | None = None,
+        max_depth: int | None = None,
+        record_logits: bool = False,
+    ) -> None:
+        cfg = model.cfg
+        if max_slots < 1:
+            raise ValueError(f"max_slots: must be >= 1, got {max_slots}")
+        if max_depth is not None and not 1 <= max_depth <= cfg.num_recursions:
+            raise ValueError(f"max_depth: must be in 1..{cfg.num_recursions}, got {max_depth}")
+        self.model, self.cfg = model.eval(), cfg
+        self.max_slots, self.eos_id, self.record_logits = max_slots, eos_id, record_logits
+        self.max_len = max_len or cfg.max_seq_len
+        self.max_depth = max_depth
+        self.n_rec = max_depth or cfg.num_recursions
+        p = model.embed.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.shared_kv = cfg.kv_cache == "shared"
+        self.base = cfg.recursion_depth
+        self.layer_of = [cfg.recursion_layers(r) for r in range(cfg.num_recursions)]
+        n_sites = 1 if self.shared_kv else cfg.num_recursions
+        self.pre = self._bank(cfg.num_prefix_layers)
+        self.post = self._bank(cfg.num_suffix_layers)
+        self.rec = [self._bank(n_sites) for _ in range(self.base)]
+        self.queue: deque[_Request] = deque()
+        self.requests: dict[int, _Request] = {}
+        self.results: dict[int, list[int]] = {}
+        s = max_slots
+        self.slot_req: list[_Request | None] = [None] * s
+        self.stage, self.r = [_IDLE] * s, [0] * s
+        self.token, self.pos = [0] * s, [0] * s
+        self.h = torch.zeros(s, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        self.gate = torch.ones(s, dtype=self.dtype, device=self.device)
+        self.tc_depth, self.tc_gate = [0] * s, torch.ones_like(self.gate)
+        n_r = cfg.num_recursions
+        self.stats = EngineStats(
+            tokens_per_recursion=[0] * n_r,
+            tokens_per_depth=[0] * (n_r + 1),
+            prefill_active=[0.0] * n_r,
+        )
+        self._next_id = 0
+
+    def _bank(self, sites: int) -> _Bank:
+        c = self.cfg
+        shape = (sites, self.max_slots, c.num_kv_heads, self.max_len, c.head_dim)
+        kw = dict(dtype=self.dtype, device=self.device)
+        z = torch.zeros(sites, self.max_slots, dtype=torch.long)
+        return _Bank(torch.zeros(shape, **kw), torch.zeros(shape, **kw), z)
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, prompt_ids: list[int], max_new_tokens: int) -> int:
+        """Queue a request; returns its id (the key of ``run()``'s result)."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids: needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if len(prompt_ids) + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"max_new_tokens: prompt ({len(prompt_ids)}) + {max_new_tokens} new tokens "
+                f"exceed max_len={self.max_len}"
+            )
+        req = _Request(self._next_id, list(prompt_ids), int(max_new_tokens))
+        self._next_id += 1
+        self.queue.append(req)
+        self.requests[req.rid] = req
+        return req.rid
+
+    @torch.no_grad()
+    def run(self) -> dict[int, list[int]]:
+        """Decode until the queue is empty and every slot is free; request id → new tokens."""
+        t0 = time.perf_counter()
+        while self.queue or any(r is not None for r in self.slot_req):
+            self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stats.wall_s += time.perf_counter() - t0
+        return {rid: self.results[rid] for rid in sorted(self.results)}
+
+    def depths(self, rid: int) -> list[int]:
+        """Recursions each fed-back token of request ``rid`` ran (decode tokens, in order)."""
+        return self.requests[rid].depths
+
+    def logits(self, rid: int) -> torch.Tensor:
+        """Logits behind each emitted token of ``rid`` (needs ``record_logits=True``)."""
+        return torch.stack(self.requests[rid].logits)
+
+    def kv_bytes(self, slot: int | None = None) -> int:
+        """Valid KV-cache bytes held now (one slot, or all)."""
+        per = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.h.element_size()
+        banks = [self.pre, self.post, *self.rec]
+        if slot is None:
+            return per * sum(int(b.n.sum()) for b in banks)
+        return per * sum(int(b.n[:, slot].sum()) for b in banks)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One engine step: admit, enter, one shared-block pass, exit."""
+        self._admit()
+        for stage, fn in ((_ENTRY, self._enter), (_REC, self._recurse), (_EXIT, self._exit)):
+            slots = [s for s in range(self.max_slots) if self.stage[s] == stage]
+            if slots:
+                fn(slots)
+        self.stats.steps += 1
+
+    # ------------------------------------------------------------------ admission / prefill
+    def _admit(self) -> None:
+        while self.queue:
+            free = [s for s in range(self.max_slots) if self.slot_req[s] is None]
+            if not free:
+                return
+            batch = [(s, self.queue.popleft()) for s in free[: len(self.queue)]]
+            self._prefill(batch)
+
+    def _prefill(self, batch: list[tuple[int, _Request]]) -> None:
+        """One right-padded forward of the model over the new prompts; copy its caches."""
+        lens = [len(req.prompt) for _, req in batch]
+        ids = torch.zeros(len(batch), max(lens), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, (_, req) in enumerate(batch):
+            ids[b, : lens[b]] = torch.tensor(req.prompt)
+            mask[b, : lens[b]] = 1
+        cache = KVCache()
+        out = self.model(
+            ids.to(self.device), mask.to(self.device), cache=cache, max_depth=self.max_depth
+        )
+        st = self.stats
+        st.prefill_calls += 1
+        st.prefill_tokens += sum(lens)
+        if out.stats is not None:
+            for r, f in enumerate(out.stats.active_fraction):
+                st.prefill_active[r] += f * sum(lens)
+        else:  # vanilla: every token runs the single "recursion"
+            st.prefill_active[0] += sum(lens)
+        slots = [s for s, _ in batch]
+        for bank in (self.pre, self.post, *self.rec):
+            bank.n[:, slots] = 0
+        for key, site in cache.sites.items():
+            bank, a = self._site(key)
+            for b, s in enumerate(slots):
+                valid = site.valid[b]
+                n = int(valid.sum())
+                bank.k[a, s, :, :n] = site.k[b][:, valid]
+                bank.v[a, s, :, :n] = site.v[b][:, valid]
+                bank.n[a, s] = n
+        last = out.logits[torch.arange(len(batch)), torch.tensor(lens) - 1]
+        for b, (s, req) in enumerate(batch):
+            self.slot_req[s] = req
+            self._emit(s, last[b])
+
+    def _site(self, key: tuple) -> tuple[_Bank, int]:
+        if key[0] == "pre":
+            return self.pre, key[1]
+        if key[0] == "post":
+            return self.post, key[1]
+        return self.rec[key[2]], key[1]
+
+    def _emit(self, s: int, logits: torch.Tensor) -> None:
+        req = self.slot_req[s]
+        assert req is not None
+        tok = int(logits.argmax(-1))
+        req.out.append(tok)
+        if self.record_logits:
+            req.logits.append(logits.detach().clone())
+        self.stats.generated_tokens += 1
+        if len(req.out) >= req.max_new or (self.eos_id is not None and tok == self.eos_id):
+            self.stats.kv_bytes_finished += self.kv_bytes(s)
+            self.results[req.rid] = req.out
+            self.slot_req[s], self.stage[s] = None, _IDLE
+        else:
+            self.stage[s], self.token[s] = _ENTRY, tok
+            self.pos[s] = len(req.prompt) + len(req.out) - 1
+
+    # ------------------------------------------------------------------ the three stages
+    def _enter(self, slots: list[int]) -> None:
+        """Embed fed-back tokens, run the unique first layer(s), route for recursion 0."""
+        idx = torch.tensor(slots)
+        x = self.model.embed(torch.tensor([self.token[s] for s in slots], device=self.device))
+        cos, sin = self._rope(slots)
+        for i in range(self.cfg.num_prefix_layers):
+            a = torch.full_like(idx, i)
+            x = self._layer(i, x, cos, sin, self.pre, a, idx, None)
+            self.stats.layer_calls["pre"] += 1
+        self.stats.decode_tokens += len(slots)
+        tc = self.model.router
+        if isinstance(tc, TokenChoiceRouter):
+            depth, gate, _ = tc(x[None], torch.ones(1, len(slots), dtype=torch.bool), False)
+            self.tc_gate[idx.to(self.device)] = gate[0]
+            for s, d in zip(slots, depth[0].tolist()):
+                self.tc_depth[s] = d
+        self.h[idx.to(self.device)] = x
+        self._route(slots, [0] * len(slots), x)
+
+    def _route(self, slots: list[int], nxt: list[int], x: torch.Tensor) -> None:
+        """Send each token to recursion nxt[i] (set its gate) or, if it stops, to the exit."""
+        go = [r < self.n_rec for r in nxt]
+        router = self.model.router
+        if isinstance(router, ExpertChoiceRouter):
+            for r in sorted(set(nxt)):
+                rows = [i for i, ri in enumerate(nxt) if ri == r and go[i]]
+                if not rows:
+                    continue
+                ones = torch.ones(1, len(rows), dtype=torch.bool, device=self.device)
+                rows_t = torch.tensor(rows, device=self.device)
+                sel, gate, _ = router(r, x[rows_t][None], ones, ones, False)
+                self.gate[torch.tensor([slots[i] for i in rows], device=self.device)] = gate[0]
+                for i, keep in zip(rows, sel[0].tolist()):
+                    go[i] = keep
+        elif isinstance(router, TokenChoiceRouter):
+            for i, (s, r) in enumerate(zip(slots, nxt)):
+                go[i] = go[i] and self.tc_depth[s] > r
+                last = self.tc_depth[s] == r + 1
+                self.gate[s] = self.tc_gate[s] if last else 1.0
+        for i, s in enumerate(slots):
+            if go[i]:
+                self.stage[s], self.r[s] = _REC, nxt[i]
+            else:
+                self.stage[s] = _EXIT
+                self.slot_req[s].depths.append(nxt[i])  # type: ignore[union-attr]
+                self.stats.tokens_per_depth[nxt[i]] += 1
+
+    def _recurse(self, slots: list[int]) -> None:
+        """One pass of the shared block over all tokens at any recursion (depth-wise batch)."""
+        idx = torch.tensor(slots)
+        dev_idx = idx.to(self.device)
+        rs = [self.r[s] for s in slots]
+        r_t = torch.tensor(rs)
+        a = torch.zeros_like(r_t) if self.shared_kv else r_t
+        writes = (r_t == 0).nonzero().squeeze(1) if self.shared_kv else None
+        x = self.h[dev_idx]
+        cos, sin = self._rope(slots)
+        y = x
+        for j in range(self.base):
+            layers = [self.layer_of[r][j] for r in rs]
+            groups = sorted(set(layers))
+            if len(groups) == 1:
+                y = self._layer(groups[0], y, cos, sin, self.rec[j], a, idx, writes)
+            else:  # sequence sharing: position j of different recursions = different layers
+                out = torch.empty_like(y)
+                for u in groups:
+                    rows = torch.tensor([i for i, lu in enumerate(layers) if lu == u])
+                    w = None
+                    if writes is not None:
+                        w = (r_t[rows] == 0).nonzero().squeeze(1)
+                    dr = rows.to(self.device)
+                    out[dr] = self._layer(
+                        u, y[dr], cos[dr], sin[dr], self.rec[j], a[rows], idx[rows], w
+                    )
+                y = out
+            self.stats.layer_calls["rec"] += len(groups)
+            self.stats.rec_rows += len(slots)
+        if self.model.router is not None:  # H + g·f(H), f = Block(H) − H (paper Eq. 1)
+            g = self.gate[dev_idx]
+            y = x + g[:, None] * (y - x)
+        self.h[dev_idx] = y
+        for r in rs:
+            self.stats.tokens_per_recursion[r] += 1
+        self._route(slots, [r + 1 for r in rs], y)
+
+    def _exit(self, slots: list[int]) -> None:
+        """Unique last layer(s), final norm and LM head; emit the greedy token."""
+        idx = torch.tensor(slots)
+        x = self.h[idx.to(self.device)]
+        cos, sin = self._rope(slots)
+        n_unique = self.cfg.num_unique_layers
+        for i in range(self.cfg.num_suffix_layers):
+            a = torch.full_like(idx, i)
+            x = self._layer(n_unique - 1 - i, x, cos, sin, self.post, a, idx, None)
+            self.stats.layer_calls["post"] += 1
+        m = self.model
+        weight = m.embed.weight if m.lm_head is None else m.lm_head.weight
+        logits = F.linear(m.norm(x), weight)
+        for b, s in enumerate(slots):
+            self._emit(s, logits[b])
+
+    # ------------------------------------------------------------------ one decoder layer
+    def _rope(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.tensor([self.pos[s] for s in slots], device=self.device)
+        cos, sin = self.model.rotary(pos[:, None])  # [n, 1, 1, hd]
+        return cos.to(self.dtype), sin.to(self.dtype)
+
+    def _layer(
+        self,
+        u: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        bank: _Bank,
+        a: torch.Tensor,
+        s: torch.Tensor,
+        writes: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Unique layer ``u`` on one token per row; row i attends to site (a[i], slot s[i]).
+
+        ``writes``: rows that project and append their key/value (None = all); the others reuse
+        the site as it is (recursive KV sharing). ``a``/``s``/``writes`` are CPU index tensors.
+        """
+        layer = self.model.layers[u]
+        att = layer.attn
+        n = x.shape[0]
+        xn = layer.attn_norm(x)
+        q = att.q_proj(xn).view(n, 1, att.n_heads, att.hd).transpose(1, 2)
+        q = apply_rotary(q, cos, sin)
+        if writes is None or writes.numel():
+            if writes is not None:
+                dw = writes.to(self.device)
+                xn_w, cos_w, sin_w, a_w, s_w = xn[dw], cos[dw], sin[dw], a[writes], s[writes]
+            else:
+                xn_w, cos_w, sin_w, a_w, s_w = xn, cos, sin, a, s
+            m = xn_w.shape[0]
+            k = att.k_proj(xn_w).view(m, 1, att.n_kv, att.hd).transpose(1, 2)
+            k = apply_rotary(k, cos_w, sin_w)
+            v = att.v_proj(xn_w).view(m, 1, att.n_kv, att.hd).transpose(1, 2)
+            at = bank.n[a_w, s_w]
+            if int(at.max()) >= self.max_len:
+                raise RuntimeError(f"KV storage of max_len={self.max_len} entries is full")
+            da, ds, dt = (t.to(self.device) for t in (a_w, s_w, at))
+            bank.k[da, ds, :, dt] = k[:, :, 0]
+            bank.v[da, ds, :, dt] = v[:, :, 0]
+            bank.n[a_w, s_w] = at + 1
+        lens = bank.n[a, s]
+        span = int(lens.max())
+        da, ds = a.to(self.device), s.to(self.device)
+        keys = bank.k[:, :, :, :span][da, ds]  # [n, H_kv, span, hd]
+        vals = bank.v[:, :, :, :span][da, ds]
+        mask = torch.arange(span)[None, :] < lens[:, None]
+        out = F.scaled_dot_product_attention(
+            q, keys, vals, attn_mask=mask.to(self.device)[:, None, None, :], enable_gqa=True
+        )
+        h = x + att.o_proj(out.transpose(1, 2).reshape(n, att.n_heads * att.hd))
+        return h + layer.mlp(layer.mlp_norm(h))
+
+
+# ---------------------------------------------------------------------- baseline
+@dataclass
+class NaiveResult:
+    """Outputs of ``naive_generate`` and what its caches held."""
+
+    outputs: list[list[int]]
+    kv_bytes: int = 0
+    """Valid KV-cache bytes of each static batch at its end, summed."""
+    tokens: int = 0
+    """Valid tokens the model processed (prompts + fed-back tokens)."""
+    active: list[float] = field(default_factory=list)
+    """Tokens that ran each recursion."""
+    forwards: int = 0
+    wall_s: float = 0.0
+
+    def active_fractions(self) -> list[float]:
+        return [a / max(1, self.tokens) for a in self.active]
+
+
+@torch.no_grad()
+def naive_generate(
+    model: MoRModel,
+    prompts: list[list[int]],
+    max_new_tokens: int | list[int],
+    batch_size: int = 8,
+    eos_id: int | None = None,
+    max_depth: int | None = None,
+) -> NaiveResult:
+    """Static batching with the model's own forward: left-padded prompts, ``KVCache``.
+
+    Each step runs every unfinished row through the whole model, recursion after recursion
+    (each recursion gathers its active tokens, so exited tokens still skip work, but the
+    recursions of one step run one after another over a shrinking batch). Finished rows are
+    masked out of routing and caches; the batch ends when its longest request does.
+    """
+    model.eval()
+    dev = model.embed.weight.device
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    res = NaiveResult(outputs=[], active=[0.0] * model.cfg.num_recursions)
+    t0 = time.perf_counter()
+
+    def tally(out: object, n_valid: int) -> None:
+        res.tokens += n_valid
+        res.forwards += 1
+        stats = out.stats  # type: ignore[attr-defined]
+        fr = stats.active_fraction if stats is not None else [1.0]
+        res.active = [a + f * n_valid for a, f in zip(res.active, fr)]
+
+    for start in range(0, len(prompts), batch_size):
+        chunk, lim = prompts[start : start + batch_size], limits[start : start + batch_size]
+        t = max(len(p) for p in chunk)
+        ids = torch.zeros(len(chunk), t, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(chunk):
+            ids[b, t - len(p) :] = torch.tensor(p)
+            mask[b, t - len(p) :] = 1
+        cache = KVCache()
+        out = model(ids.to(dev), mask.to(dev), cache=cache, max_depth=max_depth)
+        tally(out, int(mask.sum()))
+        gen: list[list[int]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        while True:
+            nxt = out.logits[:, -1].argmax(-1).tolist()
+            for b, tok in enumerate(nxt):
+                if not done[b]:
+                    gen[b].append(tok)
+                    done[b] = len(gen[b]) >= lim[b] or (eos_id is not None and tok == eos_id)
+            if all(done):
+                break
+            live = torch.tensor([[not d] for d in done], dtype=torch.long)
+            out = model(torch.tensor(nxt)[:, None].to(dev), live.to(dev), cache=cache,
+                        max_depth=max_depth)  # fmt: skip
+            tally(out, int(live.sum()))
+        res.kv_bytes += cache.num_bytes(valid_only=True)
+        res.outputs.extend(gen)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    res.wall_s = time.perf_counter() - t0
+    return res

@@ -1,0 +1,58 @@
+"""Shared fixtures: one tiny real sweep (Ray Tune + Train + evals + MLflow) for several modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_BASE = {
+    "model": {"preset": "micro", "num_layers": 6, "max_seq_len": 64},
+    "data": {"source": "default", "vocab_size": 512, "seq_len": 64, "max_documents": 150},
+    "batch": {"micro_batch_size": 4},
+    "checkpoint": {"every_steps": 20},
+    "eval": {"every_steps": 1000, "batches": 2},
+    "log_every_steps": 20,
+}
+TINY_VARIANTS = [
+    {"name": "vanilla", "model.sharing": "none", "model.num_recursions": 1},
+    {
+        "name": "mor-ec",
+        "model.sharing": "middle_cycle",
+        "model.num_recursions": 2,
+        "model.router": "expert_choice",
+    },
+]
+
+
+def tiny_spec_dict(tmp: Path, name: str, **extra: object) -> dict:
+    d = {
+        "name": name,
+        "storage_path": str(tmp),
+        "base": TINY_BASE,
+        "variants": TINY_VARIANTS,
+        "budgets": [6e9],
+        "eval": {"limit": 10, "tasks": ["mor_heldout_mc"]},
+        "tracking": {"experiment": "sweeps-test"},
+    }
+    d.update(extra)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
+    """A finished 2-trial sweep (vanilla vs MoR expert-choice) and its spec."""
+    import ray
+
+    from mor.overrides import validate
+    from sweeps.driver import run_sweep
+    from sweeps.spec import SweepSpec
+
+    tmp = tmp_path_factory.mktemp("tiny_sweep")
+    spec = validate(SweepSpec, tiny_spec_dict(tmp, "tiny"))
+    ray.init(num_cpus=2, configure_logging=False)
+    try:
+        result = run_sweep(spec)
+    finally:
+        ray.shutdown()
+    return spec, result

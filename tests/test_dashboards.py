@@ -1,0 +1,138 @@
+"""dashboards/: Pareto fronts, plots, tables and the interactive report from a real sweep."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cli.main import main as mor_main
+from dashboards.pareto import pareto_front
+from dashboards.report import build_report
+
+
+def pts(rows: list[tuple[float, float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"id": i, "cost": c, "acc": a} for i, (c, a) in enumerate(rows)])
+
+
+def test_pareto_dominated_points_removed() -> None:
+    df = pts([(1, 0.3), (2, 0.5), (3, 0.4), (4, 0.6), (2.5, 0.5)])
+    front = pareto_front(df, "cost", "acc")
+    assert front["id"].tolist() == [0, 1, 3]  # (3, .4) and (2.5, .5) are dominated
+
+
+def test_pareto_ties_single_point_and_direction() -> None:
+    tied = pareto_front(pts([(1, 0.5), (1, 0.5), (2, 0.4)]), "cost", "acc")
+    assert tied["id"].tolist() == [0, 1]  # exact duplicates both stay
+    assert pareto_front(pts([(5, 0.1)]), "cost", "acc")["id"].tolist() == [0]
+    nll = pareto_front(
+        pts([(1, 3.0), (2, 2.0), (3, 2.5)]), "cost", "acc", quality_higher_is_better=False
+    )
+    assert nll["id"].tolist() == [0, 1]  # lower NLL is better
+    assert pareto_front(pts([]).reindex(columns=["id", "cost", "acc"]), "cost", "acc").empty
+
+
+def test_pareto_drops_nan_with_warning() -> None:
+    df = pts([(1, 0.3), (float("nan"), 0.9), (2, float("nan")), (3, 0.5)])
+    with pytest.warns(UserWarning, match="dropped 2"):
+        front = pareto_front(df, "cost", "acc")
+    assert front["id"].tolist() == [0, 3]
+
+
+def test_report_from_a_real_sweep(tiny_sweep, tmp_path: Path) -> None:
+    spec, res = tiny_sweep
+    rep = build_report(res.tracking_uri, [spec.name], tmp_path / "rep")
+    assert len(rep.table) == 2  # one row per trial
+    assert set(rep.table["model"]) == {"vanilla", "mor-ec"}
+    assert rep.table["train_flops"].notna().all() and rep.table["params_non_embedding"].gt(0).all()
+    png = tmp_path / "rep" / "pareto.png"
+    assert png.stat().st_size > 5000
+    md = (tmp_path / "rep" / "results.md").read_text()
+    assert md.count("\n") == 4 and "mor_heldout_mc" in md
+    assert not rep.front.empty
+    # The MoR model has 3 points (d1, d2, router), vanilla 1.
+    points = pd.read_csv(tmp_path / "rep" / "points.csv")
+    assert sorted(points.groupby("model").size().tolist()) == [1, 3]
+    assert (tmp_path / "rep" / "router_depths.png").is_file()
+
+
+def test_report_cli_and_errors(tiny_sweep, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec, res = tiny_sweep
+    out = tmp_path / "cli"
+    code = mor_main(
+        [
+            "report",
+            spec.name,
+            "--out",
+            str(out),
+            "--tracking-uri",
+            res.tracking_uri,
+            "--metric",
+            "mor_heldout_mc/acc",
+            "--no-mlflow",
+        ]
+    )
+    assert code == 0 and (out / "report.html").is_file()
+    assert "2 trials" in capsys.readouterr().out
+    assert mor_main(["report", "no-such-sweep", "--tracking-uri", res.tracking_uri]) == 2
+    assert (
+        mor_main(
+            [
+                "report",
+                spec.name,
+                "--tracking-uri",
+                res.tracking_uri,
+                "--metric",
+                "bogus",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "--metric" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run does)")
+def test_html_report_renders_in_headless_chromium(tiny_sweep, tmp_path: Path) -> None:
+    spec, res = tiny_sweep
+    rep = build_report(res.tracking_uri, [spec.name], tmp_path / "html", log_to_mlflow=False)
+    page = rep.out_dir / "report.html"
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    dom = proc.stdout
+    errors = re.search(r'<div id="mor-errors"[^>]*>(.*?)</div>', dom, re.S).group(1)
+    assert errors.strip() == "", errors
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and "rror" in ln]
+    assert not console, console
+    expected = int(re.search(r'id="mor-expected-points"[^>]*>(\d+)<', dom).group(1))
+    rendered = re.search(r'id="mor-rendered-points"[^>]*>([^<]*)<', dom).group(1)
+    assert expected == 4 and rendered == str(expected)
+    assert math.isfinite(expected)

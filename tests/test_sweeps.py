@@ -1,0 +1,238 @@
+"""sweeps/: spec validation, a real 2-trial sweep, Ray Jobs submission, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_VARIANTS, tiny_spec_dict
+from mlflow import MlflowClient
+
+from cli.main import main as mor_main
+from mor.overrides import ConfigError, validate
+from sweeps.spec import SweepSpec, grid_points, validate_spec
+
+VANILLA, MOR = TINY_VARIANTS
+
+
+def spec_dict(tmp: Path, name: str, **extra: object) -> dict:
+    return tiny_spec_dict(tmp, name, **extra)
+
+
+def write_spec(tmp: Path, name: str, **extra: object) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(tmp, name, **extra)))
+    return path
+
+
+# ------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"space": {"model.routr": {"grid": ["none"]}}}, "model.routr"),
+        ({"space": {"model.router": {"grid": ["none"], "choice": ["none"]}}}, "space.model.router"),
+        ({"space": {"model.router": {"grid": ["bogus"]}}}, "model.router"),
+        ({"space": {"optim.lr": {"loguniform": [0, 1]}}}, "space.optim.lr"),
+        ({"space": {"optim.lr": {"uniform": [1e-3, 1e-2]}}}, "searcher"),
+        ({"searcher": "annealing"}, "searcher"),
+        ({"budgets": [-1]}, "budgets"),
+        ({"variants": [VANILLA, VANILLA]}, "variants"),
+        (
+            {
+                "variants": [
+                    {"name": "x", "model.num_recursions": 3, "model.sharing": "middle_cycle"}
+                ]
+            },
+            "model.num_layers",
+        ),
+        ({"resources": {"num_workers": 0}}, "resources.num_workers"),
+        ({"name": "bad name"}, "name"),
+        ({"scheduler": {"type": "asha"}}, "scheduler.grace_flops"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_spec_errors_name_the_field(tmp_path: Path, change: dict, needle: str) -> None:
+    data = spec_dict(tmp_path, "v")
+    data.update(change)
+    with pytest.raises(ConfigError) as err:
+        validate_spec(validate(SweepSpec, data))
+    assert needle in str(err.value)
+
+
+def test_grid_and_skip_invalid(tmp_path: Path) -> None:
+    data = spec_dict(
+        tmp_path,
+        "g",
+        variants=[MOR],
+        space={
+            "model.num_recursions": {"grid": [2, 3]},
+            "model.router": {"grid": ["expert_choice", "token_choice"]},
+        },
+        budgets=[1e9, 2e9],
+    )
+    spec = validate(SweepSpec, data)
+    assert len(grid_points(spec)) == 8
+    with pytest.raises(ConfigError, match="skip_invalid"):
+        validate_spec(spec)  # N_r=3 does not divide the 4 middle layers
+    ok, dropped = validate_spec(spec.model_copy(update={"skip_invalid": True}))
+    assert len(ok) == 4 and len(dropped) == 4
+
+
+def test_cli_rejects_bad_spec_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(tmp_path, "cli", searcher="nope")
+    assert mor_main(["sweep", "run", str(path)]) == 2
+    assert "searcher" in capsys.readouterr().err
+    assert mor_main(["sweep", "resume", "never-ran", "--storage-path", str(tmp_path)]) == 2
+
+
+# ------------------------------------------------------------------ a real sweep
+def test_two_trial_sweep_end_to_end(tiny_sweep) -> None:
+    _, res = tiny_sweep
+    assert not res.errors and len(res.rows) == 2
+    client = MlflowClient(res.tracking_uri)
+    parent = client.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    parent_files = {a.path for a in client.list_artifacts(res.parent_run_id)}
+    assert "summary.csv" in parent_files and "report" in parent_files  # dashboards ran
+    exp = parent.info.experiment_id
+    children = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'"
+    )
+    assert len(children) == 2
+    assert {c.data.tags["mor.sharing"] for c in children} == {"none", "middle_cycle"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["flops"] <= 6e9 * 1.01  # iso-FLOP: at most the budget
+        evals = client.search_runs(
+            [exp], filter_string=f"tags.mlflow.parentRunId = '{child.info.run_id}'"
+        )
+        assert len(evals) == 1 and "eval/mor_heldout_mc/acc" in evals[0].data.metrics
+    mor_row = next(r for r in res.rows if r["label"].startswith("mor-ec"))
+    assert {"eval/d1/average", "eval/d2/average", "eval/drouter/average"} <= set(mor_row)
+
+
+# ------------------------------------------------------------------ cluster submission
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path):
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ)
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                JobSubmissionClient(address).list_jobs()
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield address
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+
+
+def test_submit_follow_and_stop(
+    tmp_path: Path, ray_head: str, capsys: pytest.CaptureFixture
+) -> None:
+    from sweeps import jobs
+
+    path = write_spec(tmp_path, "submitted", variants=[MOR])
+    assert mor_main(["sweep", "submit", str(path), "--address", ray_head]) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    deadline = time.time() + 400
+    while (state := jobs.status(job_id, ray_head)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.time() < deadline, jobs.logs(job_id, ray_head)[-3000:]
+        time.sleep(3)
+    logs = jobs.logs(job_id, ray_head)
+    assert state == "SUCCEEDED", logs[-3000:]
+    assert "sweep 'submitted' finished: 1 trials, 0 failed" in logs
+    assert mor_main(["sweep", "status", job_id, "--address", ray_head]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"
+    # A second job is stopped while it runs.
+    path2 = write_spec(tmp_path, "stopped", variants=[MOR])
+    job2 = jobs.submit(validate(SweepSpec, yaml.safe_load(path2.read_text())), ray_head)
+    time.sleep(5)
+    assert mor_main(["sweep", "stop", job2, "--address", ray_head]) == 0
+    deadline = time.time() + 60
+    while jobs.status(job2, ray_head) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline
+        time.sleep(1)
+    assert jobs.status(job2, ray_head) == "STOPPED"
+
+
+# ------------------------------------------------------------------ resume
+def test_resume_after_driver_killed(tmp_path: Path) -> None:
+    """Kill the sweep driver after the first trial finished; resume finishes only the rest."""
+    path = write_spec(tmp_path, "resumable", resources={"max_concurrent": 1})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "sweep", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
+    client = MlflowClient(uri)
+    deadline = time.time() + 400
+    try:
+        while True:
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.time() < deadline
+            time.sleep(2)
+            try:
+                exp = client.get_experiment_by_name("sweeps-test")
+                runs = client.search_runs([exp.experiment_id], "tags.`mor.kind` = 'eval'")
+            except Exception:
+                continue
+            if runs:  # the first trial is trained and evaluated
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    first_train = runs[0].data.tags["mlflow.parentRunId"]
+    steps_before = len(client.get_metric_history(first_train, "train/loss"))
+    assert mor_main(["sweep", "resume", "resumable", "--storage-path", str(tmp_path)]) == 0
+    exp = client.get_experiment_by_name("sweeps-test").experiment_id
+    sweep = client.search_runs([exp], "tags.`mor.kind` = 'sweep'")
+    assert len(sweep) == 1
+    trains = client.search_runs([exp], f"tags.mlflow.parentRunId = '{sweep[0].info.run_id}'")
+    assert len(trains) == 2  # no duplicate run for the interrupted trial
+    assert all(t.info.status == "FINISHED" for t in trains)
+    # The finished trial was not retrained: its step history did not grow.
+    assert len(client.get_metric_history(first_train, "train/loss")) == steps_before
+    assert len(client.search_runs([exp], "tags.`mor.kind` = 'eval'")) == 2
