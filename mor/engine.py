@@ -60,6 +60,10 @@ class EngineStats:
     layer_calls: dict[str, int] = field(default_factory=lambda: {"pre": 0, "rec": 0, "post": 0})
     """Decoder-layer calls during decoding, by kind (unique first/last layers, shared block)."""
     rec_rows: int = 0
+    mixed_depth_passes: int = 0
+    """Shared-block passes that batched tokens at two or more different recursions."""
+    refills: int = 0
+    """Requests admitted while other slots were mid-sequence (continuous batching)."""
     """Token-rows processed by shared-block layer calls (= Σ_tokens depth × block depth)."""
     tokens_per_recursion: list[int] = field(default_factory=list)
     """Decode tokens that ran recursion r."""
@@ -227,6 +231,8 @@ class DepthwiseBatchingEngine:
             if not free:
                 return
             batch = [(s, self.queue.popleft()) for s in free[: len(self.queue)]]
+            if len(free) < self.max_slots:
+                self.stats.refills += len(batch)
             self._prefill(batch)
 
     def _prefill(self, batch: list[tuple[int, _Request]]) -> None:
@@ -324,10 +330,12 @@ class DepthwiseBatchingEngine:
                 for i, keep in zip(rows, sel[0].tolist()):
                     go[i] = keep
         elif isinstance(router, TokenChoiceRouter):
-            for i, (s, r) in enumerate(zip(slots, nxt)):
-                go[i] = go[i] and self.tc_depth[s] > r
-                last = self.tc_depth[s] == r + 1
-                self.gate[s] = self.tc_gate[s] if last else 1.0
+            # The token's gate weighs only its last recursion's update (as in MoRModel).
+            go = [g and self.tc_depth[s] > r for g, s, r in zip(go, slots, nxt)]
+            last = torch.tensor([self.tc_depth[s] == r + 1 for s, r in zip(slots, nxt)])
+            idx = torch.tensor(slots, device=self.device)
+            g = self.tc_gate[idx]
+            self.gate[idx] = torch.where(last.to(self.device), g, torch.ones_like(g))
         for i, s in enumerate(slots):
             if go[i]:
                 self.stage[s], self.r[s] = _REC, nxt[i]
@@ -341,6 +349,8 @@ class DepthwiseBatchingEngine:
         idx = torch.tensor(slots)
         dev_idx = idx.to(self.device)
         rs = [self.r[s] for s in slots]
+        if len(set(rs)) > 1:
+            self.stats.mixed_depth_passes += 1
         r_t = torch.tensor(rs)
         a = torch.zeros_like(r_t) if self.shared_kv else r_t
         writes = (r_t == 0).nonzero().squeeze(1) if self.shared_kv else None

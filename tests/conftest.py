@@ -50,7 +50,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
 
     tmp = tmp_path_factory.mktemp("tiny_sweep")
     spec = validate(SweepSpec, tiny_spec_dict(tmp, "tiny"))
-    ray.init(num_cpus=2, configure_logging=False)
+    ray.init(address="local", num_cpus=2, configure_logging=False)
     try:
         result = run_sweep(spec)
     finally:

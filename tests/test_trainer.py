@@ -48,7 +48,7 @@ def overrides(tmp: Path, name: str, *extra: str) -> list[str]:
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, configure_logging=False)
     yield
     ray.shutdown()
 

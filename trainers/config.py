@@ -139,6 +139,8 @@ class FaultInjection(BaseModel):
     model_config = _STRICT
     fail_at_step: int | None = Field(None, ge=1)
     """Testing aid: raise in rank 0 before this step runs (once per run; used by the tests)."""
+    nan_at_step: int | None = Field(None, ge=1)
+    """Testing aid: make the loss NaN at this step (a diverging run; used by the tests)."""
 
 
 DEFAULT_PRESET = "tiny-mor"

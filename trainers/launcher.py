@@ -15,7 +15,7 @@ from mor.flops import steps_for_budget, training_flops_per_token
 from mor.overrides import ConfigError
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import PackedDataset, prepare_data
-from trainers.tracking import connect, find_or_create_run, flatten
+from trainers.tracking import connect, find_or_create_run, flatten, sync_spool
 
 
 class TrainingError(RuntimeError):
@@ -180,12 +180,21 @@ def run_training(
         ),
     )
     client = MlflowClient(tracking_uri=plan.tracking_uri)
+    spool = state_dir / "metrics_spool.jsonl"
     try:
         result = trainer.fit()
     except Exception as exc:
-        client.set_tag(plan.run_id, "mor.failure", str(exc)[:5000])
-        client.set_terminated(plan.run_id, status="FAILED")
-        raise TrainingError(f"training run {cfg.name!r} failed: {exc}") from exc
+        reason = str(exc)
+        if "diverged" in reason:
+            reason = "training diverged: " + reason.split("training diverged:", 1)[1][:500]
+        try:
+            sync_spool(plan.tracking_uri, plan.run_id, spool)
+            client.set_tag(plan.run_id, "mor.failure", reason[:5000])
+            client.set_terminated(plan.run_id, status="FAILED")
+        except Exception as log_exc:
+            print(f"[mor] could not record the failure in MLflow: {log_exc}")
+        raise TrainingError(f"training run {cfg.name!r} failed: {reason}") from exc
+    sync_spool(plan.tracking_uri, plan.run_id, spool)
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
     export_dir = state_dir / "export"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -171,12 +172,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step, tokens, flops = 0, 0, 0.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir)
-        step, tokens, flops = client_state["step"], client_state["tokens"], client_state["flops"]
-        if rank == 0:
-            print(f"[mor] resumed from checkpoint at step {step}")
-    logger = StepMetricLogger(plan["tracking_uri"], plan["run_id"]) if rank == 0 else None
+        client_state = restore_latest_good(engine, checkpoint, device)
+        if client_state is None:
+            checkpoint = None
+        else:
+            step, tokens = client_state["step"], client_state["tokens"]
+            flops = client_state["flops"]
+            if rank == 0:
+                print(f"[mor] resumed from checkpoint at step {step}")
+    spool = Path(plan["state_dir"]) / "metrics_spool.jsonl"
+    logger = StepMetricLogger(plan["tracking_uri"], plan["run_id"], spool) if rank == 0 else None
     if logger is not None and checkpoint is not None:
         logger.set_tag("mor.resumed_from_step", str(step))
     state_dir = Path(plan["state_dir"])
@@ -205,6 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for a in range(ga):
             x = sampler.batch((step - 1) * ga + a).to(device)
             out = engine(x, labels=x)
+            if cfg.fault_injection.nan_at_step == step:
+                out.loss = out.loss * float("nan")
             engine.backward(out.loss)
             engine.step()
             losses.append(out.loss.item())
@@ -303,7 +310,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif step % cfg.report_every_steps == 0 or "val/loss" in metrics:
             ray.train.report(metrics)
     if logger is not None:
-        logger.flush()
+        logger.close()
+
+
+def _candidates(checkpoint: Any) -> list[Path]:
+    """The reported checkpoint first, then older ones of the same run (local storage only)."""
+    latest = Path(checkpoint.path)
+    if getattr(checkpoint.filesystem, "type_name", "local") != "local" or not latest.is_dir():
+        return []
+    older = sorted(
+        (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p != latest),
+        key=lambda p: p.name,
+        reverse=True,
+    )  # names embed their creation time
+    return [latest, *older]
+
+
+def restore_latest_good(engine: Any, checkpoint: Any, device: torch.device) -> dict | None:
+    """Load the newest checkpoint every rank can read; fall back to older ones with a warning.
+
+    A corrupt or partial checkpoint (a truncated file, a missing shard, no 'latest' tag) must
+    not end the run: all ranks try the same candidate and agree (all-reduce) before using it.
+    """
+    candidates = _candidates(checkpoint)
+    if not candidates:  # remote storage: only the reported checkpoint is reachable
+        with checkpoint.as_directory() as ckpt_dir:
+            _, state = engine.load_checkpoint(ckpt_dir)
+        return state
+    for i, path in enumerate(candidates):
+        state, error = None, None
+        try:
+            load_path, state = engine.load_checkpoint(str(path))
+            if load_path is None or not state or "step" not in state:
+                raise RuntimeError("no loadable DeepSpeed checkpoint (missing 'latest' tag?)")
+        except Exception as exc:
+            error = exc
+        ok = all_mean([0.0 if error else 1.0], device)[0] == 1.0
+        if ok:
+            return state
+        warnings.warn(
+            f"checkpoint {path.name} is unusable ({error or 'on another rank'}); "
+            f"falling back to {'an older one' if i + 1 < len(candidates) else 'scratch'}",
+            stacklevel=2,
+        )
+        print(f"[mor] WARNING: checkpoint {path.name} unusable: {error or 'on another rank'}")
+    return None
 
 
 def _full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ gaps).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +51,7 @@ def connect(
     """Client plus experiment id; a tracking server that does not answer is a clear error."""
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         exp = client.get_experiment_by_name(experiment)
@@ -100,38 +102,132 @@ def find_or_create_run(
 
 
 class StepMetricLogger:
-    """Logs {name: value} per step; never logs a step twice for the same run."""
+    """Logs {name: value} per step; never logs a step twice for the same run, never drops one.
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    When the tracking server is unreachable, training goes on: metrics wait in memory and in a
+    spool file (JSON lines, in the run's state folder), and are sent once the server answers
+    again, at the latest at the end of the run (then by the driver, ``sync_spool``).
+    """
+
+    RETRY_AFTER_S = 5.0
+
+    def __init__(self, uri: str, run_id: str, spool: Path | None = None) -> None:
+        # Fail fast instead of MLflow's minutes of retries: the spool keeps what failed.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
-        self.last_step = self._last_logged_step()
-        self._pending: list[Metric] = []
+        self.spool = spool
+        self._pending: list[Metric] = _read_spool(spool)
+        self.last_step = max([self._last_logged_step(), *(m.step for m in self._pending)])
+        self._retry_at = 0.0
+        self._down = False
 
     def _last_logged_step(self) -> int:
         try:
             hist = self.client.get_metric_history(self.run_id, "train/loss")
-        except MlflowException:
+        except Exception:
             return 0
         return max((m.step for m in hist), default=0)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if step <= self.last_step:
             return
+        self.last_step = step
         ts = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
         self.flush()
 
-    def flush(self) -> None:
-        """Send pending metrics; on a transient failure keep them for the next call."""
+    def flush(self, force: bool = False) -> bool:
+        """Send pending metrics; True when nothing is left pending."""
         if not self._pending:
-            return
+            return True
+        if not force and time.time() < self._retry_at:
+            self._write_spool()
+            return False
         try:
-            for i in range(0, len(self._pending), 500):
-                self.client.log_batch(self.run_id, metrics=self._pending[i : i + 500])
-            self._pending.clear()
-        except Exception as exc:  # the server may be briefly down; training goes on
-            print(f"[mlflow] metrics kept for retry ({len(self._pending)} pending): {exc}")
+            while self._pending:
+                chunk = self._pending[:500]
+                self.client.log_batch(self.run_id, metrics=chunk)
+                del self._pending[: len(chunk)]
+            if self._down:
+                print("[mlflow] tracking server is back: pending metrics sent")
+            self._down = False
+            if self.spool is not None and self.spool.exists():
+                self.spool.unlink()
+            return True
+        except Exception as exc:  # the server is down: keep training, keep the metrics
+            if not self._down:
+                print(f"[mlflow] tracking server unreachable, spooling metrics: {exc}")
+            self._down = True
+            self._retry_at = time.time() + self.RETRY_AFTER_S
+            self._write_spool()
+            return False
+
+    def close(self, wait_s: float = 30.0) -> bool:
+        """Final flush, retrying for up to ``wait_s``; what is left stays in the spool."""
+        deadline = time.time() + wait_s
+        while not self.flush(force=True):
+            if time.time() > deadline:
+                print(f"[mlflow] {len(self._pending)} metric values remain in {self.spool}")
+                return False
+            time.sleep(1.0)
+        return True
+
+    def _write_spool(self) -> None:
+        if self.spool is None:
+            return
+        tmp = self.spool.with_suffix(".tmp")
+        tmp.write_text(
+            "".join(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n" for m in self._pending)
+        )
+        os.replace(tmp, self.spool)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, value)])
+        try:
+            self.client.log_batch(self.run_id, tags=[RunTag(key, value)])
+        except Exception as exc:
+            print(f"[mlflow] tag {key} not set: {exc}")
+
+
+def _read_spool(spool: Path | None) -> list[Metric]:
+    if spool is None or not spool.is_file():
+        return []
+    out = []
+    for line in spool.read_text().splitlines():
+        if line.strip():
+            key, value, ts, step = json.loads(line)
+            out.append(Metric(key, value, ts, step))
+    return out
+
+
+def sync_spool(uri: str, run_id: str, spool: Path) -> int:
+    """Send a spool left by a worker (driver side, after training); returns values sent."""
+    pending = _read_spool(spool)
+    if not pending:
+        return 0
+    client = MlflowClient(tracking_uri=uri)
+    for i in range(0, len(pending), 500):
+        client.log_batch(run_id, metrics=pending[i : i + 500])
+    spool.unlink()
+    return len(pending)
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking URI must answer now: a clear error before any training starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy may not serve /health): reachable
+    except Exception as exc:
+        raise ConfigError(
+            f"tracking.uri: the MLflow server at {uri} does not answer ({exc}); start it "
+            "(`mor up` starts one) or set tracking.uri / MLFLOW_TRACKING_URI"
+        ) from None
