@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: result records, side-by-side timing, model builders, tables.
 
 Every benchmark measures its variants in ONE run and interleaves them (round-robin repetitions,
-medians), so the ratios it reports survive a noisy machine better than absolute times do.
+fastest run: other processes on a shared machine only ever add time), so the ratios it reports
+survive a noisy machine better than absolute times do.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ job clients send it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -66,13 +67,21 @@ def _write_record(state: Path, record: dict[str, Any]) -> None:
 
 def port_free(host: str, port: int) -> bool:
     """True if nothing listens on (host, port); SO_REUSEADDR ignores TIME_WAIT leftovers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def free_port() -> int:
+    """A port nothing listens on now (ephemeral range: clear of Ray's worker ports)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
 
 
 def _same_process(pid: int | None, create_time: float | None) -> Any:
@@ -90,21 +99,13 @@ def _same_process(pid: int | None, create_time: float | None) -> Any:
         return None
 
 
-def _http_ok(url: str, timeout: float = 3.0) -> bool:
+def _http(url: str, any_status: bool = False, timeout: float = 3.0) -> bool:
+    """GET url answers 200 (or, with any_status, anything: Ray's 401 means it is up)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _http_answers(url: str, timeout: float = 3.0) -> bool:
-    """Any HTTP answer counts (a 401 from Ray's token check means the server is up)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return True
+            return resp.status == 200 or any_status
     except urllib.error.HTTPError:
-        return True
+        return any_status
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -173,8 +174,11 @@ def health(record: dict[str, Any] | None, deep: bool = True) -> dict[str, dict[s
     answers = (
         alive
         and bool(dash)
-        and (_ray_jobs_answer(dash) if deep else _http_answers(f"{dash}/api/version"))
+        and (_ray_jobs_answer(dash) if deep else _http(f"{dash}/api/version", any_status=True))
     )
+    agent = ray.get("agent_port")
+    if answers and deep and agent:  # jobs go through the head's agent: it must be serving
+        answers = not port_free("0.0.0.0", agent)
     out["ray"] = {
         "pid": ray.get("pid"),
         "pid_alive": alive,
@@ -185,7 +189,7 @@ def health(record: dict[str, Any] | None, deep: bool = True) -> dict[str, dict[s
     }
     ml = record.get("mlflow") or {}
     alive = _same_process(ml.get("pid"), ml.get("create_time")) is not None
-    answers = alive and _http_ok(f"{ml.get('url')}/health")
+    answers = alive and _http(f"{ml.get('url')}/health")
     out["mlflow"] = {
         "pid": ml.get("pid"),
         "pid_alive": alive,
@@ -260,12 +264,18 @@ def _start_mlflow(state: Path, host: str, port: int, env: dict[str, str]) -> sub
     return proc
 
 
-def _start_ray(state: Path, host: str, ports: dict[str, int], env: dict[str, str]) -> int:
+def _start_ray(
+    state: Path, host: str, ports: dict[str, int], aux: dict[str, int], env: dict[str, str]
+) -> int:
     """Run ``ray start --head`` in a new session; returns the session id (its pid)."""
     cmd = [
         _console_script("ray"), "start", "--head",
         f"--node-ip-address={host}", f"--port={ports['ray']}",
         f"--dashboard-host={host}", f"--dashboard-port={ports['dashboard']}",
+        # Ray's fixed defaults (agent 52365, client server 10001) collide with any other Ray
+        # on the machine; a head whose agent cannot bind accepts no job ("No available agent").
+        f"--dashboard-agent-listen-port={aux['agent']}",
+        f"--ray-client-server-port={aux['client']}",
         "--include-dashboard=true", "--disable-usage-stats",
     ]  # fmt: skip
     log = state / "ray-start.log"
@@ -333,6 +343,7 @@ def up(
             )
     if len(set(ports.values())) != len(ports):
         raise PortInUse(f"--ray-port, --dashboard-port, --mlflow-port must differ: {ports}")
+    aux = {"agent": free_port(), "client": free_port()}
     state.mkdir(parents=True, exist_ok=True)
     stack_id = uuid.uuid4().hex
     env = dict(os.environ)
@@ -352,6 +363,8 @@ def up(
             "dashboard_port": ports["dashboard"],
             "address": f"{url_host}:{ports['ray']}",
             "dashboard": f"http://{url_host}:{ports['dashboard']}",
+            "agent_port": aux["agent"],
+            "client_server_port": aux["client"],
             "log": str(state / "ray-start.log"),
         },
         "mlflow": {
@@ -371,7 +384,7 @@ def up(
             pid=ml.pid, pgid=ml.pid, create_time=psutil.Process(ml.pid).create_time()
         )
         _write_record(state, record)  # from here on `mor down` can find what was started
-        session = _start_ray(state, host, ports, env)
+        session = _start_ray(state, host, ports, aux, env)
         pids = _ray_pids(session)
         gcs = pids.get("gcs_server", [None])[0]
         record["ray"].update(session=session, pid=gcs, pids=pids)
@@ -415,18 +428,15 @@ def owned_processes(record: dict[str, Any]) -> list[Any]:
         if ours:
             roots[p.pid] = p
     ml = record.get("mlflow") or {}
-    p = _same_process(ml.get("pid"), ml.get("create_time"))
-    if p is not None:
-        roots[p.pid] = p
-    for _, (pid, ctime) in ((record.get("ray") or {}).get("pids") or {}).items():
+    recorded = [(ml.get("pid"), ml.get("create_time"))]
+    recorded += list(((record.get("ray") or {}).get("pids") or {}).values())
+    for pid, ctime in recorded:
         if (p := _same_process(pid, ctime)) is not None:
             roots[p.pid] = p
     found = dict(roots)
     for p in roots.values():
-        try:
+        with contextlib.suppress(psutil.Error):
             found.update({c.pid: c for c in p.children(recursive=True)})
-        except psutil.Error:
-            pass
     found.pop(me, None)
     return [p for p in found.values() if _alive(p)]
 
@@ -457,10 +467,8 @@ def _signal_all(procs: list[Any], sig: int) -> None:
     import psutil
 
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.send_signal(sig)
-        except psutil.Error:
-            pass
 
 
 def down(state_dir: str | Path | None = None, grace: float = 10.0) -> list[int]:

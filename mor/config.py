@@ -292,7 +292,7 @@ def preset_names() -> list[str]:
 
 
 def preset_dict(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"preset: unknown preset {name!r}; choose one of {preset_names()}")
     return dict(PRESETS[name])
 

@@ -1,31 +1,23 @@
 """Inference engine for MoR: continuous depth-wise batching with early exit (arXiv 2507.10524).
 
-The MoR paper's throughput claim (§3, Fig. 4a; App. "continuous depth-wise batching", after Bae et
-al. 2024, *Relaxed Recursive Transformers*) rests on one property: every recursion reuses the same
-weights, so tokens at *different* recursion depths can go through the same layer call. The engine
-keeps ``max_slots`` sequences in flight; each engine step
-
-1. admits queued requests into free slots (one padded prefill forward of the model, whose
-   ``KVCache`` is copied into the engine's per-slot storage),
-2. embeds the token each newly emitted slot feeds back, runs the unique first layer(s) and
-   routes it (expert-choice: router r's logit > 0 keeps the token for recursion r; token-choice:
-   the argmax depth, chosen once; the model's ``eval()`` routing),
-3. runs the shared recursion block ONCE over every token currently at any recursion: token of
-   sequence A at recursion 2 and token of sequence B at recursion 1 share each layer call (with
-   sequence sharing, tokens whose recursions map position j to different unique layers are split
-   into one call per unique layer),
-4. sends tokens whose router stops them (early exit: they do no work at deeper recursions)
-   through the unique last layer(s) and the LM head, and emits the greedy token; a finished
-   sequence frees its slot, which the next step refills from the queue.
-
-Each slot owns its keys/values per attention site: prefix/suffix layers, and per layer position
-j of the block one site per recursion (recursion-wise caching: only the tokens active at r) or
-only recursion 0's (recursive KV sharing, §2.3: deeper recursions attend to it and project no
-keys). A token at recursion r attends to its own sequence's cache of site (r, j), so the result
-equals plain step-by-step decoding (``mor.generation.generate``) of each request.
-
-``naive_generate`` is the baseline: static batches decoded with the model's own forward, which
-runs recursion after recursion over shrinking (gathered) token sets.
+The paper's throughput claim (§3.3, Fig. 4a; App. on depth-wise batching, after Bae et al. 2024,
+*Relaxed Recursive Transformers*) rests on recursions sharing weights: tokens at *different*
+depths can go through the same layer call. With ``max_slots`` sequences in flight, each step
+1. admits queued requests into free slots (a padded prefill forward of the model; its
+   ``KVCache`` is copied into per-slot storage);
+2. embeds each fed-back token, runs the unique first layer(s) and routes it with the model's
+   ``eval()`` routing (expert-choice: router r's logit > 0; token-choice: argmax depth);
+3. runs the shared recursion block ONCE over every token at any recursion (sequence A's token
+   at recursion 2 and B's at recursion 1 share each layer call; with sequence sharing, position
+   j of different recursions may be different unique layers: one call per unique layer);
+4. sends tokens that stop (early exit: no work at deeper recursions) through the unique last
+   layer(s) and the LM head, emits greedy tokens, and frees finished slots for the next step.
+Each slot owns keys/values per attention site: unique layers, and per block position j one site
+per recursion (recursion-wise: only tokens active at r) or recursion 0's only (recursive KV
+sharing, §2.3: deeper recursions read it and project no keys). A token at recursion r attends
+to its own sequence's site (r, j), so the tokens equal step-by-step ``mor.generation.generate``.
+``naive_generate`` is the baseline: static batches through the model's own forward, which runs
+recursion after recursion over shrinking (gathered) token sets.
 """
 
 from __future__ import annotations
@@ -36,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from mor.layers import apply_rotary
 from mor.model import KVCache, MoRModel
@@ -60,11 +53,11 @@ class EngineStats:
     layer_calls: dict[str, int] = field(default_factory=lambda: {"pre": 0, "rec": 0, "post": 0})
     """Decoder-layer calls during decoding, by kind (unique first/last layers, shared block)."""
     rec_rows: int = 0
+    """Token-rows processed by shared-block layer calls (= Σ_tokens depth × block depth)."""
     mixed_depth_passes: int = 0
     """Shared-block passes that batched tokens at two or more different recursions."""
     refills: int = 0
     """Requests admitted while other slots were mid-sequence (continuous batching)."""
-    """Token-rows processed by shared-block layer calls (= Σ_tokens depth × block depth)."""
     tokens_per_recursion: list[int] = field(default_factory=list)
     """Decode tokens that ran recursion r."""
     tokens_per_depth: list[int] = field(default_factory=list)
@@ -77,12 +70,10 @@ class EngineStats:
 
     def active_fractions(self, include_prefill: bool = True) -> list[float]:
         """Fraction of tokens (prefill + decode, or decode only) that ran each recursion."""
-        n = self.decode_tokens + (self.prefill_tokens if include_prefill else 0)
-        act = [
-            float(d) + (p if include_prefill else 0.0)
-            for d, p in zip(self.tokens_per_recursion, self.prefill_active)
-        ]
-        return [a / max(1, n) for a in act]
+        w = 1.0 if include_prefill else 0.0
+        n = self.decode_tokens + w * self.prefill_tokens
+        act = [d + w * p for d, p in zip(self.tokens_per_recursion, self.prefill_active)]
+        return [a / max(1.0, n) for a in act]
 
     def mean_depth(self) -> float:
         n = sum(self.tokens_per_depth)
@@ -96,16 +87,16 @@ class _Request:
     max_new: int
     out: list[int] = field(default_factory=list)
     depths: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
 class _Bank:
     """Keys/values of a group of attention sites: [sites, slots, H_kv, max_len, hd] + lengths."""
 
-    k: torch.Tensor
-    v: torch.Tensor
-    n: torch.Tensor  # [sites, slots] long, on the CPU (valid entries per site and slot)
+    k: Tensor
+    v: Tensor
+    n: Tensor  # [sites, slots] long, on the CPU (valid entries per site and slot)
 
 
 class DepthwiseBatchingEngine:
@@ -117,14 +108,9 @@ class DepthwiseBatchingEngine:
     """
 
     def __init__(
-        self,
-        model: MoRModel,
-        max_slots: int = 8,
-        eos_id: int | None = None,
-        max_len: int | None = None,
-        max_depth: int | None = None,
-        record_logits: bool = False,
-    ) -> None:
+        self, model: MoRModel, max_slots: int = 8, eos_id: int | None = None,
+        max_len: int | None = None, max_depth: int | None = None, record_logits: bool = False,
+    ) -> None:  # fmt: skip
         cfg = model.cfg
         if max_slots < 1:
             raise ValueError(f"max_slots: must be >= 1, got {max_slots}")
@@ -132,17 +118,14 @@ class DepthwiseBatchingEngine:
             raise ValueError(f"max_depth: must be in 1..{cfg.num_recursions}, got {max_depth}")
         self.model, self.cfg = model.eval(), cfg
         self.max_slots, self.eos_id, self.record_logits = max_slots, eos_id, record_logits
-        self.max_len = max_len or cfg.max_seq_len
-        self.max_depth = max_depth
+        self.max_len, self.max_depth = max_len or cfg.max_seq_len, max_depth
         self.n_rec = max_depth or cfg.num_recursions
-        p = model.embed.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.embed.weight.device, model.embed.weight.dtype
         self.shared_kv = cfg.kv_cache == "shared"
         self.base = cfg.recursion_depth
         self.layer_of = [cfg.recursion_layers(r) for r in range(cfg.num_recursions)]
         n_sites = 1 if self.shared_kv else cfg.num_recursions
-        self.pre = self._bank(cfg.num_prefix_layers)
-        self.post = self._bank(cfg.num_suffix_layers)
+        self.pre, self.post = self._bank(cfg.num_prefix_layers), self._bank(cfg.num_suffix_layers)
         self.rec = [self._bank(n_sites) for _ in range(self.base)]
         self.queue: deque[_Request] = deque()
         self.requests: dict[int, _Request] = {}
@@ -155,19 +138,14 @@ class DepthwiseBatchingEngine:
         self.gate = torch.ones(s, dtype=self.dtype, device=self.device)
         self.tc_depth, self.tc_gate = [0] * s, torch.ones_like(self.gate)
         n_r = cfg.num_recursions
-        self.stats = EngineStats(
-            tokens_per_recursion=[0] * n_r,
-            tokens_per_depth=[0] * (n_r + 1),
-            prefill_active=[0.0] * n_r,
-        )
+        self.stats = EngineStats(tokens_per_recursion=[0] * n_r, prefill_active=[0.0] * n_r,
+                                 tokens_per_depth=[0] * (n_r + 1))  # fmt: skip
         self._next_id = 0
 
     def _bank(self, sites: int) -> _Bank:
-        c = self.cfg
-        shape = (sites, self.max_slots, c.num_kv_heads, self.max_len, c.head_dim)
-        kw = dict(dtype=self.dtype, device=self.device)
-        z = torch.zeros(sites, self.max_slots, dtype=torch.long)
-        return _Bank(torch.zeros(shape, **kw), torch.zeros(shape, **kw), z)
+        shape = (sites, self.max_slots, self.cfg.num_kv_heads, self.max_len, self.cfg.head_dim)
+        kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
+        return _Bank(*kv, torch.zeros(sites, self.max_slots, dtype=torch.long))
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_ids: list[int], max_new_tokens: int) -> int:
@@ -202,17 +180,15 @@ class DepthwiseBatchingEngine:
         """Recursions each fed-back token of request ``rid`` ran (decode tokens, in order)."""
         return self.requests[rid].depths
 
-    def logits(self, rid: int) -> torch.Tensor:
+    def logits(self, rid: int) -> Tensor:
         """Logits behind each emitted token of ``rid`` (needs ``record_logits=True``)."""
         return torch.stack(self.requests[rid].logits)
 
     def kv_bytes(self, slot: int | None = None) -> int:
         """Valid KV-cache bytes held now (one slot, or all)."""
         per = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.h.element_size()
-        banks = [self.pre, self.post, *self.rec]
-        if slot is None:
-            return per * sum(int(b.n.sum()) for b in banks)
-        return per * sum(int(b.n[:, slot].sum()) for b in banks)
+        cols = slice(None) if slot is None else slot
+        return per * sum(int(b.n[:, cols].sum()) for b in (self.pre, self.post, *self.rec))
 
     @torch.no_grad()
     def step(self) -> None:
@@ -267,21 +243,19 @@ class DepthwiseBatchingEngine:
                 bank.v[a, s, :, :n] = site.v[b][:, valid]
                 bank.n[a, s] = n
         last = out.logits[torch.arange(len(batch)), torch.tensor(lens) - 1]
-        for b, (s, req) in enumerate(batch):
+        for b, (s, req), tok in zip(range(len(batch)), batch, last.argmax(-1).tolist()):
             self.slot_req[s] = req
-            self._emit(s, last[b])
+            self._emit(s, tok, last[b])
 
     def _site(self, key: tuple) -> tuple[_Bank, int]:
-        if key[0] == "pre":
-            return self.pre, key[1]
-        if key[0] == "post":
-            return self.post, key[1]
-        return self.rec[key[2]], key[1]
+        """The bank and site index of a ``KVCache`` key ("pre", i), ("rec", r, j), ("post", i)."""
+        if key[0] == "rec":
+            return self.rec[key[2]], key[1]
+        return (self.pre if key[0] == "pre" else self.post), key[1]
 
-    def _emit(self, s: int, logits: torch.Tensor) -> None:
+    def _emit(self, s: int, tok: int, logits: Tensor) -> None:
         req = self.slot_req[s]
         assert req is not None
-        tok = int(logits.argmax(-1))
         req.out.append(tok)
         if self.record_logits:
             req.logits.append(logits.detach().clone())
@@ -307,14 +281,15 @@ class DepthwiseBatchingEngine:
         self.stats.decode_tokens += len(slots)
         tc = self.model.router
         if isinstance(tc, TokenChoiceRouter):
-            depth, gate, _ = tc(x[None], torch.ones(1, len(slots), dtype=torch.bool), False)
+            valid = torch.ones(1, len(slots), dtype=torch.bool, device=self.device)
+            depth, gate, _ = tc(x[None], valid, False)
             self.tc_gate[idx.to(self.device)] = gate[0]
             for s, d in zip(slots, depth[0].tolist()):
                 self.tc_depth[s] = d
         self.h[idx.to(self.device)] = x
         self._route(slots, [0] * len(slots), x)
 
-    def _route(self, slots: list[int], nxt: list[int], x: torch.Tensor) -> None:
+    def _route(self, slots: list[int], nxt: list[int], x: Tensor) -> None:
         """Send each token to recursion nxt[i] (set its gate) or, if it stops, to the exit."""
         go = [r < self.n_rec for r in nxt]
         router = self.model.router
@@ -366,13 +341,12 @@ class DepthwiseBatchingEngine:
                 out = torch.empty_like(y)
                 for u in groups:
                     rows = torch.tensor([i for i, lu in enumerate(layers) if lu == u])
-                    w = None
-                    if writes is not None:
-                        w = (r_t[rows] == 0).nonzero().squeeze(1)
+                    w = None if writes is None else (r_t[rows] == 0).nonzero().squeeze(1)
                     dr = rows.to(self.device)
-                    out[dr] = self._layer(
+                    y_u = self._layer(
                         u, y[dr], cos[dr], sin[dr], self.rec[j], a[rows], idx[rows], w
                     )
+                    out[dr] = y_u
                 y = out
             self.stats.layer_calls["rec"] += len(groups)
             self.stats.rec_rows += len(slots)
@@ -397,26 +371,19 @@ class DepthwiseBatchingEngine:
         m = self.model
         weight = m.embed.weight if m.lm_head is None else m.lm_head.weight
         logits = F.linear(m.norm(x), weight)
-        for b, s in enumerate(slots):
-            self._emit(s, logits[b])
+        for b, (s, tok) in enumerate(zip(slots, logits.argmax(-1).tolist())):
+            self._emit(s, tok, logits[b])
 
     # ------------------------------------------------------------------ one decoder layer
-    def _rope(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, slots: list[int]) -> tuple[Tensor, Tensor]:
         pos = torch.tensor([self.pos[s] for s in slots], device=self.device)
         cos, sin = self.model.rotary(pos[:, None])  # [n, 1, 1, hd]
         return cos.to(self.dtype), sin.to(self.dtype)
 
     def _layer(
-        self,
-        u: int,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        bank: _Bank,
-        a: torch.Tensor,
-        s: torch.Tensor,
-        writes: torch.Tensor | None,
-    ) -> torch.Tensor:
+        self, u: int, x: Tensor, cos: Tensor, sin: Tensor, bank: _Bank, a: Tensor, s: Tensor,
+        writes: Tensor | None,
+    ) -> Tensor:  # fmt: skip
         """Unique layer ``u`` on one token per row; row i attends to site (a[i], slot s[i]).
 
         ``writes``: rows that project and append their key/value (None = all); the others reuse
@@ -429,11 +396,10 @@ class DepthwiseBatchingEngine:
         q = att.q_proj(xn).view(n, 1, att.n_heads, att.hd).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         if writes is None or writes.numel():
+            xn_w, cos_w, sin_w, a_w, s_w = xn, cos, sin, a, s
             if writes is not None:
                 dw = writes.to(self.device)
                 xn_w, cos_w, sin_w, a_w, s_w = xn[dw], cos[dw], sin[dw], a[writes], s[writes]
-            else:
-                xn_w, cos_w, sin_w, a_w, s_w = xn, cos, sin, a, s
             m = xn_w.shape[0]
             k = att.k_proj(xn_w).view(m, 1, att.n_kv, att.hd).transpose(1, 2)
             k = apply_rotary(k, cos_w, sin_w)
@@ -471,7 +437,6 @@ class NaiveResult:
     active: list[float] = field(default_factory=list)
     """Tokens that ran each recursion."""
     forwards: int = 0
-    wall_s: float = 0.0
 
     def active_fractions(self) -> list[float]:
         return [a / max(1, self.tokens) for a in self.active]
@@ -479,13 +444,9 @@ class NaiveResult:
 
 @torch.no_grad()
 def naive_generate(
-    model: MoRModel,
-    prompts: list[list[int]],
-    max_new_tokens: int | list[int],
-    batch_size: int = 8,
-    eos_id: int | None = None,
-    max_depth: int | None = None,
-) -> NaiveResult:
+    model: MoRModel, prompts: list[list[int]], max_new_tokens: int | list[int],
+    batch_size: int = 8, eos_id: int | None = None, max_depth: int | None = None,
+) -> NaiveResult:  # fmt: skip
     """Static batching with the model's own forward: left-padded prompts, ``KVCache``.
 
     Each step runs every unfinished row through the whole model, recursion after recursion
@@ -497,7 +458,6 @@ def naive_generate(
     dev = model.embed.weight.device
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
     res = NaiveResult(outputs=[], active=[0.0] * model.cfg.num_recursions)
-    t0 = time.perf_counter()
 
     def tally(out: object, n_valid: int) -> None:
         res.tokens += n_valid
@@ -533,7 +493,4 @@ def naive_generate(
             tally(out, int(live.sum()))
         res.kv_bytes += cache.num_bytes(valid_only=True)
         res.outputs.extend(gen)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    res.wall_s = time.perf_counter() - t0
     return res

@@ -127,84 +127,79 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path: Path):
-    port, dash = _free_port(), _free_port()
-    env = dict(os.environ)
-    subprocess.run(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
-    address = f"http://127.0.0.1:{dash}"
+def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real Ray head on loopback (`ray start --head`, through `mor up`), stopped afterwards:
+    only its own processes, never other Ray clusters on the machine."""
+    from cli.stack import down, up
+
+    state = tmp_path / "stack"
+    monkeypatch.setenv("MOR_STACK_DIR", str(state))
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
     try:
-        from ray.job_submission import JobSubmissionClient
-
-        deadline = time.time() + 60
-        while True:
-            try:
-                JobSubmissionClient(address).list_jobs()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(1)
-        yield address
+        record, _ = up(
+            state, ray_port=_free_port(), dashboard_port=_free_port(), mlflow_port=_free_port()
+        )
+        yield record["ray"]["dashboard"]
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        down(state)
 
 
-def test_submit_follow_and_stop(
-    tmp_path: Path, ray_head: str, capsys: pytest.CaptureFixture
-) -> None:
+def test_submit_logs_and_stop(tmp_path: Path, ray_head: str, capsys: pytest.CaptureFixture) -> None:
+    """Submission through the Jobs API, followed while it runs, then stopped.
+
+    (A submitted sweep followed to completion is tests/test_platform.py's lifecycle test.)
+    """
     from sweeps import jobs
 
-    path = write_spec(tmp_path, "submitted", variants=[MOR])
+    path = write_spec(tmp_path, "to-stop", variants=[MOR])
     assert mor_main(["sweep", "submit", str(path), "--address", ray_head]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
-    deadline = time.time() + 400
-    while (state := jobs.status(job_id, ray_head)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
-        assert time.time() < deadline, jobs.logs(job_id, ray_head)[-3000:]
-        time.sleep(3)
-    logs = jobs.logs(job_id, ray_head)
-    assert state == "SUCCEEDED", logs[-3000:]
-    assert "sweep 'submitted' finished: 1 trials, 0 failed" in logs
+    deadline = time.time() + 180
+    while "trial" not in jobs.logs(job_id, ray_head).lower():  # the sweep is under way
+        assert jobs.status(job_id, ray_head) in ("PENDING", "RUNNING"), jobs.logs(job_id, ray_head)
+        assert time.time() < deadline
+        time.sleep(2)
     assert mor_main(["sweep", "status", job_id, "--address", ray_head]) == 0
-    assert json.loads(capsys.readouterr().out)["status"] == "SUCCEEDED"
-    # A second job is stopped while it runs.
-    path2 = write_spec(tmp_path, "stopped", variants=[MOR])
-    job2 = jobs.submit(validate(SweepSpec, yaml.safe_load(path2.read_text())), ray_head)
-    time.sleep(5)
-    assert mor_main(["sweep", "stop", job2, "--address", ray_head]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "RUNNING"
+    assert mor_main(["sweep", "logs", job_id, "--address", ray_head]) == 0
+    assert capsys.readouterr().out.strip()
+    assert mor_main(["sweep", "stop", job_id, "--address", ray_head]) == 0
     deadline = time.time() + 60
-    while jobs.status(job2, ray_head) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+    while jobs.status(job_id, ray_head) not in ("STOPPED", "FAILED", "SUCCEEDED"):
         assert time.time() < deadline
         time.sleep(1)
-    assert jobs.status(job2, ray_head) == "STOPPED"
+    assert jobs.status(job_id, ray_head) == "STOPPED"
 
 
 # ------------------------------------------------------------------ resume
+def _kill_tagged(tag: str) -> None:
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("MOR_TEST_TAG") == tag:
+                p.kill()
+        except (psutil.Error, OSError):
+            continue
+
+
 def test_resume_after_driver_killed(tmp_path: Path) -> None:
     """Kill the sweep driver after the first trial finished; resume finishes only the rest."""
     path = write_spec(tmp_path, "resumable", resources={"max_concurrent": 1})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tag = f"resume-test-{os.getpid()}-{time.time()}"
+    env = {**os.environ, "MOR_TEST_TAG": tag}
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(var, None)
+    env["MOR_STACK_DIR"] = str(tmp_path / "no-stack")  # a fresh local Ray, never a stack
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "sweep", "run", str(path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         cwd=tmp_path,
+        env=env,
     )
     client = MlflowClient(uri)
     deadline = time.time() + 400
@@ -223,7 +218,7 @@ def test_resume_after_driver_killed(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        _kill_tagged(tag)  # the driver's own local Ray, and nothing else
     first_train = runs[0].data.tags["mlflow.parentRunId"]
     steps_before = len(client.get_metric_history(first_train, "train/loss"))
     assert mor_main(["sweep", "resume", "resumable", "--storage-path", str(tmp_path)]) == 0

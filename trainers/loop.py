@@ -9,6 +9,7 @@ its own folder and reported together to Ray, which merges them into one checkpoi
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -142,6 +143,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
     precision = choose_precision(cfg, device)
+    state_dir = Path(plan["state_dir"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    # Which process is which rank: operators (and the fault tests) can signal a worker.
+    (state_dir / f"worker_rank{rank}.pid").write_text(str(os.getpid()))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
 
     model = MoRModel(mor_cfg)
@@ -184,7 +189,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = StepMetricLogger(plan["tracking_uri"], plan["run_id"], spool) if rank == 0 else None
     if logger is not None and checkpoint is not None:
         logger.set_tag("mor.resumed_from_step", str(step))
-    state_dir = Path(plan["state_dir"])
     ga, mb = cfg.batch.grad_accum_steps, cfg.batch.micro_batch_size
     tokens_per_step = mb * ga * world * seq_len
     peak = next(

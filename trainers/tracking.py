@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,8 +28,16 @@ RUN_ID_FILE = "mlflow_run_id.json"
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Drop credentials embedded in URIs (``scheme://user:password@host`` → ``scheme://***@``)."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config → {"a.b.c": "value"}; long values truncated to MLflow's limit."""
+    """Nested config → {"a.b.c": "value"}; credentials redacted, values cut to MLflow's limit."""
     out: dict[str, str] = {}
     for k, v in data.items():
         key = f"{prefix}{k}"
@@ -36,7 +45,7 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             out.update(flatten(v, key + "."))
         else:
             text = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-            out[key] = text[:PARAM_MAX]
+            out[key] = redact(text)[:PARAM_MAX]
     return out
 
 

@@ -1,0 +1,1 @@
+"""CPU (and GPU) benchmarks of the MoR platform: ``python -m benchmarks.run``."""

@@ -1,0 +1,420 @@
+"""Faults and bad input: killed workers, corrupt checkpoints, MLflow outages, fuzzed configs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow import MlflowClient
+
+from mor.overrides import ConfigError, validate
+from sweeps.spec import SweepSpec, validate_spec
+from trainers.config import load_train_config
+from trainers.launcher import TrainingError, plan_run, run_training
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHAKESPEARE = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
+SMOLLM = SHARED / "tokenizers" / "smollm2"
+needs_shared = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data missing")
+
+
+def items(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [
+        f"name={name}",
+        f"storage_path={tmp}",
+        f"data.source={SHAKESPEARE}",
+        f"data.tokenizer={SMOLLM}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "data.seq_len=64",
+        "model.preset=micro",
+        "model.sharing=middle_cycle",
+        "model.num_recursions=2",
+        "model.router=expert_choice",
+        "batch.micro_batch_size=4",
+        "eval.batches=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ctx = ray.init(address="local", num_cpus=2, configure_logging=False)
+    yield ctx
+    ray.shutdown()
+
+
+def steps_logged(client: MlflowClient, run_id: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, "train/loss")]
+
+
+def wait_for(predicate, timeout: float, every: float = 0.3) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(every)
+
+
+# ------------------------------------------------------------------ worker killed
+@needs_shared
+def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> None:
+    cfg = load_train_config(
+        None,
+        items(
+            tmp_path,
+            "killed",
+            "budget.steps=24",
+            "checkpoint.every_steps=4",
+            "checkpoint.max_failures=2",
+            "report_every_steps=1",
+            "eval.every_steps=100",
+        ),
+    )
+    plan = plan_run(cfg)
+    client = MlflowClient(plan.tracking_uri)
+    killed: list[int] = []
+
+    def killer() -> None:
+        wait_for(lambda: len(steps_logged(client, plan.run_id)) >= 9, timeout=300, every=0.05)
+        # The rank-0 worker of this run (it records its pid): a real, external SIGKILL.
+        pid = int((Path(plan.state_dir) / "worker_rank0.pid").read_text())
+        psutil.Process(pid).kill()
+        killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_training(cfg, plan=plan)
+    thread.join(timeout=5)
+    assert killed, "no worker process was found to kill"
+    assert steps_logged(client, plan.run_id) == list(range(1, 49))  # no gaps, no repeats
+    run = client.get_run(plan.run_id)
+    assert int(run.data.tags["mor.resumed_from_step"]) >= 8
+
+    # The same run uninterrupted ends at (almost) the same loss: the data order is a pure
+    # function of the step and the resumed state is exact.
+    ref_cfg = load_train_config(
+        None,
+        items(
+            tmp_path,
+            "uninterrupted",
+            "budget.steps=24",
+            "checkpoint.every_steps=100",
+            "eval.every_steps=100",
+        ),
+    )
+    ref = run_training(ref_cfg)
+    assert result.metrics["train/loss"] == pytest.approx(ref.metrics["train/loss"], rel=0.02)
+
+
+# ------------------------------------------------------------------ corrupt checkpoint
+@needs_shared
+def test_corrupt_latest_checkpoint_falls_back(ray_session, tmp_path: Path) -> None:
+    cfg = load_train_config(
+        None,
+        items(
+            tmp_path,
+            "corrupt",
+            "budget.steps=9",
+            "checkpoint.every_steps=3",
+            "checkpoint.keep=3",
+            "fault_injection.fail_at_step=8",
+            "eval.every_steps=100",
+        ),
+    )
+    with pytest.raises(TrainingError):
+        run_training(cfg)
+    ckpts = sorted((tmp_path / "ray" / "corrupt").glob("checkpoint_*"))
+    assert len(ckpts) == 2  # steps 3 and 6
+    states = next(ckpts[-1].rglob("mp_rank_00_model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])  # a torn write of the latest checkpoint
+    result = run_training(cfg)
+    client = MlflowClient(result.tracking_uri)
+    # Resumed from step 3, not from the torn step-6 checkpoint; nothing logged twice.
+    assert client.get_run(result.run_id).data.tags["mor.resumed_from_step"] == "3"
+    assert steps_logged(client, result.run_id) == list(range(1, 10))
+
+
+# ------------------------------------------------------------------ divergence
+@needs_shared
+def test_nan_loss_stops_the_run_with_a_reason(ray_session, tmp_path: Path) -> None:
+    cfg = load_train_config(
+        None, items(tmp_path, "nan", "budget.steps=6", "fault_injection.nan_at_step=3")
+    )
+    with pytest.raises(TrainingError, match="diverged"):
+        run_training(cfg)
+    plan = plan_run(cfg)
+    run = MlflowClient(plan.tracking_uri).get_run(plan.run_id)
+    assert run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["mor.failure"]
+    assert run.data.metrics["train/diverged"] == 1.0
+
+
+# ------------------------------------------------------------------ tracking server
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow(port: int, root: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(root / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    import urllib.request
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return True
+        except Exception:
+            return False
+
+    wait_for(up, timeout=60)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, 9)
+    proc.wait()
+
+
+def test_unreachable_tracking_server_is_a_clear_error_before_training(tmp_path: Path) -> None:
+    port = _free_port()
+    cfg = load_train_config(
+        None,
+        [
+            f"storage_path={tmp_path}",
+            "data.max_documents=60",
+            "data.vocab_size=300",
+            f"data.cache_dir={tmp_path}",
+            f"tracking.uri=http://127.0.0.1:{port}",
+        ],
+    )
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=r"tracking\.uri"):
+        plan_run(cfg)
+    assert time.time() - t0 < 30
+
+
+@needs_shared
+def test_tracking_outage_mid_run_loses_nothing(ray_session, tmp_path: Path) -> None:
+    port = _free_port()
+    root = tmp_path / "mlflow"
+    root.mkdir()
+    server = start_mlflow(port, root)
+    uri = f"http://127.0.0.1:{port}"
+    cfg = load_train_config(
+        None,
+        items(
+            tmp_path,
+            "outage",
+            "budget.steps=30",
+            "report_every_steps=2",
+            "checkpoint.every_steps=100",
+            "eval.every_steps=100",
+            f"tracking.uri={uri}",
+        ),
+    )
+    plan = plan_run(cfg)
+    client = MlflowClient(uri)
+    outage = {}
+
+    def flaky_server() -> None:
+        nonlocal server
+        wait_for(lambda: len(steps_logged(client, plan.run_id)) >= 3, timeout=300)
+        stop(server)
+        outage["down_at"] = time.time()
+        time.sleep(3)
+        server = start_mlflow(port, root)
+        outage["up_at"] = time.time()
+
+    thread = threading.Thread(target=flaky_server, daemon=True)
+    thread.start()
+    try:
+        result = run_training(cfg, plan=plan)
+        thread.join(timeout=120)
+        assert "up_at" in outage, "the outage did not happen during training"
+        assert steps_logged(client, result.run_id) == list(range(1, 31))
+        assert client.get_run(result.run_id).info.status == "FINISHED"
+    finally:
+        stop(server)
+
+
+# ------------------------------------------------------------------ security defaults
+@needs_shared
+def test_no_secret_reaches_mlflow_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "topsecret-aws")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "topsecret-mlflow")
+    cfg = load_train_config(
+        None,
+        items(tmp_path, "secrets", "budget.steps=1", "data.source=file://alice:pw123@host/none"),
+    )
+    with pytest.raises(ConfigError):  # the bogus source fails validation of the data, fine
+        plan_run(cfg)
+    from trainers.tracking import flatten
+
+    params = flatten(cfg.model_dump(mode="json"))
+    text = repr(params)
+    assert "pw123" not in text and "topsecret" not in text
+    assert params["data.source"] == "file://***@host/none"
+
+
+def test_ray_binds_loopback_and_keeps_token_auth(ray_session) -> None:
+    assert ray_session.dashboard_url.startswith("127.0.0.1:")
+    assert os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled"
+    gcs = ray_session.address_info["gcs_address"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["RAY_AUTH_MODE"] = "disabled"  # a client without the token is refused
+    out = subprocess.run(
+        ["ray", "status", "--address", gcs], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode != 0 and "auth" in (out.stderr + out.stdout).lower()
+
+
+# ------------------------------------------------------------------ fuzzed configs
+TRAIN_KEYS = [
+    "name",
+    "model.preset",
+    "model.router",
+    "model.sharing",
+    "model.num_recursions",
+    "model.hidden_size",
+    "model.capacities",
+    "model.gate",
+    "model.bogus",
+    "data.seq_len",
+    "data.val_fraction",
+    "data.source",
+    "data.vocab_size",
+    "optim.lr",
+    "optim.betas",
+    "optim.schedule",
+    "batch.micro_batch_size",
+    "budget.steps",
+    "budget.flops",
+    "deepspeed.zero_stage",
+    "deepspeed.precision",
+    "scaling.num_workers",
+    "checkpoint.every_steps",
+    "tracking.uri",
+    "nonsense",
+    "optim.nonsense",
+]
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 3), max_size=4),
+    st.lists(st.floats(-2, 2), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.sampled_from(["cycle", "middle_cycle", "expert_choice", "token_choice", "tiny", "wsd"]),
+)
+
+
+def _apply(data: dict, key: str, value: object) -> dict:
+    node = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return data
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.sampled_from(TRAIN_KEYS), VALUES), min_size=1, max_size=3))
+def test_fuzzed_train_configs_fail_cleanly(mutations: list) -> None:
+    from trainers.config import TrainConfig
+
+    data: dict = {}
+    for key, value in mutations:
+        _apply(data, key, value)
+    try:
+        validate(TrainConfig, data)
+    except ConfigError as exc:
+        msg = str(exc)
+        assert any(k.split(".")[0] in msg for k, _ in mutations), msg
+
+
+SPEC_KEYS = [
+    "name",
+    "searcher",
+    "num_samples",
+    "budgets",
+    "space",
+    "variants",
+    "metric",
+    "mode",
+    "resources.num_workers",
+    "resources.cpus_per_worker",
+    "eval.limit",
+    "eval.tasks",
+    "scheduler.grace_flops",
+    "skip_invalid",
+    "base.model.router",
+    "base.optim.lr",
+    "storage_path",
+    "bogus",
+]
+SPACE_VALUES = st.one_of(
+    VALUES,
+    st.fixed_dictionaries(
+        {
+            "model.router": st.fixed_dictionaries(
+                {
+                    "grid": st.lists(
+                        st.sampled_from(["none", "expert_choice", "token_choice", "bogus"]),
+                        max_size=3,
+                    )
+                }
+            )
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "optim.lr": st.fixed_dictionaries(
+                {"loguniform": st.lists(st.floats(-1, 1), min_size=2, max_size=2)}
+            )
+        }
+    ),
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.sampled_from(SPEC_KEYS), SPACE_VALUES), min_size=1, max_size=3))
+def test_fuzzed_sweep_specs_fail_cleanly(mutations: list) -> None:
+    data: dict = {"name": "fuzz", "base": {"model": {"preset": "micro"}}}
+    for key, value in mutations:
+        _apply(data, key, value)
+    try:
+        validate_spec(validate(SweepSpec, data))
+    except ConfigError as exc:
+        msg = str(exc)
+        assert any(k.split(".")[0] in msg or k.split(".")[-1] in msg for k, _ in mutations), msg
