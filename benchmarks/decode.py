@@ -31,8 +31,10 @@ from benchmarks.common import (
 from mor.engine import DepthwiseBatchingEngine, naive_generate
 from mor.flops import kv_cache_bytes_per_token
 
-MOR3 = dict(num_layers=8, sharing="middle_cycle", num_recursions=3, router="expert_choice")
-VANILLA8 = dict(num_layers=8)
+# 4 shared layers per recursion around a unique first and last layer: like the paper's models,
+# the recursion block (not the unique layers) holds most of the depth.
+MOR3 = dict(num_layers=14, sharing="middle_cycle", num_recursions=3, router="expert_choice")
+VANILLA = dict(num_layers=14)
 
 
 def make_requests(
@@ -78,7 +80,7 @@ def run_decode(
     reps: int | None = None,
 ) -> BenchResult:
     t_start = time.perf_counter()
-    shape, vanilla, mor = shape or CPU_SHAPE, vanilla or VANILLA8, mor or MOR3
+    shape, vanilla, mor = shape or CPU_SHAPE, vanilla or VANILLA, mor or MOR3
     batch_sizes = batch_sizes or ((1, 4, 16) if not quick else (1, 8))
     new = new or ((8, 24) if quick else (16, 48))
     reps = reps or (1 if quick else 3)
@@ -167,7 +169,7 @@ def _naive_depth(obj: Any) -> float:
 
 # ---------------------------------------------------------------------- 3. KV-cache bytes
 KV_VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    ("vanilla 8L", VANILLA8),
+    ("vanilla 14L", VANILLA),
     ("recursive N_r=3", dict(MOR3, router="none")),
     ("recursive N_r=3 shared", dict(MOR3, router="none", kv_cache="shared")),
     ("MoR-EC N_r=3", MOR3),

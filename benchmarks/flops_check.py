@@ -70,12 +70,12 @@ def run(
         "FLOPs accounting vs FlopCounterMode (one forward, every combination)",
         [
             Column("config", "sharing / router / KV"),
-            Column("mode", "routing"),
-            Column("max_depth", "depth cap"),
-            Column("active", "active fractions"),
-            Column("predicted_mflops", "mor.flops (MFLOPs)", "{:.2f}"),
-            Column("measured_mflops", "FlopCounterMode (MFLOPs)", "{:.2f}"),
-            Column("ratio", "predicted ÷ measured", "{:.4f}"),
+            Column("measured_mflops", "FlopCounterMode, train (MFLOPs)", "{:.2f}"),
+            Column("active_eval", "active fractions (inference routing)"),
+            Column("train", "predicted ÷ measured: train", "{:.4f}"),
+            Column("eval", "eval", "{:.4f}"),
+            Column("train_d1", "train, depth 1", "{:.4f}"),
+            Column("eval_d1", "eval, depth 1", "{:.4f}"),
         ],
     )
     worst = 0.0
@@ -87,13 +87,15 @@ def run(
         model = make_model(cfg, device=device, dtype=dtype)
         n = cfg.max_seq_len
         ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(device)
-        modes = ("train", "eval")
-        for mode, max_depth in itertools.product(modes, (None, 1)):
+        name = f"{cfg.sharing} / {cfg.router} / {cfg.kv_cache}"
+        if cfg.router_network == "mlp":
+            name += " (MLP router)"
+        row: dict[str, Any] = {"config": name, "cases": [], "train_d1": None, "eval_d1": None}
+        for mode, max_depth in itertools.product(("train", "eval"), (None, 1)):
             if quick and max_depth is not None:
                 continue
             model.train(mode == "train")
-            measured, out = count_forward(model, ids, max_depth)
+            measured, out = count_forward(model, ids.to(device), max_depth)
             fr = active_fractions_from_stats(out.stats) if out.stats is not None else None
             fb = forward_flops_per_token(
                 cfg, active_fractions=fr, max_depth=max_depth, attention="dense"
@@ -101,20 +103,16 @@ def run(
             predicted = fb.total * n
             r = ratio(predicted, measured)
             worst = max(worst, abs(r - 1))
-            name = f"{cfg.sharing} / {cfg.router} / {cfg.kv_cache}"
-            if cfg.router_network == "mlp":
-                name += " (MLP router)"
-            res.rows.append(
-                {
-                    "config": name,
-                    "mode": mode,
-                    "max_depth": max_depth or cfg.num_recursions,
-                    "active": "–" if fr is None else "/".join(f"{a:.2f}" for a in fr),
-                    "predicted_mflops": predicted / 1e6,
-                    "measured_mflops": measured / 1e6,
-                    "ratio": r,
-                }
-            )
+            row[mode + ("_d1" if max_depth else "")] = r
+            if mode == "train" and max_depth is None:
+                row["measured_mflops"] = measured / 1e6
+            if mode == "eval" and max_depth is None:
+                row["active_eval"] = "–" if fr is None else "/".join(f"{a:.2f}" for a in fr)
+            row["cases"].append(
+                {"mode": mode, "max_depth": max_depth, "active": fr, "predicted": predicted,
+                 "measured": measured, "ratio": r}
+            )  # fmt: skip
+        res.rows.append(row)
     res.summary["max |predicted ÷ measured − 1|"] = worst
     res.summary["combinations"] = float(len(cases or combos()))
     res.notes += [

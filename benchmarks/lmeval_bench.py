@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from benchmarks.common import CPU_SHAPE, BenchResult, Column, make_config, make_model
-from benchmarks.decode import MOR3, VANILLA8
+from benchmarks.decode import MOR3, VANILLA
 
 
 def build_tokenizer(vocab_size: int = 1024, docs: int = 120) -> tuple[Any, list[str]]:
@@ -53,8 +53,8 @@ def run(
 
     t_start = time.perf_counter()
     batch_sizes = batch_sizes or ((1, 4, 16) if not quick else (1, 16))
-    n_requests = n_requests or (32 if quick else 96)
-    variants = variants or [("vanilla 8L", VANILLA8), ("MoR-EC N_r=3 (8L)", MOR3)]
+    n_requests = n_requests or (32 if quick else 64)
+    variants = variants or [("vanilla 14L", VANILLA), ("MoR-EC N_r=3 (14L)", MOR3)]
     tok, texts = build_tokenizer()
     shape = dict(shape or CPU_SHAPE, vocab_size=tok.get_vocab_size(), max_seq_len=256)
     pairs = make_pairs(texts, n_requests)
@@ -89,7 +89,7 @@ def run(
             Column("tok_s", "tokens/s", "{:.0f}"),
             Column("vs_bs1", "÷ batch 1", "{:.2f}"),
             Column("vs_vanilla", "÷ vanilla", "{:.2f}"),
-            Column("max_score_diff", "max |Δ score| vs batch 1", "{:.1e}"),
+            Column("max_score_diff", "largest score change vs batch 1", "{:.1e}"),
         ],
     )
     for name in lms:
@@ -112,13 +112,16 @@ def run(
                     "times_s": [round(x, 4) for x in times[(name, bs)]],
                 }
             )
-            res.summary[f"{name} batch {bs} ÷ batch {batch_sizes[0]}"] = base / t
+            if bs != batch_sizes[0]:
+                res.summary[f"{name} batch {bs} ÷ batch {batch_sizes[0]}"] = base / t
     res.notes += [
         f"{n_requests} requests (20–80-word contexts, 1–6-word continuations from the embedded "
         f"corpus, {n_tokens} tokens in all), BPE vocabulary {tok.get_vocab_size()}, MoRLM "
         f"with routing stats tally; fastest of {reps} interleaved runs, {dtype}.",
         "Batching must not change scores (causal routing, padding never eligible): the last "
-        "column is the largest score difference from batch size 1.",
+        "column is the largest score difference from batch size 1 (float rounding only). On "
+        "one CPU thread a single ~120-token request already fills the matmuls, so batching "
+        "adds padding and cache pressure rather than speed.",
     ]
     res.seconds = time.perf_counter() - t_start
     return res

@@ -88,16 +88,18 @@ def run(args: argparse.Namespace) -> int:
         spec = spec_from_env()
     else:
         spec = _spec(args.items)  # validated before Ray starts
-    _print_result(run_sweep(spec, address=args.address or _stack_ray()))
-    return 0
+    res = run_sweep(spec, address=args.address or _stack_ray())
+    _print_result(res)
+    return 1 if res.errors else 0
 
 
 def resume(args: argparse.Namespace) -> int:
     from sweeps.driver import load_saved_spec, run_sweep
 
     spec = load_saved_spec(args.name, args.storage_path)
-    _print_result(run_sweep(spec, resume=True, address=args.address or _stack_ray()))
-    return 0
+    res = run_sweep(spec, resume=True, address=args.address or _stack_ray())
+    _print_result(res)
+    return 1 if res.errors else 0
 
 
 def _stack_ray() -> str | None:

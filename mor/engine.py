@@ -1,6 +1,6 @@
 """Inference engine for MoR: continuous depth-wise batching with early exit (arXiv 2507.10524).
 
-The paper's throughput claim (§3.3, Fig. 4a; App. on depth-wise batching, after Bae et al. 2024,
+The paper's throughput claim (Fig. 4a; appendix on depth-wise batching; after Bae et al. 2024,
 *Relaxed Recursive Transformers*) rests on recursions sharing weights: tokens at *different*
 depths can go through the same layer call. With ``max_slots`` sequences in flight, each step
 1. admits queued requests into free slots (a padded prefill forward of the model; its
@@ -102,9 +102,9 @@ class _Bank:
 class DepthwiseBatchingEngine:
     """Greedy batched generation for an MoR model with continuous depth-wise batching.
 
-    ``submit`` requests, then ``run()``; ``stats`` tells what was computed. ``max_depth`` caps
-    the recursions as in ``MoRModel.forward``. ``record_logits`` keeps each emitted token's
-    logits (for tests).
+    ``submit`` requests, then ``run()`` (the model is put in ``eval()`` mode); ``stats`` says
+    what was computed. ``max_depth`` caps the recursions as in ``MoRModel.forward``.
+    ``record_logits`` keeps each emitted token's logits (for tests).
     """
 
     def __init__(
@@ -137,6 +137,7 @@ class DepthwiseBatchingEngine:
         self.h = torch.zeros(s, cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.gate = torch.ones(s, dtype=self.dtype, device=self.device)
         self.tc_depth, self.tc_gate = [0] * s, torch.ones_like(self.gate)
+        self.rope = torch.zeros(2, s, 1, 1, cfg.head_dim, dtype=self.dtype, device=self.device)
         n_r = cfg.num_recursions
         self.stats = EngineStats(tokens_per_recursion=[0] * n_r, prefill_active=[0.0] * n_r,
                                  tokens_per_depth=[0] * (n_r + 1))  # fmt: skip
@@ -234,14 +235,14 @@ class DepthwiseBatchingEngine:
         slots = [s for s, _ in batch]
         for bank in (self.pre, self.post, *self.rec):
             bank.n[:, slots] = 0
-        for key, site in cache.sites.items():
+        slot_t = torch.tensor(slots)
+        for key, site in cache.sites.items():  # valid entries, in order, to each slot's site
             bank, a = self._site(key)
-            for b, s in enumerate(slots):
-                valid = site.valid[b]
-                n = int(valid.sum())
-                bank.k[a, s, :, :n] = site.k[b][:, valid]
-                bank.v[a, s, :, :n] = site.v[b][:, valid]
-                bank.n[a, s] = n
+            b_idx, t_idx = site.valid.nonzero(as_tuple=True)
+            at, ds = site.valid.long().cumsum(1)[b_idx, t_idx] - 1, slot_t.to(self.device)[b_idx]
+            bank.k[a, ds, :, at] = site.k[b_idx, :, t_idx]
+            bank.v[a, ds, :, at] = site.v[b_idx, :, t_idx]
+            bank.n[a, slot_t] = site.valid.sum(1).cpu()
         last = out.logits[torch.arange(len(batch)), torch.tensor(lens) - 1]
         for b, (s, req), tok in zip(range(len(batch)), batch, last.argmax(-1).tolist()):
             self.slot_req[s] = req
@@ -273,7 +274,7 @@ class DepthwiseBatchingEngine:
         """Embed fed-back tokens, run the unique first layer(s), route for recursion 0."""
         idx = torch.tensor(slots)
         x = self.model.embed(torch.tensor([self.token[s] for s in slots], device=self.device))
-        cos, sin = self._rope(slots)
+        cos, sin = self._rope(slots, fresh=True)
         for i in range(self.cfg.num_prefix_layers):
             a = torch.full_like(idx, i)
             x = self._layer(i, x, cos, sin, self.pre, a, idx, None)
@@ -343,10 +344,8 @@ class DepthwiseBatchingEngine:
                     rows = torch.tensor([i for i, lu in enumerate(layers) if lu == u])
                     w = None if writes is None else (r_t[rows] == 0).nonzero().squeeze(1)
                     dr = rows.to(self.device)
-                    y_u = self._layer(
-                        u, y[dr], cos[dr], sin[dr], self.rec[j], a[rows], idx[rows], w
-                    )
-                    out[dr] = y_u
+                    args = (cos[dr], sin[dr], self.rec[j], a[rows], idx[rows], w)
+                    out[dr] = self._layer(u, y[dr], *args)
                 y = out
             self.stats.layer_calls["rec"] += len(groups)
             self.stats.rec_rows += len(slots)
@@ -375,10 +374,13 @@ class DepthwiseBatchingEngine:
             self._emit(s, tok, logits[b])
 
     # ------------------------------------------------------------------ one decoder layer
-    def _rope(self, slots: list[int]) -> tuple[Tensor, Tensor]:
-        pos = torch.tensor([self.pos[s] for s in slots], device=self.device)
-        cos, sin = self.model.rotary(pos[:, None])  # [n, 1, 1, hd]
-        return cos.to(self.dtype), sin.to(self.dtype)
+    def _rope(self, slots: list[int], fresh: bool = False) -> tuple[Tensor, Tensor]:
+        """cos, sin [n, 1, 1, hd] at each slot's position: computed at entry, then reused."""
+        idx = torch.tensor(slots, device=self.device)
+        if fresh:
+            pos = torch.tensor([self.pos[s] for s in slots], device=self.device)
+            self.rope[:, idx] = torch.stack(self.model.rotary(pos[:, None])).to(self.dtype)
+        return self.rope[0, idx], self.rope[1, idx]
 
     def _layer(
         self, u: int, x: Tensor, cos: Tensor, sin: Tensor, bank: _Bank, a: Tensor, s: Tensor,

@@ -196,7 +196,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None)
     if not resume:
         (state_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
     if not ray.is_initialized():
-        ray.init(address=address)
+        from trainers.stack_defaults import ray_init_address
+
+        ray.init(address=ray_init_address(address))
     # Tune's intermediate results come from training; the searcher's metric arrives at the end.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(
@@ -210,6 +212,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None)
     )
     experiment_path = tune_dir / spec.name
     if resume:
+        for run_id in mark_interrupted(client, parent_run_id):
+            print(f"[mor] marked interrupted run {run_id} as KILLED")
         if not tune.Tuner.can_restore(str(experiment_path)):
             raise ConfigError(f"name: no sweep {spec.name!r} to resume under {tune_dir}")
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
@@ -243,6 +247,22 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None)
         )
     grid = tuner.fit()
     return summarise(spec, grid, client, parent_run_id, uri, state_dir)
+
+
+def mark_interrupted(client: Any, parent_run_id: str) -> list[str]:
+    """Runs of this sweep left RUNNING by a killed driver (evaluations cut short, trials that
+    died) become KILLED with a tag saying so; resumed trials reopen their own training run."""
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    trains = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    marked = []
+    for run in trains:
+        children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        for r in [run, *children]:
+            if r.info.status == "RUNNING":
+                client.set_tag(r.info.run_id, "mor.interrupted", "true")
+                client.set_terminated(r.info.run_id, status="KILLED")
+                marked.append(r.info.run_id)
+    return marked
 
 
 def summarise(
@@ -284,6 +304,7 @@ def summarise(
         artifacts = [f for f in report.files if f.suffix in (".png", ".html", ".md")]
     except Exception as exc:  # a report problem must not lose the sweep's results
         print(f"[mor] report not built: {exc}")
+    mark_interrupted(client, parent_run_id)  # e.g. an evaluation cut short by a failed trial
     client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
     return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors, artifacts)
 

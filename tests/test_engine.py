@@ -189,3 +189,17 @@ def test_benchmark_smoke_schema(tmp_path: Path) -> None:
     assert flops["summary"]["combinations"] == 27
     md = (tmp_path / "results.md").read_text()
     assert "### 3." in md and "### 4." in md and "| --- |" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="would run the real GPU benchmark")
+def test_gpu_benchmark_exits_clearly_without_cuda(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "--smoke" in proc.stderr
+    assert not (tmp_path / "results.json").exists()

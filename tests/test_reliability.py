@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -96,7 +97,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
     result = run_training(cfg, plan=plan)
     thread.join(timeout=5)
     assert killed, "no worker process was found to kill"
-    assert steps_logged(client, plan.run_id) == list(range(1, 49))  # no gaps, no repeats
+    assert steps_logged(client, plan.run_id) == list(range(1, 25))  # no gaps, no repeats
     run = client.get_run(plan.run_id)
     assert int(run.data.tags["mor.resumed_from_step"]) >= 8
 
@@ -133,7 +134,7 @@ def test_corrupt_latest_checkpoint_falls_back(ray_session, tmp_path: Path) -> No
     )
     with pytest.raises(TrainingError):
         run_training(cfg)
-    ckpts = sorted((tmp_path / "ray" / "corrupt").glob("checkpoint_*"))
+    ckpts = sorted(p for p in (tmp_path / "ray" / "corrupt").glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 3 and 6
     states = next(ckpts[-1].rglob("mp_rank_00_model_states.pt"))
     states.write_bytes(states.read_bytes()[:100])  # a torn write of the latest checkpoint
@@ -152,8 +153,9 @@ def test_nan_loss_stops_the_run_with_a_reason(ray_session, tmp_path: Path) -> No
     )
     with pytest.raises(TrainingError, match="diverged"):
         run_training(cfg)
-    plan = plan_run(cfg)
-    run = MlflowClient(plan.tracking_uri).get_run(plan.run_id)
+    # The run as the failure left it (plan_run would reopen it for a rerun).
+    marker = json.loads((tmp_path / "runs" / "nan" / "mlflow_run_id.json").read_text())
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(marker["run_id"])
     assert run.info.status == "FAILED"
     assert "diverged" in run.data.tags["mor.failure"]
     assert run.data.metrics["train/diverged"] == 1.0

@@ -230,4 +230,7 @@ def test_resume_after_driver_killed(tmp_path: Path) -> None:
     assert all(t.info.status == "FINISHED" for t in trains)
     # The finished trial was not retrained: its step history did not grow.
     assert len(client.get_metric_history(first_train, "train/loss")) == steps_before
-    assert len(client.search_runs([exp], "tags.`mor.kind` = 'eval'")) == 2
+    evals = client.search_runs([exp], "tags.`mor.kind` = 'eval' and attributes.status = 'FINISHED'")
+    assert len(evals) == 2
+    leftover = client.search_runs([exp], "attributes.status = 'RUNNING'")
+    assert not leftover  # nothing left RUNNING forever

@@ -156,7 +156,9 @@ def run_training(
 
     plan = plan or plan_run(cfg)
     if not ray.is_initialized():
-        ray.init(address=cfg.address)
+        from trainers.stack_defaults import ray_init_address
+
+        ray.init(address=ray_init_address(cfg.address))
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1

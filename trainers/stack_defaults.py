@@ -77,3 +77,14 @@ def default_ray_address() -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return None
     return stack_ray_address()
+
+
+def ray_init_address(explicit: str | None = None) -> str | None:
+    """What to pass to ``ray.init``: never Ray's own auto-detection, which would reattach to a
+    cluster recorded in /tmp/ray even after it died. An explicit address wins, then
+    $RAY_ADDRESS (None: Ray reads it), then the `mor up` stack, else a fresh local Ray."""
+    if explicit:
+        return explicit
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    return stack_ray_address() or "local"
