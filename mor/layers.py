@@ -32,24 +32,31 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary embedding evaluated at arbitrary (per-token) positions."""
+    """Rotary embedding evaluated at arbitrary (per-token) positions.
+
+    The frequencies are computed in float32 at every call rather than kept in a buffer: a
+    buffer would be rounded by ``model.to(torch.bfloat16)`` and distort far positions.
+    """
 
     def __init__(self, head_dim: int, base: float) -> None:
         super().__init__()
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] → (cos, sin) of shape [B, 1, T, head_dim]."""
-        ang = positions.float()[..., None] * self.inv_freq
+        """positions [B, T] → (cos, sin) of shape [B, 1, T, head_dim], in float32."""
+        idx = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device)
+        inv = 1.0 / (self.base ** (idx / self.head_dim))
+        ang = positions.float()[..., None] * inv
         ang = torch.cat([ang, ang], dim=-1)[:, None]
         return ang.cos(), ang.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate in at least float32 (bf16 activations), or in float64 for a float64 model."""
+    dt = torch.promote_types(x.dtype, torch.float32)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x.to(dt) * cos.to(dt) + rotated.to(dt) * sin.to(dt)).to(x.dtype)
 
 
 @dataclass

@@ -131,7 +131,8 @@ class MoRModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def _batch(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> TokenBatch:
         cos, sin = self.rotary(pos)
-        return TokenBatch(x, pos, valid, cos.to(x.dtype), sin.to(x.dtype), bool(valid.all()))
+        # cos/sin stay float32: apply_rotary rotates in float32 and casts back (bf16-safe).
+        return TokenBatch(x, pos, valid, cos, sin, bool(valid.all()))
 
     def _run_layer(
         self, i: int, key: tuple, tb: TokenBatch, sites: dict, reuse: KVSite | None = None

@@ -117,27 +117,58 @@ def trial_fn(
     final["train_run_id"] = result.run_id
     final["label"] = config["point"]["label"]
     if spec.eval.enabled:
-        report, eval_run_id, _ = run_eval(
-            result.export_dir,
-            spec.eval.tasks,
-            data_dir=spec.eval.data_dir,
-            depths=spec.eval.depths,
-            limit=spec.eval.limit,
-            batch_size=spec.eval.batch_size,
-            tracking_uri=tracking_uri,
-            parent_run_id=result.run_id,
-            work_dir=Path(spec.resolved_storage_path) / "eval_tasks",
-        )
+        # A trial resumed after its evaluation was logged (driver killed before Tune heard of
+        # it) reuses that evaluation: one eval run per trained model, never a duplicate.
+        done = finished_eval(tracking_uri, result.run_id)
+        if done is None:
+            report, eval_run_id, _ = run_eval(
+                result.export_dir,
+                spec.eval.tasks,
+                data_dir=spec.eval.data_dir,
+                depths=spec.eval.depths,
+                limit=spec.eval.limit,
+                batch_size=spec.eval.batch_size,
+                tracking_uri=tracking_uri,
+                parent_run_id=result.run_id,
+                work_dir=Path(spec.resolved_storage_path) / "eval_tasks",
+            )
+            points = [(p.label, p.average, p.flops_per_token, p.nll) for p in report.points]
+        else:
+            eval_run_id, points = done
         final["eval_run_id"] = eval_run_id
-        for p in report.points:
-            final[f"eval/d{p.label}/average"] = p.average
-            final[f"eval/d{p.label}/flops_per_token"] = p.flops_per_token
-            final[f"eval/d{p.label}/nll"] = p.nll
-        best = report.points[-1]  # the router's choice, or full depth without a router
-        final["eval/average"] = best.average
-        final["eval/flops_per_token"] = best.flops_per_token
-        final["eval/nll"] = best.nll
+        for label, average, flops, nll in points:
+            final[f"eval/d{label}/average"] = average
+            final[f"eval/d{label}/flops_per_token"] = flops
+            final[f"eval/d{label}/nll"] = nll
+        # The last point: the router's choice, or full depth without a router.
+        _, final["eval/average"], final["eval/flops_per_token"], final["eval/nll"] = points[-1]
     tune.report({k: v for k, v in final.items() if v is not None})
+
+
+def finished_eval(tracking_uri: str, train_run_id: str) -> tuple[str, list[tuple]] | None:
+    """(eval run id, [(point, average, flops/token, nll)]) of a finished evaluation, if any."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    eval_id = client.get_run(train_run_id).data.tags.get("mor.eval_run_id")
+    if not eval_id:
+        return None
+    run = client.get_run(eval_id)
+    if run.info.status != "FINISHED":
+        return None
+    m = run.data.metrics
+    labels = run.data.params.get("points", "").split(",")
+    points = [
+        (
+            p,
+            m.get(f"eval/d{p}/average"),
+            m.get(f"eval/d{p}/flops_per_token"),
+            m.get(f"eval/d{p}/nll"),
+        )
+        for p in labels
+        if p
+    ]
+    return (eval_id, points) if points else None
 
 
 def _searcher_and_space(spec: SweepSpec, points: list[dict[str, Any]]) -> tuple[Any, dict, int]:

@@ -195,8 +195,8 @@ def test_resume_after_driver_killed(tmp_path: Path) -> None:
     env["MOR_STACK_DIR"] = str(tmp_path / "no-stack")  # a fresh local Ray, never a stack
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "sweep", "run", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=open(tmp_path / "driver.log", "w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
         cwd=tmp_path,
         env=env,
@@ -205,7 +205,7 @@ def test_resume_after_driver_killed(tmp_path: Path) -> None:
     deadline = time.time() + 400
     try:
         while True:
-            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.time() < deadline
             time.sleep(2)
             try:
