@@ -172,6 +172,14 @@ def evaluate_model(
     if unknown:
         hint = "" if data_dir else " (the paper's tasks need --data-dir offline)"
         raise ValueError(f"tasks: unknown task(s) {unknown}{hint}")
+    # Build the tasks (and read their datasets) once, not once per depth point.
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import get_task_dict
+
+    built = get_task_dict(list(tasks), manager)
+    task_args = (
+        list(built.values()) if all(isinstance(t, Task) for t in built.values()) else list(tasks)
+    )
     points = []
     for label, depth in depth_points(model, depths):
         lm = MoRLM(
@@ -185,7 +193,7 @@ def evaluate_model(
         torch.manual_seed(0)
         results = lm_eval.simple_evaluate(
             model=lm,
-            tasks=list(tasks),
+            tasks=task_args,
             task_manager=manager,
             limit=limit,
             num_fewshot=num_fewshot,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None)
     import ray
     from ray import tune
 
+    # Resolve relative paths here: Tune runs each trial in its own working directory.
+    spec = spec.model_copy(update={"storage_path": spec.resolved_storage_path})
     points, dropped = validate_spec(spec)
     for msg in dropped:
         print(f"[mor] skipped invalid {msg}")
@@ -296,6 +299,15 @@ def mark_interrupted(client: Any, parent_run_id: str) -> list[str]:
     return marked
 
 
+def error_reason(text: str) -> str:
+    """The useful line of a trial's error (ours, not Ray's wrapper), at most 300 characters."""
+    match = re.search(r"TrainingError: (.+)", text)
+    if match:
+        return match.group(1).strip()[:300]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else "unknown error")[:300]
+
+
 def summarise(
     spec: SweepSpec, grid: Any, client: Any, parent_run_id: str, uri: str, state_dir: Path
 ) -> SweepResult:
@@ -320,7 +332,7 @@ def summarise(
             }
         )
         if res.error:
-            row["error"] = str(res.error).splitlines()[0][:300]
+            row["error"] = error_reason(str(res.error))
             errors.append(f"{row['label']}: {row['error']}")
         rows.append(row)
     state_dir.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,19 @@ def tiny_spec_dict(tmp: Path, name: str, **extra: object) -> dict:
     return d
 
 
+DIVERGING = {
+    "name": "mor-tc-diverges",
+    "model.sharing": "middle_cycle",
+    "model.num_recursions": 2,
+    "model.router": "token_choice",
+    "fault_injection.nan_at_step": 3,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
-    """A finished 2-trial sweep (vanilla vs MoR expert-choice) and its spec."""
+    """A finished sweep: vanilla and MoR expert-choice train and evaluate; a third trial's loss
+    turns NaN (a diverging run), which must stop only that trial."""
     import ray
 
     from mor.overrides import validate
@@ -49,10 +60,17 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
     from sweeps.spec import SweepSpec
 
     tmp = tmp_path_factory.mktemp("tiny_sweep")
-    spec = validate(SweepSpec, tiny_spec_dict(tmp, "tiny"))
+    # A relative storage path, as users write it: it must resolve against the driver's
+    # working directory, not each Tune trial's.
+    data = tiny_spec_dict(tmp, "tiny", variants=[*TINY_VARIANTS, DIVERGING])
+    data["storage_path"] = "outputs"
+    spec = validate(SweepSpec, data)
+    cwd = os.getcwd()
+    os.chdir(tmp)
     ray.init(address="local", num_cpus=2, configure_logging=False)
     try:
         result = run_sweep(spec)
     finally:
         ray.shutdown()
-    return spec, result
+        os.chdir(cwd)
+    return spec, result, tmp / "outputs"

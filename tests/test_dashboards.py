@@ -45,15 +45,15 @@ def test_pareto_drops_nan_with_warning() -> None:
 
 
 def test_report_from_a_real_sweep(tiny_sweep, tmp_path: Path) -> None:
-    spec, res = tiny_sweep
+    spec, res, _ = tiny_sweep
     rep = build_report(res.tracking_uri, [spec.name], tmp_path / "rep")
-    assert len(rep.table) == 2  # one row per trial
-    assert set(rep.table["model"]) == {"vanilla", "mor-ec"}
-    assert rep.table["train_flops"].notna().all() and rep.table["params_non_embedding"].gt(0).all()
+    assert len(rep.table) == 3  # one row per trial, the diverged one included
+    assert set(rep.table["model"]) == {"vanilla", "mor-ec", "mor-tc-diverges"}
+    assert rep.table["params_non_embedding"].gt(0).all()
     png = tmp_path / "rep" / "pareto.png"
     assert png.stat().st_size > 5000
     md = (tmp_path / "rep" / "results.md").read_text()
-    assert md.count("\n") == 4 and "mor_heldout_mc" in md
+    assert md.count("\n") == 5 and "mor_heldout_mc" in md
     assert not rep.front.empty
     # The MoR model has 3 points (d1, d2, router), vanilla 1.
     points = pd.read_csv(tmp_path / "rep" / "points.csv")
@@ -62,7 +62,7 @@ def test_report_from_a_real_sweep(tiny_sweep, tmp_path: Path) -> None:
 
 
 def test_report_cli_and_errors(tiny_sweep, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    spec, res = tiny_sweep
+    spec, res, _ = tiny_sweep
     out = tmp_path / "cli"
     code = mor_main(
         [
@@ -78,7 +78,7 @@ def test_report_cli_and_errors(tiny_sweep, tmp_path: Path, capsys: pytest.Captur
         ]
     )
     assert code == 0 and (out / "report.html").is_file()
-    assert "2 trials" in capsys.readouterr().out
+    assert "3 trials" in capsys.readouterr().out
     assert mor_main(["report", "no-such-sweep", "--tracking-uri", res.tracking_uri]) == 2
     assert (
         mor_main(
@@ -103,7 +103,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run does)")
 def test_html_report_renders_in_headless_chromium(tiny_sweep, tmp_path: Path) -> None:
-    spec, res = tiny_sweep
+    spec, res, _ = tiny_sweep
     rep = build_report(res.tracking_uri, [spec.name], tmp_path / "html", log_to_mlflow=False)
     page = rep.out_dir / "report.html"
     proc = subprocess.run(

@@ -95,21 +95,28 @@ def test_cli_rejects_bad_spec_before_ray(tmp_path: Path, capsys: pytest.CaptureF
 
 # ------------------------------------------------------------------ a real sweep
 def test_two_trial_sweep_end_to_end(tiny_sweep) -> None:
-    _, res = tiny_sweep
-    assert not res.errors and len(res.rows) == 2
+    _, res, storage = tiny_sweep
+    assert len(res.rows) == 3
+    # The diverging trial stopped with its reason in Tune; the other two went on and finished.
+    assert len(res.errors) == 1 and "diverged" in res.errors[0]
     client = MlflowClient(res.tracking_uri)
     parent = client.get_run(res.parent_run_id)
-    assert parent.info.status == "FINISHED"
+    assert parent.info.status == "FAILED"  # a sweep with a failed trial says so
     parent_files = {a.path for a in client.list_artifacts(res.parent_run_id)}
     assert "summary.csv" in parent_files and "report" in parent_files  # dashboards ran
     exp = parent.info.experiment_id
     children = client.search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'"
     )
-    assert len(children) == 2
-    assert {c.data.tags["mor.sharing"] for c in children} == {"none", "middle_cycle"}
-    for child in children:
+    assert len(children) == 3
+    by_label = {c.data.tags["mor.label"].split(",")[0]: c for c in children}
+    failed = by_label.pop("mor-tc-diverges")
+    assert failed.info.status == "FAILED" and "diverged" in failed.data.tags["mor.failure"]
+    assert {c.data.tags["mor.sharing"] for c in by_label.values()} == {"none", "middle_cycle"}
+    for child in by_label.values():
         assert child.info.status == "FINISHED"
+        export = Path(child.data.tags["mor.export_dir"])
+        assert export.is_relative_to(storage) and (export / "model.pt").is_file()
         assert child.data.metrics["flops"] <= 6e9 * 1.01  # iso-FLOP: at most the budget
         evals = client.search_runs(
             [exp], filter_string=f"tags.mlflow.parentRunId = '{child.info.run_id}'"
