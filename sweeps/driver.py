@@ -208,6 +208,17 @@ def max_concurrent_trials(spec: SweepSpec) -> int:
 def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None) -> SweepResult:
     """Run (or, with resume=True, continue) a sweep to the end and summarise it."""
     import ray
+
+    started_ray = not ray.is_initialized()
+    try:
+        return _run_sweep(spec, resume, address)
+    finally:
+        if started_ray and ray.is_initialized():  # a Ray this call started, not the caller's
+            ray.shutdown()
+
+
+def _run_sweep(spec: SweepSpec, resume: bool, address: str | None) -> SweepResult:
+    import ray
     from ray import tune
 
     # Resolve relative paths here: Tune runs each trial in its own working directory.

@@ -99,7 +99,9 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
     assert killed, "no worker process was found to kill"
     assert steps_logged(client, plan.run_id) == list(range(1, 25))  # no gaps, no repeats
     run = client.get_run(plan.run_id)
-    assert int(run.data.tags["mor.resumed_from_step"]) >= 8
+    # Resumed from a checkpoint taken before the kill (4 or 8: Ray registers a reported
+    # checkpoint asynchronously), never from scratch.
+    assert int(run.data.tags["mor.resumed_from_step"]) in (4, 8)
 
     # The same run uninterrupted ends at (almost) the same loss: the data order is a pure
     # function of the step and the resumed state is exact.

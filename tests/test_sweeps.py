@@ -241,3 +241,38 @@ def test_resume_after_driver_killed(tmp_path: Path) -> None:
     assert len(evals) == 2
     leftover = client.search_runs([exp], "attributes.status = 'RUNNING'")
     assert not leftover  # nothing left RUNNING forever
+
+
+def test_searchers_and_asha_are_configured_from_the_spec(tmp_path: Path) -> None:
+    """random/optuna/ASHA become the Tune objects the spec asks for (not run end to end here)."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.driver import _searcher_and_space
+
+    space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "model.router": {"grid": ["expert_choice"]}}
+    rnd = validate(
+        SweepSpec,
+        spec_dict(tmp_path, "r", searcher="random", num_samples=3, space=space, variants=[MOR]),
+    )
+    points, _ = validate_spec(rnd)
+    alg, param_space, samples = _searcher_and_space(rnd, points)
+    assert alg is None and samples == 3 and "optim.lr" in param_space
+    opt = validate(
+        SweepSpec,
+        spec_dict(tmp_path, "o", searcher="optuna", num_samples=4, space=space, variants=[MOR]),
+    )
+    alg, param_space, samples = _searcher_and_space(opt, validate_spec(opt)[0])
+    assert isinstance(alg, OptunaSearch) and samples == 4
+    asha = validate(SweepSpec, spec_dict(tmp_path, "a", scheduler={"grace_flops": 1e9}))
+    assert asha.scheduler is not None and asha.scheduler.metric == "val/loss"
+    assert (
+        ASHAScheduler(
+            time_attr="flops",
+            metric="val/loss",
+            mode="min",
+            max_t=6e9,
+            grace_period=asha.scheduler.grace_flops,
+        )
+        is not None
+    )

@@ -148,17 +148,28 @@ def run_training(
 ) -> TrainResult:
     """Train one configuration on Ray Train workers; resumes a run of the same name."""
     import ray
+
+    plan = plan or plan_run(cfg)
+    started_ray = not ray.is_initialized()
+    if started_ray:  # a command-line run; inside a Tune trial Ray is already up
+        from trainers.stack_defaults import ray_init_address
+
+        ray.init(address=ray_init_address(cfg.address))
+    try:
+        return _fit(cfg, plan, callbacks)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> TrainResult:
+    import ray
     from mlflow import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from trainers.loop import train_loop_per_worker
 
-    plan = plan or plan_run(cfg)
-    if not ray.is_initialized():
-        from trainers.stack_defaults import ray_init_address
-
-        ray.init(address=ray_init_address(cfg.address))
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
