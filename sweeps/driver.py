@@ -40,17 +40,9 @@ class SweepResult:
 
 
 def tracking_uri_for(spec: SweepSpec) -> str:
-    if spec.tracking.uri:
-        return spec.tracking.uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    from trainers.stack_defaults import stack_mlflow_uri
+    from trainers.stack_defaults import resolve_tracking_uri
 
-    stack = stack_mlflow_uri()  # the `mor up` stack's server, while it is up
-    if stack:
-        return stack
-    return f"sqlite:///{Path(spec.resolved_storage_path) / 'mlflow.db'}"
+    return resolve_tracking_uri(spec.tracking.uri, spec.resolved_storage_path)
 
 
 def sweep_dirs(spec_or_storage: SweepSpec | str, name: str | None = None) -> tuple[Path, Path]:

@@ -178,6 +178,7 @@ def test_rerun_resumes_from_latest_checkpoint(ray_session: None, workdir: Path) 
         "checkpoint.every_steps=3",
         "eval.every_steps=3",
         "fault_injection.fail_at_step=5",
+        "deepspeed.zero_stage=3",  # ZeRO-3: partitioned params, gathered for the export
     )
     cfg = load_train_config(None, items)
     with pytest.raises(TrainingError):

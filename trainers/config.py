@@ -8,7 +8,6 @@ steps decaying.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -247,14 +246,6 @@ def load_train_config(path: str | Path | None, overrides: Iterable[str] = ()) ->
 
 
 def default_tracking_uri(cfg: TrainConfig) -> str:
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    from trainers.stack_defaults import stack_mlflow_uri
+    from trainers.stack_defaults import resolve_tracking_uri
 
-    stack = stack_mlflow_uri()  # the `mor up` stack's server, while it is up
-    if stack:
-        return stack
-    return f"sqlite:///{Path(cfg.resolved_storage_path) / 'mlflow.db'}"
+    return resolve_tracking_uri(cfg.tracking.uri, cfg.resolved_storage_path)

@@ -88,3 +88,14 @@ def ray_init_address(explicit: str | None = None) -> str | None:
     if os.environ.get("RAY_ADDRESS"):
         return None
     return stack_ray_address() or "local"
+
+
+def resolve_tracking_uri(explicit: str | None, storage_path: str | Path) -> str:
+    """The MLflow URI a run uses: an explicit one, else $MLFLOW_TRACKING_URI, else the
+    `mor up` stack's server while it is up, else a sqlite store under ``storage_path``."""
+    if explicit:
+        return explicit
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return stack_mlflow_uri() or f"sqlite:///{Path(storage_path) / 'mlflow.db'}"
