@@ -13,21 +13,13 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import BenchResult, Column, make_model, ratio
 from mor.config import build_config
-from mor.flops import active_fractions_from_stats, forward_flops_per_token
+from mor.flops import active_fractions_from_stats, flop_counter_mapping, forward_flops_per_token
 
-
-def _cpu_sdpa_flop(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kw: Any) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-# The CPU SDPA kernel has no registered FLOP formula (the GPU kernels do, counted dense); give it
-# the same dense formula so that attention is counted on a CPU too.
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-SDPA_MAPPING = {_CPU_SDPA: _cpu_sdpa_flop} if _CPU_SDPA is not None else {}
+SDPA_MAPPING = flop_counter_mapping()
 
 
 def combos() -> list[dict[str, Any]]:

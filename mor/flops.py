@@ -300,3 +300,17 @@ def active_fractions_from_stats(stats: RoutingStats | None) -> list[float]:
     fr = [float(a) for a in stats.active_fraction]
     n_r = max(len(fr), len(stats.tokens_per_depth) - 1)
     return fr + [0.0] * (n_r - len(fr))
+
+
+def flop_counter_mapping() -> dict:
+    """``custom_mapping`` for ``torch.utils.flop_counter.FlopCounterMode`` that also counts
+    attention on a CPU: the CPU SDPA kernel has no registered formula (the GPU kernels do,
+    counted dense), so it gets the same dense formula."""
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def cpu_sdpa_flop(q, k, v, *args, out_shape=None, **kw) -> int:
+        return sdpa_flop_count(q, k, v)
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: cpu_sdpa_flop} if op is not None else {}

@@ -19,7 +19,6 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "format_validation_error",
-    "load_config",
     "load_yaml",
     "parse_override",
     "validate",
@@ -118,27 +117,3 @@ def validate(model: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         return model.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, prefix)) from None
-
-
-def load_config(
-    model: type[T],
-    path: str | Path | None = None,
-    overrides: Iterable[str] = (),
-    base: Mapping[str, Any] | None = None,
-) -> T:
-    """Build ``model`` from ``base`` (a dict), then a YAML file, then dotted overrides."""
-    data: dict[str, Any] = _deep_copy(dict(base or {}))
-    if path is not None:
-        data = _merge(data, load_yaml(path))
-    data = apply_overrides(data, overrides)
-    return validate(model, data)
-
-
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = _deep_copy(base)
-    for k, v in update.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = _deep_copy(v)
-    return out

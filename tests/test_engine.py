@@ -3,7 +3,6 @@ decoding, skips deeper recursions for early-exited tokens, and the benchmarks' J
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -12,34 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mor.config import MoRConfig, build_config
 from mor.engine import DepthwiseBatchingEngine, naive_generate
 from mor.generation import generate
 from mor.model import MoRModel
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARINGS = ["cycle", "sequence", "middle_cycle", "middle_sequence"]
-ROUTERS = ["none", "expert_choice", "token_choice"]
-KV_MODES = ["recursion_wise", "shared"]
-COMBOS = [("none", "none", "recursion_wise"), *itertools.product(SHARINGS, ROUTERS, KV_MODES)]
-
-
-def small_config(sharing: str, router: str, kv: str, **kw) -> MoRConfig:
-    n_r = 1 if sharing == "none" else 2
-    fields = dict(sharing=sharing, num_recursions=n_r, router=router, kv_cache=kv, num_layers=6)
-    fields.update(kw)
-    return build_config("micro", **fields)
-
-
-def make_model(cfg: MoRConfig, seed: int = 0) -> MoRModel:
-    """float64 weights; router weights with std 0.5 so that inference routing splits tokens."""
-    torch.manual_seed(seed)
-    model = MoRModel(cfg).double()
-    if model.router is not None:
-        for p in model.router.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.5)
-    return model.eval()
+# The same small models and combinations as the model's own tests.
+from test_model import COMBOS, KV_MODES, make_model, small_config  # noqa: E402
 
 
 def workload(vocab: int, n: int = 7, seed: int = 0) -> tuple[list[list[int]], list[int]]:

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from mor.config import build_config
 from mor.flops import (
     FlopsBreakdown,
     active_fractions_from_stats,
+    flop_counter_mapping,
     forward_flops_per_token,
     inference_flops_by_depth,
     kv_cache_bytes_per_token,
@@ -56,14 +57,7 @@ def test_paper_convention_ignores_router_head_and_gqa() -> None:
 
 
 # ----------------------------------------------------------------------------- 2. FlopCounterMode
-def _cpu_sdpa_flop(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kw: Any) -> int:
-    return sdpa_flop_count(q, k, v)
-
-
-# The CPU SDPA kernel has no registered flop formula (GPU kernels do, counted dense); give it
-# the same dense formula so the counter sees attention on a CPU too.
-_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_MAPPING = {_CPU_SDPA: _cpu_sdpa_flop} if _CPU_SDPA is not None else {}
+_MAPPING = flop_counter_mapping()
 
 
 def _combos() -> list[dict[str, Any]]:

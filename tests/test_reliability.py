@@ -15,34 +15,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
+from test_trainer import needs_shared, overrides
 
 from mor.overrides import ConfigError, validate
 from sweeps.spec import SweepSpec, validate_spec
 from trainers.config import load_train_config
 from trainers.launcher import TrainingError, plan_run, run_training
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SHAKESPEARE = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
-SMOLLM = SHARED / "tokenizers" / "smollm2"
-needs_shared = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data missing")
-
 
 def items(tmp: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"name={name}",
-        f"storage_path={tmp}",
-        f"data.source={SHAKESPEARE}",
-        f"data.tokenizer={SMOLLM}",
-        f"data.cache_dir={tmp / 'cache'}",
-        "data.seq_len=64",
-        "model.preset=micro",
-        "model.sharing=middle_cycle",
-        "model.num_recursions=2",
-        "model.router=expert_choice",
-        "batch.micro_batch_size=4",
-        "eval.batches=1",
-        *extra,
-    ]
+    """The trainer tests' tiny MoR on TinyShakespeare, with one validation batch."""
+    return overrides(tmp, name, "eval.batches=1", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,7 @@ class DataConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         # As in MoRConfig: construction raises pydantic's ValidationError (a ValueError) with
-        # "field: message"; mor.overrides.validate / load_config turn it into a ConfigError.
+        # "field: message"; mor.overrides.validate turns it into a ConfigError.
         _check_config(self)
         return self
 

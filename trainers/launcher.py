@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mor.flops import steps_for_budget, training_flops_per_token
+from mor.flops import steps_for_budget
 from mor.overrides import ConfigError
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import PackedDataset, prepare_data
@@ -29,7 +29,6 @@ class TrainPlan:
     model: dict[str, Any]
     total_steps: int
     tokens_per_step: int
-    train_flops_per_token: float
     train_path: str
     val_path: str
     tokenizer_path: str
@@ -124,7 +123,6 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
         model=mor_cfg.model_dump(mode="json"),
         total_steps=total,
         tokens_per_step=tokens_per_step,
-        train_flops_per_token=training_flops_per_token(mor_cfg, seq, convention=b.convention),
         train_path=str(prepared.train_path),
         val_path=str(prepared.val_path),
         tokenizer_path=str(prepared.tokenizer_path),
