@@ -2,7 +2,7 @@
 
 Both run as background services bound to 127.0.0.1 and are recorded in ``STATE/stack.json``
 (STATE = ``--state-dir``, else $MOR_STACK_DIR, else ~/.mor/stack) with their PIDs, ports and
-addresses; ``trainers/stack_defaults.py`` reads that record so that training, sweeps and
+addresses; ``core/endpoints.py`` reads that record so that training, sweeps and
 reports default to the stack while it is up.
 
 Ownership: every process the stack starts carries ``MOR_STACK_ID=<uuid>`` in its environment
@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from trainers.stack_defaults import STACK_FILE, read_stack, stack_dir
+from core.endpoints import STACK_FILE, read_stack, stack_dir
 
 TAG_ENV = "MOR_STACK_ID"
 DEFAULT_PORTS = {"ray": 6379, "dashboard": 8265, "mlflow": 5000}

@@ -103,7 +103,7 @@ def resume(args: argparse.Namespace) -> int:
 
 
 def _stack_ray() -> str | None:
-    from trainers.stack_defaults import default_ray_address
+    from core.endpoints import default_ray_address
 
     return default_ray_address()  # the `mor up` stack's head while it is up
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"address={args.address}")
     cfg = load_train_config(path, overrides)  # validated before Ray starts
     if cfg.address is None:
-        from trainers.stack_defaults import default_ray_address
+        from core.endpoints import default_ray_address
 
         stack = default_ray_address()  # the `mor up` stack's head while it is up
         if stack:

@@ -40,7 +40,7 @@ class SweepResult:
 
 
 def tracking_uri_for(spec: SweepSpec) -> str:
-    from trainers.stack_defaults import resolve_tracking_uri
+    from core.endpoints import resolve_tracking_uri
 
     return resolve_tracking_uri(spec.tracking.uri, spec.resolved_storage_path)
 
@@ -233,7 +233,7 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: str | None) -> SweepResul
     if not resume:
         (state_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
     if not ray.is_initialized():
-        from trainers.stack_defaults import ray_init_address
+        from core.endpoints import ray_init_address
 
         ray.init(address=ray_init_address(address))
     # Tune's intermediate results come from training; the searcher's metric arrives at the end.

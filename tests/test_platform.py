@@ -155,7 +155,7 @@ def test_stack_defaults_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from sweeps.driver import tracking_uri_for
     from sweeps.spec import SweepSpec
     from trainers.config import TrainConfig, default_tracking_uri
-    from trainers.stack_defaults import default_ray_address, stack_mlflow_uri
+    from core.endpoints import default_ray_address, stack_mlflow_uri
 
     state = tmp_path / "stack"
     for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):

@@ -246,6 +246,6 @@ def load_train_config(path: str | Path | None, overrides: Iterable[str] = ()) ->
 
 
 def default_tracking_uri(cfg: TrainConfig) -> str:
-    from trainers.stack_defaults import resolve_tracking_uri
+    from core.endpoints import resolve_tracking_uri
 
     return resolve_tracking_uri(cfg.tracking.uri, cfg.resolved_storage_path)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.endpoints import strip_credentials
 from mor.flops import steps_for_budget
 from mor.overrides import ConfigError
 from trainers.config import TrainConfig, default_tracking_uri
@@ -134,6 +135,7 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
         meta={
             "run_name": cfg.name,
             "mlflow_run_id": run_id,
+            "tracking_uri": strip_credentials(uri),
             "seq_len": seq,
             "eos_id": prepared.eos_id,
             "flops_convention": b.convention,
@@ -150,7 +152,7 @@ def run_training(
     plan = plan or plan_run(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:  # a command-line run; inside a Tune trial Ray is already up
-        from trainers.stack_defaults import ray_init_address
+        from core.endpoints import ray_init_address
 
         ray.init(address=ray_init_address(cfg.address))
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,23 @@ def ray_init_address(explicit: str | None = None) -> str | None:
     return stack_ray_address() or "local"
 
 
-def resolve_tracking_uri(explicit: str | None, storage_path: str | Path) -> str:
-    """The MLflow URI a run uses: an explicit one, else $MLFLOW_TRACKING_URI, else the
-    `mor up` stack's server while it is up, else a sqlite store under ``storage_path``."""
+def strip_credentials(uri: str) -> str:
+    """``scheme://user:password@host/...`` → ``scheme://host/...``: a URI safe to record in an
+    export or a param. Credentials travel as MLFLOW_TRACKING_USERNAME/PASSWORD instead."""
+    return re.sub(r"^(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@", r"\g<scheme>", uri)
+
+
+def resolve_tracking_uri(
+    explicit: str | None, storage_path: str | Path, recorded: str | None = None
+) -> str:
+    """The MLflow URI a command uses: an explicit one, else the one ``recorded`` where the
+    run came from (an export's training run: its eval must land beside it), else
+    $MLFLOW_TRACKING_URI, else the `mor up` stack's server while it is up, else a sqlite
+    store under ``storage_path``."""
     if explicit:
         return explicit
+    if recorded:
+        return recorded
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
