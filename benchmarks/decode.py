@@ -28,8 +28,9 @@ from benchmarks.common import (
     make_model,
     ratio,
 )
-from mor.engine import DepthwiseBatchingEngine, naive_generate
+from mor.engine import DepthwiseBatchingEngine
 from mor.flops import kv_cache_bytes_per_token
+from mor.generation import naive_generate
 
 # 4 shared layers per recursion around a unique first and last layer: like the paper's models,
 # the recursion block (not the unique layers) holds most of the depth.

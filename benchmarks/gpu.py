@@ -2,7 +2,8 @@
 
 The CPU suite's measurements (``benchmarks.run``) at SmolLM-135M / 360M shapes in bf16 with
 2048-token training sequences, with MFU from the device's peak dense bf16 FLOP/s (the table of
-``trainers.loop.PEAK_FLOPS``). Sized for one H200 in well under 10 minutes (about 5 expected):
+``trainers.step_metrics.peak_flops``). Sized for one H200 in well under 10 minutes
+(about 5 expected):
 
 1. training step (bf16 autocast, 8 × 2048 tokens): 360M vanilla 32L, vanilla 12L (the MoR's
    unique-parameter count), recursive and MoR (expert-/token-choice) middle-cycle N_r = 3, 32L;
@@ -101,12 +102,11 @@ def plans(smoke: bool) -> dict[str, Any]:
 
 
 def peak_flops(device: str) -> float | None:
-    from trainers.loop import PEAK_FLOPS
+    from trainers.step_metrics import peak_flops as peak_for_name
 
     if not device.startswith("cuda"):
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_for_name(torch.cuda.get_device_name(device))
 
 
 def run_all(ids: list[int], smoke: bool) -> tuple[list[BenchResult], dict[str, Any]]:

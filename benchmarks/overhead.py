@@ -53,7 +53,7 @@ def _train_overrides(tmp: Path, steps: int) -> list[str]:
 def bare_loop(mor_cfg: Any, batch: int, seq_len: int, steps: int, lr: float) -> list[float]:
     """Seconds per optimizer step of a plain PyTorch loop (1 thread, like the 1-CPU worker)."""
     from mor.model import MoRModel
-    from trainers.loop import param_groups
+    from trainers.components import param_groups
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

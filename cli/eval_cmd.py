@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from evals.runner import EvalReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,21 +34,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="artifact folder (default: next to the export, eval/)")
-    p.add_argument("--tracking-uri", help="MLflow URI (default: the training run's)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow URI (default: the one the export recorded, else $MLFLOW_TRACKING_URI, "
+        "else the `mor up` stack's, else sqlite under the export's storage folder)",
+    )
     p.add_argument("--run-id", help="parent MLflow run (default: the training run)")
-    p.add_argument("--no-mlflow", action="store_true", help="write files only")
+    p.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="write files and print only, for a model whose MLflow is out of reach",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate, write and print the results, then log them: a logging failure exits 1 with
+    the results already on disk and on screen."""
+    from core.endpoints import strip_credentials
     from evals.lm_backend import export_path
-    from evals.pipeline import run_eval
+    from evals.pipeline import EvalLoggingError, eval_tracking_uri, evaluate_export, log_eval
 
     model_dir = export_path(args.model)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     depths = [d.strip() for d in args.depths.split(",")] if args.depths else None
-    report, run_id, out = run_eval(
+    report, out = evaluate_export(
         model_dir,
         tasks,
         data_dir=args.data_dir,
@@ -52,19 +68,32 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         out_dir=args.out,
-        tracking_uri=args.tracking_uri,
-        parent_run_id=args.run_id,
-        log_mlflow=not args.no_mlflow,
     )
+    if not args.json:
+        print_table(report)
+        print(f"[mor] artifacts: {out}", flush=True)
+    run_id, error = None, None
+    if not args.no_mlflow:
+        uri = eval_tracking_uri(report, args.tracking_uri)
+        if not args.json:
+            print(f"[mor] logging to MLflow at {strip_credentials(uri)}", flush=True)
+        try:
+            run_id = log_eval(report, out, uri, parent_run_id=args.run_id)
+        except EvalLoggingError as exc:
+            error = exc
     if args.json:
-        print(
-            json.dumps(
-                {"report": report.to_dict(), "mlflow_run_id": run_id, "artifacts": str(out)},
-                indent=2,
-                default=str,
-            )
-        )
-        return 0
+        payload = {"report": report.to_dict(), "mlflow_run_id": run_id, "artifacts": str(out)}
+        print(json.dumps(payload, indent=2, default=str))
+    elif run_id:
+        print(f"[mor] MLflow eval run: {run_id}")
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_table(report: EvalReport) -> None:
+    """One line per depth point: mean depth, GFLOP/token, NLL, average accuracy, each task."""
     header = f"{'point':>7} {'mean depth':>10} {'GFLOP/token':>12} {'NLL':>7} {'avg acc':>8}"
     cols = []
     for task in report.tasks:
@@ -88,7 +117,3 @@ def run(args: argparse.Namespace) -> int:
             cell = "n/a" if v is None else f"{v:.4f}" + (f"±{se:.3f}" if se else "")
             line += f"  {cell:>{len(task) + len(name) + 1}}"
         print(line)
-    print(f"[mor] artifacts: {out}")
-    if run_id:
-        print(f"[mor] MLflow eval run: {run_id}")
-    return 0

@@ -39,16 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def default_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    try:
-        from cli.stack import stack_addresses
+    """$MLFLOW_TRACKING_URI, else the `mor up` stack, else outputs/mlflow.db (absolute)."""
+    from core.endpoints import resolve_tracking_uri
 
-        uri = stack_addresses().get("mlflow")
-    except Exception:
-        uri = None
-    return uri or f"sqlite:///{os.path.abspath('outputs/mlflow.db')}"
+    return resolve_tracking_uri(None, "outputs")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.stack import StackRecord
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
@@ -28,7 +32,7 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cli.stack import DEFAULT_PORTS
+    from core.stack import DEFAULT_PORTS
 
     u = subparsers.add_parser(
         "up", help="start the local stack (Ray head + MLflow server)", description=__doc__
@@ -61,16 +65,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.set_defaults(func=run_down)
 
 
-def _print_addresses(record: dict[str, Any]) -> None:
-    ray, ml = record["ray"], record["mlflow"]
-    print(f"[mor]   Ray dashboard + jobs : {ray['dashboard']}")
-    print(f"[mor]   Ray address          : {ray['address']}")
-    print(f"[mor]   MLflow               : {ml['url']}")
-    print(f"[mor]   state                : {record['state_dir']}")
+def _print_addresses(record: StackRecord) -> None:
+    print(f"[mor]   Ray dashboard + jobs : {record.ray.dashboard}")
+    print(f"[mor]   Ray address          : {record.ray.address}")
+    print(f"[mor]   MLflow               : {record.mlflow.url}")
+    print(f"[mor]   state                : {record.state_dir}")
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from cli.stack import StackError, up
+    from core.stack import StackError, up
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
@@ -91,41 +94,41 @@ def run_up(args: argparse.Namespace) -> int:
         return 1
     print("[mor] stack up" if started else "[mor] stack already running")
     _print_addresses(record)
-    print(f"[mor] next: mor sweep submit SPEC.yaml, then browse {record['mlflow']['url']}")
+    print(f"[mor] next: mor sweep submit SPEC.yaml, then browse {record.mlflow.url}")
     return 0
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from cli.stack import health, is_healthy, read_stack, resolve_dir
+    from core.stack import check, is_healthy, read_record, resolve_dir
 
     state = resolve_dir(args.state_dir)
-    record = read_stack(state)
-    report = health(record)
-    ok = bool(record) and record.get("status") == "up" and is_healthy(report)
+    record = read_record(state)
+    report = check(record, deep=True) if record else {}
+    ok = record is not None and record.status == "up" and is_healthy(report)
     if args.json:
-        out = {"healthy": ok, "state_dir": str(state), "services": report}
+        services = {k: {**asdict(v), "healthy": v.healthy} for k, v in report.items()}
+        out: dict[str, Any] = {"healthy": ok, "state_dir": str(state), "services": services}
         if record:
-            out["status"] = record.get("status")
+            out["status"] = record.status
         print(json.dumps(out, indent=2))
         return 0 if ok else 1
     if not record:
         print(f"[mor] no stack recorded in {state} (start one with `mor up`)")
         return 1
     for name, svc in report.items():
-        where = svc.get("dashboard") or svc.get("url")
-        state_word = "healthy" if svc["healthy"] else (
-            "not answering" if svc["pid_alive"] else "not running"
+        state_word = "healthy" if svc.healthy else (
+            "not answering" if svc.pid_alive else "not running"
         )  # fmt: skip
-        print(f"[mor] {name:<7} {state_word:<14} pid {svc['pid']}  {where}")
+        print(f"[mor] {name:<7} {state_word:<14} pid {svc.pid}  {svc.where}")
     print("[mor] stack healthy" if ok else "[mor] stack NOT healthy (try `mor down && mor up`)")
     return 0 if ok else 1
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from cli.stack import StackError, down, read_stack, resolve_dir
+    from core.stack import STACK_FILE, StackError, down, resolve_dir
 
     state = resolve_dir(args.state_dir)
-    if read_stack(state) is None:
+    if not (state / STACK_FILE).exists():
         print(f"[mor] no stack recorded in {state}: nothing to stop")
         return 0
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 
@@ -53,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _spec(items: list[str]):
+    """The spec file and its overrides, field by field; ``plan_sweep`` checks its trials."""
     from sweeps.spec import load_spec
 
     if not items or "=" in items[0]:
@@ -81,74 +81,50 @@ def _print_result(res) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sweeps.driver import run_sweep
+    from sweeps.spec import plan_sweep
 
     if args.spec_from_env:
         from sweeps.jobs import spec_from_env
 
         spec = spec_from_env()
     else:
-        spec = _spec(args.items)  # validated before Ray starts
-    res = run_sweep(spec, address=args.address or _stack_ray())
+        spec = _spec(args.items)
+    plan = plan_sweep(spec)  # every trial validated, once, before Ray starts
+    res = run_sweep(plan, address=args.address)  # None: core.endpoints decides
     _print_result(res)
     return 1 if res.errors else 0
 
 
 def resume(args: argparse.Namespace) -> int:
     from sweeps.driver import load_saved_spec, run_sweep
+    from sweeps.spec import plan_sweep
 
-    spec = load_saved_spec(args.name, args.storage_path)
-    res = run_sweep(spec, resume=True, address=args.address or _stack_ray())
+    plan = plan_sweep(load_saved_spec(args.name, args.storage_path))
+    res = run_sweep(plan, resume=True, address=args.address)
     _print_result(res)
     return 1 if res.errors else 0
 
 
-def _stack_ray() -> str | None:
-    from core.endpoints import default_ray_address
+def _job_server(args: argparse.Namespace) -> str:
+    """--address, else $RAY_API_SERVER_ADDRESS, else the `mor up` stack's job server; the
+    Ray token auth of this process is on for it (the stack's head requires it)."""
+    from core.endpoints import resolve_endpoints
 
-    return default_ray_address()  # the `mor up` stack's head while it is up
-
-
-def _address(args: argparse.Namespace) -> str:
-    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
-    if not address:
-        try:
-            from cli.stack import stack_addresses
-
-            address = stack_addresses().get("ray_dashboard")
-        except Exception:
-            address = None
+    address = resolve_endpoints(job_server=args.address, target="jobs").job_server
     if not address:
         raise ValueError("--address: give the Ray job server, e.g. http://127.0.0.1:8265")
-    try:  # send the Ray auth token if one is configured (the stack's head requires it)
-        from cli.stack import enable_ray_token_auth
-
-        enable_ray_token_auth()
-    except Exception:
-        pass
     return address
-
-
-def _stack_tracking(spec, address: str):
-    """A spec submitted to the `mor up` stack's head, with no tracking URI of its own (nor
-    $MLFLOW_TRACKING_URI), is tracked on the stack's MLflow server."""
-    if spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        return spec
-    from cli.stack import stack_addresses
-
-    stack = stack_addresses()
-    if not stack or stack["ray_dashboard"].rstrip("/") != address.rstrip("/"):
-        return spec
-    return spec.model_copy(
-        update={"tracking": spec.tracking.model_copy(update={"uri": stack["mlflow"]})}
-    )
 
 
 def submit(args: argparse.Namespace) -> int:
     from sweeps import jobs
+    from sweeps.spec import plan_sweep
 
-    spec = _spec(args.items)
-    address = _address(args)
-    job_id = jobs.submit(_stack_tracking(spec, address), address)
+    plan = plan_sweep(_spec(args.items))  # every trial validated before the cluster is asked
+    address = _job_server(args)
+    # Tracked where core.endpoints says for this job server: the stack's MLflow when it is
+    # the stack's head, else an absolute sqlite store (the job runs in another directory).
+    job_id = jobs.submit(plan, address)
     print(job_id)
     if args.wait:
         while (state := jobs.status(job_id, address)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
@@ -161,19 +137,20 @@ def submit(args: argparse.Namespace) -> int:
 def job_status(args: argparse.Namespace) -> int:
     from sweeps import jobs
 
-    print(json.dumps({"job_id": args.job_id, "status": jobs.status(args.job_id, _address(args))}))
+    status = jobs.status(args.job_id, _job_server(args))
+    print(json.dumps({"job_id": args.job_id, "status": status}))
     return 0
 
 
 def job_logs(args: argparse.Namespace) -> int:
     from sweeps import jobs
 
-    print(jobs.logs(args.job_id, _address(args)), end="")
+    print(jobs.logs(args.job_id, _job_server(args)), end="")
     return 0
 
 
 def job_stop(args: argparse.Namespace) -> int:
     from sweeps import jobs
 
-    print(json.dumps({"job_id": args.job_id, "stopped": jobs.stop(args.job_id, _address(args))}))
+    print(json.dumps({"job_id": args.job_id, "stopped": jobs.stop(args.job_id, _job_server(args))}))
     return 0

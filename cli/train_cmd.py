@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,14 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"address={args.address}")
     cfg = load_train_config(path, overrides)  # validated before Ray starts
-    if cfg.address is None:
-        from core.endpoints import default_ray_address
 
-        stack = default_ray_address()  # the `mor up` stack's head while it is up
-        if stack:
-            cfg = cfg.model_copy(update={"address": stack})
-
-    from trainers.launcher import plan_run, run_training
+    # Ray address, Ray auth and MLflow URI: core.endpoints.resolve_endpoints, called by
+    # plan_run (MLflow) and run_training (Ray), so that the `mor up` stack is the default.
+    from trainers.launcher import TrainingError, plan_run, run_training
 
     plan = plan_run(cfg)
     print(
@@ -51,7 +48,11 @@ def run(args: argparse.Namespace) -> int:
         f"MLflow run {plan.run_id} at {plan.tracking_uri}"
         + (" (resumed)" if plan.resumed_run else "")
     )
-    result = run_training(cfg, plan=plan)
+    try:
+        result = run_training(cfg, plan=plan)
+    except TrainingError as exc:  # recorded in MLflow (FAILED, mor.failure); not a bug of ours
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     summary = {
         "run_id": result.run_id,
         "tracking_uri": result.tracking_uri,

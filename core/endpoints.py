@@ -1,94 +1,121 @@
-"""Defaults from the local ``mor up`` stack: its MLflow URL and Ray address, when it is up.
+"""Where a command finds Ray and MLflow: one resolution for train, eval, sweeps and reports.
 
-Pure standard library on purpose: ``trainers`` and ``sweeps`` read the stack's record
-(``STATE/stack.json``, written by ``cli/stack.py``) without depending on the CLI or on
-``psutil``. "Up" here means only that the recorded process is alive; ``mor status`` does the
-real health check. The precedence everywhere is: explicit setting > environment variable
-(``MLFLOW_TRACKING_URI``, ``RAY_ADDRESS``) > the stack > the built-in local default.
+``resolve_endpoints`` is the only place that decides; each setting follows the same order:
+an explicit value (a flag, a config field) > an environment variable > the `mor up` stack
+while it is healthy (``core.stack.healthy_stack``) > a local default. Never Ray's own
+auto-detection, which would reattach to a cluster recorded in /tmp/ray even after it died.
 """
 
 from __future__ import annotations
 
-import json
+import functools
+import logging
 import os
 import re
+import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-STACK_DIR_ENV = "MOR_STACK_DIR"
-STACK_FILE = "stack.json"
+from core.stack import StackRecord, healthy_stack
 
-
-def stack_dir() -> Path:
-    """Where the stack keeps its state: $MOR_STACK_DIR, else ~/.mor/stack."""
-    raw = os.environ.get(STACK_DIR_ENV)
-    return Path(raw).expanduser() if raw else Path.home() / ".mor" / "stack"
+Target = Literal["ray", "jobs"]
 
 
-def read_stack(state_dir: str | Path | None = None) -> dict[str, Any] | None:
-    """The stack's record, or None when there is none (or it cannot be read)."""
-    path = Path(state_dir).expanduser() if state_dir else stack_dir()
+@dataclass(frozen=True)
+class Endpoints:
+    ray_address: str
+    """For ``ray.init``: explicit, else $RAY_ADDRESS, else the stack's head, else "local"
+    (a fresh Ray for this process)."""
+    job_server: str | None
+    """For Ray Job submission: explicit, else $RAY_API_SERVER_ADDRESS, else (for
+    target="jobs") the stack's dashboard, else None."""
+    tracking_uri: str
+    """MLflow: explicit, else the run's recorded one, else $MLFLOW_TRACKING_URI, else the
+    stack's server, else an absolute sqlite store under the storage path."""
+    ray_token_auth: bool
+    """Token authentication is on for this process's Ray clients."""
+
+
+def enable_ray_token_auth() -> bool:
+    """Make Ray clients in this process (``ray.init`` to an existing cluster, job clients)
+    send the token: token mode if $RAY_AUTH_MODE is unset and a token exists (the stack's
+    head requires it; ``ray.init(address=...)`` does not turn it on by itself). Returns
+    whether token mode is on."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode:
+        return mode.lower() == "token"
     try:
-        data = json.loads((path / STACK_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def pid_alive(pid: Any) -> bool:
-    """True if ``pid`` names a running (not zombie) process."""
-    if not isinstance(pid, int) or pid <= 0:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
         return False
+    # Ray logs "... Set RAY_AUTH_MODE=disabled to opt out" here: advice we do not want to give.
+    log = logging.getLogger(maybe_enable_token_auth_if_token_available.__module__)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:  # a zombie still answers kill(0); on Linux /proc tells them apart
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+        return bool(maybe_enable_token_auth_if_token_available(warn_if_disabled=False))
+    finally:
+        log.setLevel(level)
 
 
-def _service(name: str, state_dir: str | Path | None) -> dict[str, Any] | None:
-    data = read_stack(state_dir)
-    if not data or data.get("status") != "up":
-        return None
-    svc = data.get(name) or {}
-    return svc if pid_alive(svc.get("pid")) else None
+def _same_server(a: str, b: str) -> bool:
+    return a.rstrip("/") == b.rstrip("/")
 
 
-def stack_mlflow_uri(state_dir: str | Path | None = None) -> str | None:
-    """The stack's MLflow tracking URL if its server is alive, else None."""
-    svc = _service("mlflow", state_dir)
-    return svc.get("url") if svc else None
+def resolve_endpoints(
+    *,
+    ray_address: str | None = None,
+    job_server: str | None = None,
+    tracking_uri: str | None = None,
+    recorded: str | None = None,
+    storage_path: str | Path = "outputs",
+    target: Target | None = "ray",
+) -> Endpoints:
+    """Ray address, job server, Ray auth and MLflow URI for one command.
+
+    ``target`` is what the command connects to: "ray" (``ray.init``: train, sweep run),
+    "jobs" (the job server: sweep submit/status/logs/stop) or None (MLflow only: report,
+    eval). Token auth is enabled in this process when it connects to an existing cluster
+    (not a fresh local Ray). A job server other than the stack's is a foreign cluster: the
+    stack's MLflow (on this machine's loopback) is then no default for its jobs.
+    ``recorded`` is the tracking URI an export recorded: its eval lands beside its training.
+    """
+    stack = functools.cache(healthy_stack)  # looked up at most once, only when needed
+    s: StackRecord | None
+    ray = ray_address or os.environ.get("RAY_ADDRESS")
+    if not ray:
+        ray = s.ray.address if (s := stack()) else "local"
+    jobs = job_server or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not jobs and target == "jobs":
+        jobs = s.ray.dashboard if (s := stack()) else None
+    uri = tracking_uri or recorded or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and (s := stack()) is not None:
+        foreign = target == "jobs" and jobs is not None
+        if not (foreign and not _same_server(jobs, s.ray.dashboard)):
+            uri = s.mlflow.url
+    if not uri:  # absolute: a submitted job runs in another working directory
+        uri = f"sqlite:///{os.path.abspath(os.path.expanduser(storage_path))}/mlflow.db"
+    auth = target == "jobs" or (target == "ray" and ray != "local")
+    return Endpoints(
+        ray_address=ray,
+        job_server=jobs,
+        tracking_uri=uri,
+        ray_token_auth=enable_ray_token_auth() if auth else False,
+    )
 
 
-def stack_ray_address(state_dir: str | Path | None = None) -> str | None:
-    """The stack's Ray GCS address (for ``ray.init``) if its head is alive, else None."""
-    svc = _service("ray", state_dir)
-    return svc.get("address") if svc else None
-
-
-def default_ray_address() -> str | None:
-    """Ray address for a command given none: None when $RAY_ADDRESS is set (Ray reads it,
-    e.g. inside a Ray Job), else the stack's head if it is up, else None (local Ray)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return None
-    return stack_ray_address()
-
-
-def ray_init_address(explicit: str | None = None) -> str | None:
-    """What to pass to ``ray.init``: never Ray's own auto-detection, which would reattach to a
-    cluster recorded in /tmp/ray even after it died. An explicit address wins, then
-    $RAY_ADDRESS (None: Ray reads it), then the `mor up` stack, else a fresh local Ray."""
-    if explicit:
-        return explicit
-    if os.environ.get("RAY_ADDRESS"):
-        return None
-    return stack_ray_address() or "local"
+def resolve_tracking_uri(
+    explicit: str | None, storage_path: str | Path, recorded: str | None = None
+) -> str:
+    """The MLflow URI of ``resolve_endpoints`` alone (no Ray): an explicit one, else the one
+    ``recorded`` where the run came from, else $MLFLOW_TRACKING_URI, else the healthy stack's
+    server, else an absolute sqlite store under ``storage_path``."""
+    return resolve_endpoints(
+        tracking_uri=explicit, recorded=recorded, storage_path=storage_path, target=None
+    ).tracking_uri
 
 
 def strip_credentials(uri: str) -> str:
@@ -97,18 +124,15 @@ def strip_credentials(uri: str) -> str:
     return re.sub(r"^(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@", r"\g<scheme>", uri)
 
 
-def resolve_tracking_uri(
-    explicit: str | None, storage_path: str | Path, recorded: str | None = None
-) -> str:
-    """The MLflow URI a command uses: an explicit one, else the one ``recorded`` where the
-    run came from (an export's training run: its eval must land beside it), else
-    $MLFLOW_TRACKING_URI, else the `mor up` stack's server while it is up, else a sqlite
-    store under ``storage_path``."""
-    if explicit:
-        return explicit
-    if recorded:
-        return recorded
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return stack_mlflow_uri() or f"sqlite:///{Path(storage_path) / 'mlflow.db'}"
+def check_ray_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Something must listen at a ``host:port`` Ray address now: ``ray.init`` would retry an
+    unreachable GCS for minutes. "local"/"auto" start or find a Ray themselves."""
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not port.isdigit():
+        return  # not host:port: let Ray parse (and reject) it
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc})") from None

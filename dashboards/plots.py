@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import html
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -103,9 +104,9 @@ def router_depths_png(points: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def interactive_html(points: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Plotly page: hover shows the configuration, front highlighted, depth curves per model,
-    filters by sharing / router / N_r. Self-contained (plotly.js embedded): works offline."""
+def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
+    """The Plotly figure: one depth curve per model (router's choice as a star), the Pareto
+    front, and a menu filtering models by sharing / router / N_r."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -136,13 +137,7 @@ def interactive_html(points: pd.DataFrame, metric: str, path: Path) -> Path:
                 },
             )
         )
-        meta.append(
-            {
-                "sharing": first["sharing"],
-                "router": first["router"],
-                "num_recursions": int(first["num_recursions"]),
-            }
-        )
+        meta.append({k: first[k] for k in ("sharing", "router", "num_recursions")})
     front = pareto_front(points, COST, metric)
     fig.add_trace(
         go.Scatter(
@@ -176,27 +171,34 @@ def interactive_html(points: pd.DataFrame, metric: str, path: Path) -> Path:
         height=600,
         updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.15}],
     )
-    html = fig.to_html(include_plotlyjs=True, full_html=True, div_id="mor-pareto")
-    n_points = int(sum(len(points[points["model"] == m]) for m in models))
-    # A small self-check the headless-browser test reads: errors and rendered marker count.
-    probe = f"""
-<div id="mor-errors" style="display:none"></div>
-<div id="mor-expected-points" style="display:none">{n_points}</div>
-<div id="mor-rendered-points" style="display:none">pending</div>
-<script>
-window.addEventListener('error', e => {{
-  document.getElementById('mor-errors').textContent += (e.message || 'error') + '\\n';
-}});
-window.addEventListener('load', () => {{
-  const count = () => document.querySelectorAll('#mor-pareto .scatterlayer .trace')
-      .length ? Array.from(document.querySelectorAll('#mor-pareto .scatterlayer .trace'))
-      .slice(0, {len(models)}).reduce((n, t) => n + t.querySelectorAll('.point').length, 0) : 0;
-  setTimeout(() => {{
-    document.getElementById('mor-rendered-points').textContent = String(count());
-  }}, 500);
-}});
-</script>
-<script type="application/json" id="mor-models">{json.dumps(meta)}</script>
+    return fig
+
+
+TABLE_COLUMNS = ["model", "point", "sharing", "router", "num_recursions", "kv_cache", COST]
+
+
+def interactive_html(points: pd.DataFrame, metric: str, path: Path) -> Path:
+    """The report page: the interactive Pareto plot (hover shows the configuration, front
+    highlighted, filters by sharing / router / N_r), then the table of its depth points.
+    Self-contained (plotly.js embedded): works offline."""
+    title = f"MoR sweep report: {_metric_label(metric)} vs inference FLOPs per token"
+    plot = _pareto_figure(points, metric).to_html(
+        include_plotlyjs=True, full_html=False, div_id="mor-pareto"
+    )
+    columns = TABLE_COLUMNS + ([metric] if metric not in TABLE_COLUMNS else [])
+    table = points.sort_values(["model", COST])[columns].to_html(
+        index=False, float_format=lambda v: f"{v:.4g}", table_id="mor-points", border=0
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>{html.escape(title)}</title></head>
+<body>
+<h1>{html.escape(title)}</h1>
+{plot}
+<h2>Every model at every test-time depth</h2>
+{table}
+</body>
+</html>
 """
-    path.write_text(html.replace("</body>", probe + "</body>"))
+    path.write_text(page)
     return path

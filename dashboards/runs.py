@@ -1,19 +1,29 @@
 """Read what trainers and evals logged to MLflow into pandas tables (no second store).
 
-Layout in MLflow: a sweep parent run (tag ``mor.kind=sweep``) → one training run per trial
-(params ``resolved_model.*``, metrics ``flops``/``tokens``/``val/loss``) → one eval run per
-trained model (tag ``mor.kind=eval``) with ``eval/d<point>/<key>`` metrics per depth point.
+Layout in MLflow (the keys and tags are ``core.keys``'): a sweep parent run → one training run
+per trial (params ``model.*``, metrics ``flops``/``tokens``/``val/loss``) → one eval run per
+trained model with ``eval/d<point>/<key>`` metrics per depth point.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import pandas as pd
 from mlflow import MlflowClient
 
-_POINT_KEY = re.compile(r"^eval/d(?P<point>[^/]+)/(?P<key>.+)$")
+from core.keys import (
+    KIND_EVAL,
+    KIND_SWEEP,
+    ROUTER_POINT,
+    TAG_KIND,
+    TAG_KV_CACHE,
+    TAG_LABEL,
+    TAG_NUM_RECURSIONS,
+    TAG_ROUTER,
+    TAG_SHARING,
+    eval_points,
+)
 
 
 @dataclass
@@ -42,7 +52,7 @@ def resolve(client: MlflowClient, name: str) -> tuple[list[str], list[str]]:
     """A sweep name (its parent runs) or an experiment name → (experiment ids, parent ids)."""
     exp_ids = _experiments(client)
     sweeps = _all_runs(
-        client, exp_ids, f"tags.`mor.kind` = 'sweep' and tags.`mlflow.runName` = '{name}'"
+        client, exp_ids, f"tags.`{TAG_KIND}` = '{KIND_SWEEP}' and tags.`mlflow.runName` = '{name}'"
     )
     if sweeps:
         return sorted({r.info.experiment_id for r in sweeps}), [r.info.run_id for r in sweeps]
@@ -63,10 +73,10 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
         e, p = resolve(client, name)
         exp_ids += [x for x in e if x not in exp_ids]
         parents += p
-    train_runs = _all_runs(client, exp_ids, "tags.`mor.sharing` != ''")
+    train_runs = _all_runs(client, exp_ids, f"tags.`{TAG_SHARING}` != ''")
     if parents:
         train_runs = [r for r in train_runs if r.data.tags.get("mlflow.parentRunId") in parents]
-    eval_runs = _all_runs(client, exp_ids, "tags.`mor.kind` = 'eval'")
+    eval_runs = _all_runs(client, exp_ids, f"tags.`{TAG_KIND}` = '{KIND_EVAL}'")
     eval_by_parent = {r.data.tags.get("mlflow.parentRunId"): r for r in eval_runs}
     trial_rows, point_rows = [], []
     for run in train_runs:
@@ -75,10 +85,10 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
             "run_id": run.info.run_id,
             "name": t.get("mlflow.runName", run.info.run_id),
             "status": run.info.status,
-            "sharing": t.get("mor.sharing"),
-            "router": t.get("mor.router"),
-            "num_recursions": int(t.get("mor.num_recursions", 1)),
-            "kv_cache": t.get("mor.kv_cache"),
+            "sharing": t.get(TAG_SHARING),
+            "router": t.get(TAG_ROUTER),
+            "num_recursions": int(t.get(TAG_NUM_RECURSIONS, 1)),
+            "kv_cache": t.get(TAG_KV_CACHE),
             "preset": p.get("model.preset"),
             "params_non_embedding": _num(p.get("model.params_non_embedding")),
             "params_total": _num(p.get("model.params_total")),
@@ -87,19 +97,14 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
             "val_nll": m.get("val/loss"),
             "train_loss": m.get("train/loss"),
             "sweep": t.get("mlflow.parentRunId"),
-            "label": t.get("mor.label"),
+            "label": t.get(TAG_LABEL),
         }
         row["model"] = model_label(row)
         trial_rows.append(row)
         ev = eval_by_parent.get(run.info.run_id)
         if ev is None:
             continue
-        per_point: dict[str, dict[str, float]] = {}
-        for key, value in ev.data.metrics.items():
-            match = _POINT_KEY.match(key)
-            if match:
-                per_point.setdefault(match["point"], {})[match["key"]] = value
-        for point, values in per_point.items():
+        for point, values in eval_points(ev.data.metrics).items():
             point_rows.append(
                 {
                     "run_id": run.info.run_id,
@@ -109,7 +114,7 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
                     "num_recursions": row["num_recursions"],
                     "kv_cache": row["kv_cache"],
                     "point": point,
-                    "fixed_depth": point != "router",
+                    "fixed_depth": point != ROUTER_POINT,
                     **values,
                 }
             )

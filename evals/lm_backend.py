@@ -7,6 +7,11 @@ depends on later tokens, and padding is never eligible, so batching cannot chang
 ``depth`` fixes every token's recursion count (the test-time depth knob); ``max_depth`` only
 caps the router. The backend accumulates routing statistics over every forward it runs, so the
 caller can turn them into measured inference FLOPs per token (``mor/flops.py``).
+
+The end-of-text id comes from the export (``meta["eos_id"]``, the id training separated
+documents with), never from guessing token names: rolling windows and generation stop on it.
+Log-probabilities are computed in the wider of the model's dtype and float32, so a float64
+model is scored in float64 and a bf16 one does not lose the softmax's precision.
 """
 
 from __future__ import annotations
@@ -27,7 +32,17 @@ from mor.checkpoint import load_pretrained, tokenizer_file
 from mor.generation import generate
 from mor.model import MoRModel
 
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
+DTYPES = {
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass
@@ -87,6 +102,12 @@ class MoRLM(TemplateLM):
             eos_id = eos_id if eos_id is not None else meta.get("eos_id")
         else:
             model = model.to(device=device, dtype=torch_dtype).eval()
+        if eos_id in (None, ""):
+            # Every `mor train` export records it; only a hand-made export or model lacks it.
+            raise ValueError(
+                "eos_id: the export records no eos_id (meta.eos_id); pass eos_id=ID, the "
+                "end-of-text token the model was trained with"
+            )
         if tokenizer is None:
             raise ValueError("tokenizer: the export holds no tokenizer.json; pass tokenizer=PATH")
         self.tokenizer = (
@@ -104,7 +125,11 @@ class MoRLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 16
         self.max_length = int(max_length or model.cfg.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
-        self._eos = eos_id if eos_id is not None else _find_eos(self.tokenizer)
+        self._eos = int(eos_id)
+        if not 0 <= self._eos < model.cfg.vocab_size:
+            raise ValueError(
+                f"eos_id: {self._eos} is outside the vocabulary 0..{model.cfg.vocab_size - 1}"
+            )
         self.tally = RoutingTally()
 
     # ------------------------------------------------------------------ tokenizer plumbing
@@ -143,7 +168,9 @@ class MoRLM(TemplateLM):
             force_depth=self.depth,
         )
         self.tally.add(out.stats, int(mask.sum()), [len(r) for r in rows])
-        return F.log_softmax(out.logits.float(), dim=-1).cpu()
+        # Never narrower than float32, never narrower than the model (float64 stays float64).
+        wide = torch.promote_types(out.logits.dtype, torch.float32)
+        return F.log_softmax(out.logits.to(wide), dim=-1).cpu()
 
     def _loglikelihood_tokens(
         self,
@@ -229,24 +256,13 @@ class MoRLM(TemplateLM):
         return out
 
 
-def _dtype(name: str, device: str) -> torch.dtype | None:
+def _dtype(name: str | None, device: str) -> torch.dtype | None:
+    """``auto``: bfloat16 on CUDA, else the model's own dtype (None: no cast)."""
     if name in ("auto", "", None):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-    }[name]
-
-
-def _find_eos(tok: Tokenizer) -> int:
-    for name in EOS_CANDIDATES:
-        idx = tok.token_to_id(name)
-        if idx is not None:
-            return idx
-    raise ValueError(f"tokenizer: none of {EOS_CANDIDATES} is in the vocabulary; pass eos_id")
+        return torch.bfloat16 if str(device).startswith("cuda") else None
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def export_path(model_ref: str) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import tempfile
@@ -159,6 +160,8 @@ def log_to_mlflow(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
+    from core.keys import eval_key, eval_point_key
+
     client = MlflowClient(tracking_uri=tracking_uri)
     if parent_run_id:
         exp_id = client.get_run(parent_run_id).info.experiment_id
@@ -193,17 +196,24 @@ def log_to_mlflow(
             if value is None:
                 continue
             # A series over the points (step = point index) and a per-point key for tables.
-            metrics.append(Metric(f"eval/{key}", float(value), 0, step))
-            metrics.append(Metric(f"eval/d{p.label}/{key}", float(value), 0, 0))
-    client.log_batch(rid, params=params)
-    for i in range(0, len(metrics), 500):
-        client.log_batch(rid, metrics=metrics[i : i + 500])
-    if artifacts_dir is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_artifacts(report, Path(tmp))
-            client.log_artifacts(rid, tmp)
-    else:
-        client.log_artifacts(rid, str(artifacts_dir))
+            metrics.append(Metric(eval_key(key), float(value), 0, step))
+            metrics.append(Metric(eval_point_key(p.label, key), float(value), 0, 0))
+    try:
+        client.log_batch(rid, params=params)
+        for i in range(0, len(metrics), 500):
+            client.log_batch(rid, metrics=metrics[i : i + 500])
+        if artifacts_dir is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_artifacts(report, Path(tmp))
+                client.log_artifacts(rid, tmp)
+        else:
+            client.log_artifacts(rid, str(artifacts_dir))
+    except Exception:
+        # A half-logged run must not stay RUNNING (or look like a finished evaluation to a
+        # resumed sweep, which reuses FINISHED eval runs).
+        with contextlib.suppress(Exception):
+            client.set_terminated(rid, "FAILED")
+        raise
     client.set_terminated(rid, "FINISHED")
     if parent_run_id:
         client.set_tag(parent_run_id, "mor.eval_run_id", rid)

@@ -113,19 +113,17 @@ def build_task_manager(tasks: list[str], data_dir: str | Path | None, work_dir: 
 
 
 def heldout_nll(lm: MoRLM, docs: int = NLL_DOCS) -> float:
-    """Mean next-token NLL over held-out default-corpus text, in max_length windows."""
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    """Mean next-token NLL over held-out default-corpus text: lm-eval's public
+    ``loglikelihood_rolling`` (whole documents, rolling max_length windows) per token."""
+    from lm_eval.api.instance import Instance
 
-    total, count = 0.0, 0
-    for doc in bpb_docs(heldout_documents())[:docs]:
-        toks = lm.tok_encode(doc["text"])
-        windows = [
-            make_disjoint_window(w)
-            for w in get_rolling_token_windows(toks, lm.eot_token_id, lm.max_length, 1)
-        ]
-        scores = lm._loglikelihood_tokens([(("", ""), c, t) for c, t in windows], disable_tqdm=True)
-        total += sum(s for s, _ in scores)
-        count += len(toks)
+    texts = [d["text"] for d in bpb_docs(heldout_documents())[:docs]]
+    requests = [
+        Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=i)
+        for i, text in enumerate(texts)
+    ]
+    total = sum(lm.loglikelihood_rolling(requests, disable_tqdm=True))
+    count = sum(len(lm.tok_encode(text)) for text in texts)
     return -total / max(1, count)
 
 
@@ -154,8 +152,12 @@ def evaluate_model(
     tokenizer: str | Path | None = None,
     num_fewshot: int | None = None,
     nll_docs: int = NLL_DOCS,
+    eos_id: int | None = None,
 ) -> EvalReport:
-    """Evaluate ``model_ref`` (an export folder or a model) at every test-time depth."""
+    """Evaluate ``model_ref`` (an export folder or a model) at every test-time depth.
+
+    ``eos_id`` defaults to the export's recorded one; an in-memory model needs it given.
+    """
     import lm_eval
 
     if isinstance(model_ref, MoRModel):
@@ -164,6 +166,7 @@ def evaluate_model(
         model, meta = load_pretrained(model_ref, device=device)
         tokenizer = tokenizer or tokenizer_file(model_ref)
         name = str(model_ref)
+    eos_id = eos_id if eos_id is not None else meta.get("eos_id")
     if tokenizer is None:
         raise ValueError("tokenizer: the model has no tokenizer.json; pass --tokenizer")
     work = Path(work_dir or Path.home() / ".cache" / "mor-platform" / "eval_tasks")
@@ -188,7 +191,7 @@ def evaluate_model(
             depth=depth,
             device=device,
             batch_size=batch_size,
-            eos_id=meta.get("eos_id"),
+            eos_id=eos_id,
         )
         torch.manual_seed(0)
         results = lm_eval.simple_evaluate(
@@ -206,37 +209,45 @@ def evaluate_model(
         )
         metrics = {t: _task_metrics(results, t) for t in tasks}
         nll = heldout_nll(lm, nll_docs) if nll_docs > 0 else None
-        fractions = lm.tally.active_fractions()
-        seq = max(1, round(lm.tally.mean_seq_len())) if lm.tally.sequences else None
-        capped = depth if depth is not None else None
-        exact = forward_flops_per_token(model.cfg, seq, fractions, max_depth=capped).total
-        paper = forward_flops_per_token(
-            model.cfg, seq, fractions, max_depth=capped, convention="paper"
-        ).total
-        per_depth = lm.tally.per_depth or [0] * (model.cfg.num_recursions + 1)
-        n = max(1, sum(per_depth))
-        mean_depth = (
-            sum(d * c for d, c in enumerate(per_depth)) / n
-            if sum(per_depth)
-            else float(depth or model.cfg.num_recursions)
-        )
-        accs = [
-            next(m[k] for k in PRIMARY if k in m)
-            for m in metrics.values()
-            if any(k in m for k in PRIMARY)
-        ]
-        points.append(
-            DepthPoint(
-                label=label,
-                depth=depth,
-                mean_depth=mean_depth,
-                tokens_per_depth=list(per_depth),
-                active_fractions=fractions,
-                flops_per_token=exact,
-                flops_per_token_paper=paper,
-                metrics=metrics,
-                average=sum(accs) / len(accs) if accs else None,
-                nll=nll,
-            )
-        )
+        points.append(depth_point(model, lm, label, depth, metrics, nll))
     return EvalReport(name, list(tasks), limit, model.cfg.num_recursions, points, meta)
+
+
+def depth_point(
+    model: MoRModel,
+    lm: MoRLM,
+    label: str,
+    depth: int | None,
+    metrics: dict[str, dict[str, float]],
+    nll: float | None,
+) -> DepthPoint:
+    """One point of the curve: the routing ``lm`` measured, its FLOPs, and the task scores."""
+    fractions = lm.tally.active_fractions()
+    seq = max(1, round(lm.tally.mean_seq_len())) if lm.tally.sequences else None
+    exact = forward_flops_per_token(model.cfg, seq, fractions, max_depth=depth).total
+    paper = forward_flops_per_token(
+        model.cfg, seq, fractions, max_depth=depth, convention="paper"
+    ).total
+    per_depth = lm.tally.per_depth or [0] * (model.cfg.num_recursions + 1)
+    mean_depth = (
+        sum(d * c for d, c in enumerate(per_depth)) / sum(per_depth)
+        if sum(per_depth)
+        else float(depth or model.cfg.num_recursions)
+    )
+    accs = [
+        next(m[k] for k in PRIMARY if k in m)
+        for m in metrics.values()
+        if any(k in m for k in PRIMARY)
+    ]
+    return DepthPoint(
+        label=label,
+        depth=depth,
+        mean_depth=mean_depth,
+        tokens_per_depth=list(per_depth),
+        active_fractions=fractions,
+        flops_per_token=exact,
+        flops_per_token_paper=paper,
+        metrics=metrics,
+        average=sum(accs) / len(accs) if accs else None,
+        nll=nll,
+    )

@@ -1,9 +1,14 @@
 """The exported-model format: a folder that loads with PyTorch alone (no DeepSpeed, no Ray).
 
 export/
-  config.json      {"model": MoRConfig fields, "meta": free-form training metadata}
+  config.json      {"model": MoRConfig fields, "meta": training metadata}
   model.pt         fp32 state_dict (weights_only-loadable)
   tokenizer.json   the tokenizer the model was trained with (when known)
+
+``meta`` is free-form, but a `mor train` export always records: ``eos_id`` (the end-of-text id
+documents were separated with; the eval backend uses it), ``mlflow_run_id`` and
+``tracking_uri`` (the training run and its MLflow, credentials stripped: ``mor eval EXPORT``
+logs its run as that run's child there), ``run_name``, ``seq_len`` and ``flops_convention``.
 """
 
 from __future__ import annotations

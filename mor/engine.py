@@ -6,7 +6,7 @@ depths can go through the same layer call. With ``max_slots`` sequences in fligh
 1. admits queued requests into free slots (a padded prefill forward of the model; its
    ``KVCache`` is copied into per-slot storage);
 2. embeds each fed-back token, runs the unique first layer(s) and routes it with the model's
-   ``eval()`` routing (expert-choice: router r's logit > 0; token-choice: argmax depth);
+   inference rule, ``Router.decide`` (the same call ``MoRModel.forward`` makes in eval());
 3. runs the shared recursion block ONCE over every token at any recursion (sequence A's token
    at recursion 2 and B's at recursion 1 share each layer call; with sequence sharing, position
    j of different recursions may be different unique layers: one call per unique layer);
@@ -16,8 +16,9 @@ Each slot owns keys/values per attention site: unique layers, and per block posi
 per recursion (recursion-wise: only tokens active at r) or recursion 0's only (recursive KV
 sharing, §2.3: deeper recursions read it and project no keys). A token at recursion r attends
 to its own sequence's site (r, j), so the tokens equal step-by-step ``mor.generation.generate``.
-``naive_generate`` is the baseline: static batches through the model's own forward, which runs
-recursion after recursion over shrinking (gathered) token sets.
+``mor.generation.naive_generate`` is the baseline: static batches
+through the model's own forward, which runs recursion after recursion over shrinking (gathered)
+token sets.
 """
 
 from __future__ import annotations
@@ -32,9 +33,7 @@ from torch import Tensor
 
 from mor.layers import apply_rotary
 from mor.model import KVCache, MoRModel
-from mor.routing import ExpertChoiceRouter, TokenChoiceRouter
-
-__all__ = ["DepthwiseBatchingEngine", "EngineStats", "NaiveResult", "naive_generate"]
+from mor.routing import Memo
 
 _IDLE, _ENTRY, _REC, _EXIT = 0, 1, 2, 3
 
@@ -135,8 +134,11 @@ class DepthwiseBatchingEngine:
         self.stage, self.r = [_IDLE] * s, [0] * s
         self.token, self.pos = [0] * s, [0] * s
         self.h = torch.zeros(s, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        # Per slot: the gate of the token's current recursion (if its router gates) and the
+        # router's memo (``Router.decide`` state, e.g. token-choice's depth), kept across steps.
         self.gate = torch.ones(s, dtype=self.dtype, device=self.device)
-        self.tc_depth, self.tc_gate = [0] * s, torch.ones_like(self.gate)
+        self.gated = [False] * s
+        self.memo: Memo = {}
         self.rope = torch.zeros(2, s, 1, 1, cfg.head_dim, dtype=self.dtype, device=self.device)
         n_r = cfg.num_recursions
         self.stats = EngineStats(tokens_per_recursion=[0] * n_r, prefill_active=[0.0] * n_r,
@@ -280,38 +282,31 @@ class DepthwiseBatchingEngine:
             x = self._layer(i, x, cos, sin, self.pre, a, idx, None)
             self.stats.layer_calls["pre"] += 1
         self.stats.decode_tokens += len(slots)
-        tc = self.model.router
-        if isinstance(tc, TokenChoiceRouter):
-            valid = torch.ones(1, len(slots), dtype=torch.bool, device=self.device)
-            depth, gate, _ = tc(x[None], valid, False)
-            self.tc_gate[idx.to(self.device)] = gate[0]
-            for s, d in zip(slots, depth[0].tolist()):
-                self.tc_depth[s] = d
         self.h[idx.to(self.device)] = x
         self._route(slots, [0] * len(slots), x)
 
     def _route(self, slots: list[int], nxt: list[int], x: Tensor) -> None:
-        """Send each token to recursion nxt[i] (set its gate) or, if it stops, to the exit."""
+        """Send each token to recursion nxt[i] (set its gate) or, if it stops, to the exit.
+
+        The decision is the model's own inference rule, ``Router.decide``, per group of tokens
+        at the same recursion, with each slot's memo from its earlier decisions.
+        """
         go = [r < self.n_rec for r in nxt]
-        router = self.model.router
-        if isinstance(router, ExpertChoiceRouter):
-            for r in sorted(set(nxt)):
-                rows = [i for i, ri in enumerate(nxt) if ri == r and go[i]]
-                if not rows:
-                    continue
-                ones = torch.ones(1, len(rows), dtype=torch.bool, device=self.device)
-                rows_t = torch.tensor(rows, device=self.device)
-                sel, gate, _ = router(r, x[rows_t][None], ones, ones, False)
-                self.gate[torch.tensor([slots[i] for i in rows], device=self.device)] = gate[0]
-                for i, keep in zip(rows, sel[0].tolist()):
-                    go[i] = keep
-        elif isinstance(router, TokenChoiceRouter):
-            # The token's gate weighs only its last recursion's update (as in MoRModel).
-            go = [g and self.tc_depth[s] > r for g, s, r in zip(go, slots, nxt)]
-            last = torch.tensor([self.tc_depth[s] == r + 1 for s, r in zip(slots, nxt)])
-            idx = torch.tensor(slots, device=self.device)
-            g = self.tc_gate[idx]
-            self.gate[idx] = torch.where(last.to(self.device), g, torch.ones_like(g))
+        for r in sorted(set(nxt)):
+            rows = [i for i, ri in enumerate(nxt) if ri == r and go[i]]
+            if not rows:
+                continue
+            sl = torch.tensor([slots[i] for i in rows], device=self.device)
+            memo = {k: buf[sl] for k, buf in self.memo.items()}
+            dec = self.model.router.decide(x[torch.tensor(rows, device=self.device)], r, memo)
+            for k, v in dec.memo.items():
+                if k not in self.memo:
+                    self.memo[k] = v.new_zeros((self.max_slots, *v.shape[1:]))
+                self.memo[k][sl] = v
+            if dec.gate is not None:
+                self.gate[sl] = dec.gate
+            for i, keep in zip(rows, dec.keep.tolist()):
+                go[i], self.gated[slots[i]] = keep, dec.gate is not None
         for i, s in enumerate(slots):
             if go[i]:
                 self.stage[s], self.r[s] = _REC, nxt[i]
@@ -349,9 +344,11 @@ class DepthwiseBatchingEngine:
                 y = out
             self.stats.layer_calls["rec"] += len(groups)
             self.stats.rec_rows += len(slots)
-        if self.model.router is not None:  # H + g·f(H), f = Block(H) − H (paper Eq. 1)
+        gated = [self.gated[s] for s in slots]
+        if any(gated):  # H + g·f(H), f = Block(H) − H (paper Eq. 1); ungated: Block(H)
             g = self.gate[dev_idx]
-            y = x + g[:, None] * (y - x)
+            mask = torch.tensor(gated, device=self.device)[:, None]
+            y = torch.where(mask, x + g[:, None] * (y - x), y)
         self.h[dev_idx] = y
         for r in rs:
             self.stats.tokens_per_recursion[r] += 1
@@ -424,75 +421,3 @@ class DepthwiseBatchingEngine:
         )
         h = x + att.o_proj(out.transpose(1, 2).reshape(n, att.n_heads * att.hd))
         return h + layer.mlp(layer.mlp_norm(h))
-
-
-# ---------------------------------------------------------------------- baseline
-@dataclass
-class NaiveResult:
-    """Outputs of ``naive_generate`` and what its caches held."""
-
-    outputs: list[list[int]]
-    kv_bytes: int = 0
-    """Valid KV-cache bytes of each static batch at its end, summed."""
-    tokens: int = 0
-    """Valid tokens the model processed (prompts + fed-back tokens)."""
-    active: list[float] = field(default_factory=list)
-    """Tokens that ran each recursion."""
-    forwards: int = 0
-
-    def active_fractions(self) -> list[float]:
-        return [a / max(1, self.tokens) for a in self.active]
-
-
-@torch.no_grad()
-def naive_generate(
-    model: MoRModel, prompts: list[list[int]], max_new_tokens: int | list[int],
-    batch_size: int = 8, eos_id: int | None = None, max_depth: int | None = None,
-) -> NaiveResult:  # fmt: skip
-    """Static batching with the model's own forward: left-padded prompts, ``KVCache``.
-
-    Each step runs every unfinished row through the whole model, recursion after recursion
-    (each recursion gathers its active tokens, so exited tokens still skip work, but the
-    recursions of one step run one after another over a shrinking batch). Finished rows are
-    masked out of routing and caches; the batch ends when its longest request does.
-    """
-    model.eval()
-    dev = model.embed.weight.device
-    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
-    res = NaiveResult(outputs=[], active=[0.0] * model.cfg.num_recursions)
-
-    def tally(out: object, n_valid: int) -> None:
-        res.tokens += n_valid
-        res.forwards += 1
-        stats = out.stats  # type: ignore[attr-defined]
-        fr = stats.active_fraction if stats is not None else [1.0]
-        res.active = [a + f * n_valid for a, f in zip(res.active, fr)]
-
-    for start in range(0, len(prompts), batch_size):
-        chunk, lim = prompts[start : start + batch_size], limits[start : start + batch_size]
-        t = max(len(p) for p in chunk)
-        ids = torch.zeros(len(chunk), t, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, p in enumerate(chunk):
-            ids[b, t - len(p) :] = torch.tensor(p)
-            mask[b, t - len(p) :] = 1
-        cache = KVCache()
-        out = model(ids.to(dev), mask.to(dev), cache=cache, max_depth=max_depth)
-        tally(out, int(mask.sum()))
-        gen: list[list[int]] = [[] for _ in chunk]
-        done = [False] * len(chunk)
-        while True:
-            nxt = out.logits[:, -1].argmax(-1).tolist()
-            for b, tok in enumerate(nxt):
-                if not done[b]:
-                    gen[b].append(tok)
-                    done[b] = len(gen[b]) >= lim[b] or (eos_id is not None and tok == eos_id)
-            if all(done):
-                break
-            live = torch.tensor([[not d] for d in done], dtype=torch.long)
-            out = model(torch.tensor(nxt)[:, None].to(dev), live.to(dev), cache=cache,
-                        max_depth=max_depth)  # fmt: skip
-            tally(out, int(live.sum()))
-        res.kv_bytes += cache.num_bytes(valid_only=True)
-        res.outputs.extend(gen)
-    return res

@@ -1,6 +1,10 @@
-"""Greedy / sampled generation with the KV cache (inference routing, optional depth cap)."""
+"""Generation through the model's own forward with the KV cache (inference routing, optional
+depth cap): ``generate`` step by step, and ``naive_generate``, the static-batching baseline of
+``mor.engine``'s depth-wise batching."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,3 +55,74 @@ def generate(
         return torch.stack(new_tokens, dim=1)
     finally:
         model.train(was_training)
+
+
+@dataclass
+class NaiveResult:
+    """Outputs of ``naive_generate`` and what its caches held."""
+
+    outputs: list[list[int]]
+    kv_bytes: int = 0
+    """Valid KV-cache bytes of each static batch at its end, summed."""
+    tokens: int = 0
+    """Valid tokens the model processed (prompts + fed-back tokens)."""
+    active: list[float] = field(default_factory=list)
+    """Tokens that ran each recursion."""
+    forwards: int = 0
+
+    def active_fractions(self) -> list[float]:
+        return [a / max(1, self.tokens) for a in self.active]
+
+
+@torch.no_grad()
+def naive_generate(
+    model: MoRModel, prompts: list[list[int]], max_new_tokens: int | list[int],
+    batch_size: int = 8, eos_id: int | None = None, max_depth: int | None = None,
+) -> NaiveResult:  # fmt: skip
+    """Static batching with the model's own forward: left-padded prompts, ``KVCache``.
+
+    Each step runs every unfinished row through the whole model, recursion after recursion
+    (each recursion gathers its active tokens, so exited tokens still skip work, but the
+    recursions of one step run one after another over a shrinking batch). Finished rows are
+    masked out of routing and caches; the batch ends when its longest request does.
+    """
+    model.eval()
+    dev = model.embed.weight.device
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    res = NaiveResult(outputs=[], active=[0.0] * model.cfg.num_recursions)
+
+    def tally(out: object, n_valid: int) -> None:
+        res.tokens += n_valid
+        res.forwards += 1
+        stats = out.stats  # type: ignore[attr-defined]
+        fr = stats.active_fraction if stats is not None else [1.0]
+        res.active = [a + f * n_valid for a, f in zip(res.active, fr)]
+
+    for start in range(0, len(prompts), batch_size):
+        chunk, lim = prompts[start : start + batch_size], limits[start : start + batch_size]
+        t = max(len(p) for p in chunk)
+        ids = torch.zeros(len(chunk), t, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(chunk):
+            ids[b, t - len(p) :] = torch.tensor(p)
+            mask[b, t - len(p) :] = 1
+        cache = KVCache()
+        out = model(ids.to(dev), mask.to(dev), cache=cache, max_depth=max_depth)
+        tally(out, int(mask.sum()))
+        gen: list[list[int]] = [[] for _ in chunk]
+        done = [False] * len(chunk)
+        while True:
+            nxt = out.logits[:, -1].argmax(-1).tolist()
+            for b, tok in enumerate(nxt):
+                if not done[b]:
+                    gen[b].append(tok)
+                    done[b] = len(gen[b]) >= lim[b] or (eos_id is not None and tok == eos_id)
+            if all(done):
+                break
+            live = torch.tensor([[not d] for d in done], dtype=torch.long)
+            out = model(torch.tensor(nxt)[:, None].to(dev), live.to(dev), cache=cache,
+                        max_depth=max_depth)  # fmt: skip
+            tally(out, int(live.sum()))
+        res.kv_bytes += cache.num_bytes(valid_only=True)
+        res.outputs.extend(gen)
+    return res

@@ -29,7 +29,7 @@ from torch import nn
 
 from mor.config import MoRConfig
 from mor.layers import DecoderLayer, KVSite, RMSNorm, Rotary, TokenBatch
-from mor.routing import ExpertChoiceRouter, TokenChoiceRouter
+from mor.routing import Router, make_router
 
 
 @dataclass
@@ -63,11 +63,39 @@ class RoutingStats:
     mean_depth: float
     losses: dict[str, float]  # unweighted router losses (aux, z, balance), averaged
 
+    @classmethod
+    def from_counts(
+        cls, active_fraction: list[float], tokens_per_depth: list[int], losses: dict[str, float]
+    ) -> RoutingStats:
+        """Stats whose mean depth is the token-weighted mean of ``tokens_per_depth``."""
+        total = sum(tokens_per_depth)
+        mean = sum(d * n for d, n in enumerate(tokens_per_depth)) / total if total else 0.0
+        return cls(list(active_fraction), list(tokens_per_depth), float(mean), dict(losses))
+
+    @classmethod
+    def merge(cls, stats: list[RoutingStats]) -> RoutingStats:
+        """Several forwards as one (e.g. the micro-batches of an optimizer step).
+
+        Active fractions and losses are averaged over the forwards, token counts summed, and
+        the mean depth recomputed from the summed counts.
+        """
+        if not stats:
+            raise ValueError("stats: merge needs at least one RoutingStats")
+        n = len(stats)
+        active = [sum(col) / n for col in zip(*(s.active_fraction for s in stats), strict=True)]
+        counts = [sum(col) for col in zip(*(s.tokens_per_depth for s in stats), strict=True)]
+        losses = {k: sum(s.losses[k] for s in stats) / n for k in stats[0].losses}
+        return cls.from_counts(active, counts, losses)
+
     def to_metrics(self, prefix: str = "router/") -> dict[str, float]:
+        """The dashboard keys: mean depth, share of tokens at each final depth (``dead_frac``
+        is depth 0: tokens that ran no recursion), active fraction per recursion, losses."""
         out = {f"{prefix}mean_depth": self.mean_depth}
         total = max(1, sum(self.tokens_per_depth))
         for d, n in enumerate(self.tokens_per_depth):
             out[f"{prefix}frac_depth_{d}"] = n / total
+        dead = self.tokens_per_depth[0] if self.tokens_per_depth else 0
+        out[f"{prefix}dead_frac"] = dead / total
         for r, f in enumerate(self.active_fraction):
             out[f"{prefix}active_r{r + 1}"] = f
         for k, v in self.losses.items():
@@ -104,11 +132,8 @@ class MoRModel(nn.Module):
             None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
-        self.router: nn.Module | None = None
-        if cfg.router == "expert_choice":
-            self.router = ExpertChoiceRouter(cfg)
-        elif cfg.router == "token_choice":
-            self.router = TokenChoiceRouter(cfg)
+        # router='none' gets a router too (keep every token, ungated): one code path.
+        self.router: Router = make_router(cfg)
         self.apply(self._init_weights)
         # Scale the residual-branch outputs by depth (GPT-2 style) for stable deep stacks.
         for layer in self.layers:
@@ -160,23 +185,12 @@ class MoRModel(nn.Module):
         recursions, ignoring the router's selection (its gates still weigh the updates): the
         fixed test-time depth of a compute-vs-accuracy curve. cache enables incremental
         decoding (inference only). Routing is the training routing in ``train()`` mode and the
-        causal, per-token inference routing in ``eval()`` mode.
+        causal, per-token inference routing (``Router.decide``) in ``eval()`` mode.
         """
         cfg = self.cfg
-        training = self.training
-        if cache is not None and training:
+        if cache is not None and self.training:
             raise ValueError("cache: incremental decoding is only defined in eval() mode")
-        n_rec = cfg.num_recursions
-        if max_depth is not None:
-            if not 1 <= max_depth <= n_rec:
-                raise ValueError(f"max_depth: must be in 1..{n_rec}, got {max_depth}")
-            n_rec = max_depth
-        if force_depth is not None:
-            if not 1 <= force_depth <= cfg.num_recursions:
-                raise ValueError(
-                    f"force_depth: must be in 1..{cfg.num_recursions}, got {force_depth}"
-                )
-            n_rec = min(n_rec, force_depth)
+        n_rec = self._num_recursions(max_depth, force_depth)
         b, t = input_ids.shape
         dev = input_ids.device
         valid = (
@@ -194,37 +208,7 @@ class MoRModel(nn.Module):
         full = self._batch(h, pos, valid)
         for i in range(cfg.num_prefix_layers):
             h = self._run_layer(i, ("pre", i), self._with_x(full, h), sites)
-
-        depth = torch.zeros(b, t, dtype=torch.long, device=dev)
-        losses: dict[str, list[torch.Tensor]] = {}
-        active_frac: list[float] = []
-        n_valid = max(1, int(valid.sum()))
-        active = valid
-        tc_depth = tc_gate = None
-        if isinstance(self.router, TokenChoiceRouter):
-            tc_depth, tc_gate, l_tc = self.router(h, valid, training)
-            if force_depth is not None:
-                tc_depth = torch.full_like(tc_depth, force_depth)
-            for k, v in l_tc.items():
-                losses.setdefault(k, []).append(v)
-        for r in range(n_rec):
-            gate = None
-            if isinstance(self.router, ExpertChoiceRouter):
-                active, gate, l_ec = self.router(r, h, active, valid, training)
-                for k, v in l_ec.items():
-                    losses.setdefault(k, []).append(v)
-                if force_depth is not None:
-                    active = valid
-            elif tc_depth is not None:
-                active = valid & (tc_depth > r)
-                # The token's gate weighs its last recursion's update (its chosen "expert").
-                last = tc_depth == r + 1
-                gate = torch.where(last, tc_gate, torch.ones_like(tc_gate))
-            active_frac.append(int(active.sum()) / n_valid)
-            if not bool(active.any()):
-                continue
-            depth = depth + active.long()
-            h = self._recursion(r, h, pos, active, gate, sites)
+        h, depth, active_frac, losses = self._recursions(h, pos, valid, n_rec, force_depth, sites)
         for i in range(cfg.num_suffix_layers):
             key = ("post", i)
             h = self._run_layer(cfg.num_unique_layers - 1 - i, key, self._with_x(full, h), sites)
@@ -234,8 +218,70 @@ class MoRModel(nn.Module):
         logits = F.linear(h, weight)
         if cache is not None:
             cache.seen = offset + valid.long().sum(-1)
-
         out = MoROutput(logits=logits, cache=cache, depth=depth)
+        self._losses_and_stats(out, labels, valid, active_frac, losses)
+        return out
+
+    def _num_recursions(self, max_depth: int | None, force_depth: int | None) -> int:
+        """Recursions to run: N_r, capped by max_depth and force_depth (validated here)."""
+        n_rec = self.cfg.num_recursions
+        if max_depth is not None:
+            if not 1 <= max_depth <= n_rec:
+                raise ValueError(f"max_depth: must be in 1..{n_rec}, got {max_depth}")
+            n_rec = max_depth
+        if force_depth is not None:
+            if not 1 <= force_depth <= self.cfg.num_recursions:
+                raise ValueError(
+                    f"force_depth: must be in 1..{self.cfg.num_recursions}, got {force_depth}"
+                )
+            n_rec = min(n_rec, force_depth)
+        return n_rec
+
+    def _recursions(
+        self,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        valid: torch.Tensor,
+        n_rec: int,
+        force_depth: int | None,
+        sites: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[float], dict[str, list[torch.Tensor]]]:
+        """The routed recursion stack: recursion r runs the tokens the router keeps (§2.2).
+
+        Returns hidden states, each token's depth, the active fraction per recursion and the
+        unweighted router losses (one entry per recursion that produced them).
+        """
+        depth = torch.zeros_like(valid, dtype=torch.long)
+        losses: dict[str, list[torch.Tensor]] = {}
+        active_frac: list[float] = []
+        n_valid = max(1, int(valid.sum()))
+        active, memo = valid, {}
+        for r in range(n_rec):
+            # Hierarchical: a token the router drops at r is not eligible at deeper recursions.
+            dec, step_losses = self.router.route(
+                h, r, memo, active, valid, self.training, force_depth
+            )
+            for k, v in step_losses.items():
+                losses.setdefault(k, []).append(v)
+            memo, active = dec.memo, active & dec.keep
+            active_frac.append(int(active.sum()) / n_valid)
+            if not bool(active.any()):
+                continue
+            depth = depth + active.long()
+            h = self._recursion(r, h, pos, active, dec.gate, sites)
+        return h, depth, active_frac, losses
+
+    def _losses_and_stats(
+        self,
+        out: MoROutput,
+        labels: torch.Tensor | None,
+        valid: torch.Tensor,
+        active_frac: list[float],
+        losses: dict[str, list[torch.Tensor]],
+    ) -> None:
+        """Fill ``out``'s losses (LM + weighted router losses) and routing statistics."""
+        cfg, logits, depth = self.cfg, out.logits, out.depth
+        assert depth is not None
         router_loss = logits.new_zeros((), dtype=torch.float32)
         coefs = {"aux": cfg.aux_loss_coef, "z": cfg.z_loss_coef, "balance": cfg.balancing_coef}
         mean_losses = {k: torch.stack(v).mean() for k, v in losses.items()}
@@ -263,7 +309,6 @@ class MoRModel(nn.Module):
                 mean_depth=float(d_valid.float().mean()) if d_valid.numel() else 0.0,
                 losses={k: float(v.detach()) for k, v in mean_losses.items()},
             )
-        return out
 
     @staticmethod
     def _with_x(tb: TokenBatch, x: torch.Tensor) -> TokenBatch:
@@ -311,5 +356,4 @@ class MoRModel(nn.Module):
     # ------------------------------------------------------------------ routing upkeep
     def update_router_bias(self) -> None:
         """Call after each optimizer step: the loss-free balancing bias update (token-choice)."""
-        if isinstance(self.router, TokenChoiceRouter) and self.cfg.balancing == "loss_free":
-            self.router.update_bias()
+        self.router.update_bias()

@@ -10,9 +10,14 @@ Token-choice (§2.2.2): one router scores N_r depths for each token up front; th
 recursions 1..i for i = argmax. Balance comes from the Switch-style loss N_r · Σ f_i P_i or
 from loss-free balancing: a non-trained bias on the logits, used only to choose, nudged after
 every optimizer step toward under-loaded depths.
+
+Every router answers ``Router.decide``: the one causal, per-token inference rule, used by both
+``MoRModel.forward`` in ``eval()`` mode and the depth-wise batching engine.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,79 +67,188 @@ def expert_choice_select(
     return selected & eligible
 
 
-class ExpertChoiceRouter(nn.Module):
+Memo = dict[str, torch.Tensor]
+"""Per-token state a router carries from recursion to recursion (token-choice: the depth and
+gate chosen at the stack's input). Every tensor is indexed like the tokens ([...] leading dims),
+so a caller can keep it per token, e.g. the engine per slot."""
+
+
+@dataclass
+class Decision:
+    """One router decision for recursion r over tokens of any leading shape [...]."""
+
+    keep: torch.Tensor
+    """[...] bool: the token runs recursion r if it is still active (the caller ANDs)."""
+    gate: torch.Tensor | None
+    """[...] g weighting recursion r's update, H + g·f(H); None = ungated (no router)."""
+    memo: Memo
+    """State for the next recursions: pass it back to the next ``decide``."""
+    scores: torch.Tensor | None = None
+    """The router logits computed for this decision (losses read them), if any."""
+
+
+class Router(nn.Module):
+    """What the model and the engine ask a router. ``decide`` is the one inference rule.
+
+    ``decide`` is causal and per token: a token's decision depends only on its own hidden state
+    (and its memo), so incremental decoding, the batched engine and a full forward agree. Both
+    ``MoRModel.forward`` in ``eval()`` mode and ``DepthwiseBatchingEngine`` call it, so a new
+    inference rule (e.g. calibrated thresholds or an auxiliary router, issue #14) is a
+    ``decide`` override and nothing else. Training may decide differently (expert-choice top-k
+    over the sequence): ``train_decide``, reached through ``route``.
+    """
+
+    def __init__(self, cfg: MoRConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def decide(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, force_depth: int | None = None
+    ) -> Decision:
+        """Which tokens of ``hidden`` [..., d] (H^r, the input of recursion ``recursion``)
+        continue and with which gate. ``memo``: the previous decision's (``{}`` at r = 0).
+        ``force_depth``: every token runs exactly that many recursions (the caller stops
+        there); the router's gates still weigh the updates."""
+        raise NotImplementedError
+
+    def train_decide(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
+        valid: torch.Tensor, force_depth: int | None = None,
+    ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
+        """Training routing and its training-only losses; by default the inference rule."""
+        return self.decide(hidden, recursion, memo, force_depth), {}
+
+    def z_loss(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Router z-loss over the tokens in ``mask`` (penalises large logits)."""
+        raise NotImplementedError
+
+    def route(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
+        valid: torch.Tensor, training: bool, force_depth: int | None = None,
+    ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
+        """The model's call for recursion r: ``train_decide`` in training, else ``decide``;
+        plus the unweighted losses. ``eligible`` [B, T]: tokens still active; ``valid``: not
+        padding."""
+        if training:
+            dec, losses = self.train_decide(hidden, recursion, memo, eligible, valid, force_depth)
+        else:
+            dec, losses = self.decide(hidden, recursion, memo, force_depth), {}
+        if self.cfg.z_loss_coef > 0 and dec.scores is not None and eligible.any():
+            losses["z"] = self.z_loss(dec.scores, eligible)
+        return dec, losses
+
+    def update_bias(self) -> None:
+        """After each optimizer step (loss-free balancing); nothing for most routers."""
+
+
+class NoRouter(Router):
+    """router='none': every token runs every recursion, ungated (the plain recursive model)."""
+
+    def decide(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, force_depth: int | None = None
+    ) -> Decision:
+        keep = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
+        return Decision(keep, None, memo)
+
+
+class ExpertChoiceRouter(Router):
     """One router per recursion (paper: router r scores the input H^r of recursion r)."""
 
     def __init__(self, cfg: MoRConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.nets = nn.ModuleList(make_router_net(cfg, 1) for _ in range(cfg.num_recursions))
 
-    def forward(
-        self, r: int, h: torch.Tensor, eligible: torch.Tensor, valid: torch.Tensor, training: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (selected [B,T] bool, gate [B,T], losses) for recursion r."""
-        cfg = self.cfg
-        logits = self.nets[r](h).squeeze(-1)
-        capacity = cfg.capacity_schedule[r]
-        losses: dict[str, torch.Tensor] = {}
-        if capacity >= 1.0:
-            # A full-capacity recursion keeps every eligible token, in training and inference.
-            selected = eligible
-        elif training:
-            n_valid = valid.sum(-1)
-            k = torch.tensor(
-                [cfg.capacity_tokens(r, int(n)) if int(n) else 0 for n in n_valid],
-                device=h.device,
-            )
-            k = torch.minimum(k, eligible.sum(-1))
-            selected = expert_choice_select(logits, eligible, k)
-            if eligible.any():
-                # BCE aux loss (paper §2.2.1): the logit should say "selected" on its own.
-                losses["aux"] = F.binary_cross_entropy_with_logits(
-                    logits[eligible].float(), selected[eligible].float()
-                )
+    def decide(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, force_depth: int | None = None
+    ) -> Decision:
+        """Causal rule: a token continues iff its own logit is > 0 (what the BCE aux loss
+        teaches the logit to say); a full-capacity recursion keeps every token."""
+        logits = self.nets[recursion](hidden).squeeze(-1)
+        if force_depth is not None or self.cfg.capacity_schedule[recursion] >= 1.0:
+            keep = torch.ones_like(logits, dtype=torch.bool)
         else:
-            selected = eligible & (logits > 0)
-        if cfg.z_loss_coef > 0 and eligible.any():
-            losses["z"] = logits[eligible].float().pow(2).mean()
-        return selected, gate_values(cfg, logits), losses
+            keep = logits > 0
+        return Decision(keep, gate_values(self.cfg, logits), memo, logits)
+
+    def train_decide(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
+        valid: torch.Tensor, force_depth: int | None = None,
+    ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
+        """Each row keeps its top-k eligible tokens, k = capacity · valid tokens, and the BCE
+        aux loss (paper §2.2.1) teaches each logit to say "selected" on its own."""
+        cfg, r = self.cfg, recursion
+        if cfg.capacity_schedule[r] >= 1.0:
+            return self.decide(hidden, r, memo, force_depth), {}
+        logits = self.nets[r](hidden).squeeze(-1)
+        k = torch.tensor(
+            [cfg.capacity_tokens(r, int(n)) if int(n) else 0 for n in valid.sum(-1)],
+            device=hidden.device,
+        )
+        selected = expert_choice_select(logits, eligible, torch.minimum(k, eligible.sum(-1)))
+        losses: dict[str, torch.Tensor] = {}
+        if eligible.any():
+            losses["aux"] = F.binary_cross_entropy_with_logits(
+                logits[eligible].float(), selected[eligible].float()
+            )
+        keep = torch.ones_like(selected) if force_depth is not None else selected
+        return Decision(keep, gate_values(cfg, logits), memo, logits), losses
+
+    def z_loss(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return scores[mask].float().pow(2).mean()
 
 
-class TokenChoiceRouter(nn.Module):
+class TokenChoiceRouter(Router):
     """One router on the recursion stack's input H^1 scoring depths 1..N_r."""
 
     def __init__(self, cfg: MoRConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.net = make_router_net(cfg, cfg.num_recursions)
         # Loss-free balancing bias: a buffer, never touched by the optimizer.
         self.register_buffer("bias", torch.zeros(cfg.num_recursions))
         self.register_buffer("_load", torch.zeros(cfg.num_recursions), persistent=False)
 
-    def forward(
-        self, h: torch.Tensor, valid: torch.Tensor, training: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (depth [B,T] long in 1..N_r, gate [B,T], losses)."""
-        cfg = self.cfg
-        logits = self.net(h)  # [B, T, N_r]
-        choice_scores = logits.detach().float()
-        if cfg.balancing == "loss_free":
-            choice_scores = choice_scores + self.bias
-        chosen = choice_scores.argmax(-1)  # 0-based depth index
-        gate = gate_values(cfg, logits, chosen)
+    def decide(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, force_depth: int | None = None
+    ) -> Decision:
+        """At recursion 0 (the stack's input) choose depth i = argmax and its gate, kept in the
+        memo; recursion r keeps tokens of depth > r, and the gate weighs only the token's last
+        recursion (its chosen "expert"). ``force_depth`` replaces the depth, not the gate."""
+        scores = None
+        if recursion == 0:
+            scores = self.net(hidden)  # [..., N_r]
+            choice = scores.detach().float()
+            if self.cfg.balancing == "loss_free":
+                choice = choice + self.bias
+            chosen = choice.argmax(-1)  # 0-based depth index
+            memo = {"depth": chosen + 1, "gate": gate_values(self.cfg, scores, chosen)}
+        depth, gate = memo["depth"], memo["gate"]
+        if force_depth is not None:
+            depth = torch.full_like(depth, force_depth)
+        last = depth == recursion + 1
+        gate = torch.where(last, gate, torch.ones_like(gate))
+        return Decision(depth > recursion, gate, memo, scores)
+
+    def train_decide(
+        self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
+        valid: torch.Tensor, force_depth: int | None = None,
+    ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
+        """The inference choice plus, at the stack's input, the Switch-style balance loss
+        N_r · Σ f_i P_i or (loss-free balancing) the load the bias update reads."""
+        dec = self.decide(hidden, recursion, memo, force_depth)
         losses: dict[str, torch.Tensor] = {}
-        if training and valid.any():
-            counts = F.one_hot(chosen[valid], cfg.num_recursions).float().sum(0)
-            if cfg.balancing == "loss":
-                probs = logits[valid].float().softmax(-1).mean(0)
-                frac = counts / counts.sum()
-                losses["balance"] = cfg.num_recursions * (frac * probs).sum()
-            else:
-                self._load += counts
-        if cfg.z_loss_coef > 0 and valid.any():
-            losses["z"] = torch.logsumexp(logits[valid].float(), -1).pow(2).mean()
-        return chosen + 1, gate, losses
+        if dec.scores is None or not valid.any():
+            return dec, losses
+        n_r = self.cfg.num_recursions
+        counts = F.one_hot(dec.memo["depth"][valid] - 1, n_r).float().sum(0)
+        if self.cfg.balancing == "loss":
+            probs = dec.scores[valid].float().softmax(-1).mean(0)
+            losses["balance"] = n_r * (counts / counts.sum() * probs).sum()
+        else:
+            self._load += counts
+        return dec, losses
+
+    def z_loss(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(scores[mask].float(), -1).pow(2).mean()
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -144,3 +258,13 @@ class TokenChoiceRouter(nn.Module):
         deficit = self._load.mean() - self._load
         self.bias += self.cfg.bias_update_rate * torch.sign(deficit)
         self._load.zero_()
+
+
+def make_router(cfg: MoRConfig) -> Router:
+    """The router ``cfg.router`` names."""
+    routers = {
+        "none": NoRouter,
+        "expert_choice": ExpertChoiceRouter,
+        "token_choice": TokenChoiceRouter,
+    }
+    return routers[cfg.router](cfg)

@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.keys import (
+    KIND_SWEEP,
+    PARAM_EVAL_POINTS,
+    TAG_EVAL_RUN_ID,
+    TAG_INTERRUPTED,
+    TAG_KIND,
+    eval_key,
+    eval_point_key,
+    eval_points,
+)
 from mor.overrides import ConfigError
-from sweeps.spec import SweepSpec, trial_config, validate_spec
-from trainers.config import TrackingConfig
+from sweeps.spec import SweepPlan, SweepSpec, TrialPoint, plan_sweep, trial_config
 from trainers.tracking import connect, find_or_create_run, flatten
 
 # The per-trial driver only waits on its TorchTrainer: it reserves no CPU (a fractional CPU
@@ -40,6 +49,7 @@ class SweepResult:
 
 
 def tracking_uri_for(spec: SweepSpec) -> str:
+    """The sweep's MLflow URI (``core.endpoints``: spec, env, the `mor up` stack, sqlite)."""
     from core.endpoints import resolve_tracking_uri
 
     return resolve_tracking_uri(spec.tracking.uri, spec.resolved_storage_path)
@@ -67,113 +77,117 @@ def _tune_dimension(dim: Any) -> Any:
     return tune.randint(*dim.randint)
 
 
+# The headline eval metrics a trial reports, per depth point and for its own operating point.
+_TRIAL_EVAL_KEYS = ("average", "flops_per_token", "nll")
+# The training metrics a trial reports at its end (Tune's last result, the summary table).
+_TRIAL_TRAIN_KEYS = ("val/loss", "train/loss", "flops", "tokens", "step")
+POINT = "point"  # the param_space entry holding the trial's TrialPoint (as a dict)
+
+
 def trial_fn(
     config: dict[str, Any], spec_dict: dict[str, Any], parent_run_id: str, tracking_uri: str
 ) -> None:
-    """One Tune trial: train (Ray Train workers), evaluate at every depth, report."""
+    """One Tune trial: train (Ray Train workers), evaluate at every depth, report.
+
+    Tune's param_space becomes typed here, at the trial boundary: the spec and the grid point
+    are validated back into ``SweepSpec`` and ``TrialPoint``, and the trial's ``TrainConfig``
+    is built once, validated, by ``trial_config``.
+    """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from evals.pipeline import run_eval
     from trainers.launcher import run_training
 
     spec = SweepSpec.model_validate(spec_dict)
-    trial_id = tune.get_context().get_trial_id()
-    overrides = dict(config["point"]["overrides"])
-    overrides.update({k: v for k, v in config.items() if k != "point"})
-    cfg = trial_config(spec, overrides, f"{spec.name}-{trial_id}")
-    res = spec.resources
-    cfg = cfg.model_copy(
-        update={
-            "tracking": TrackingConfig(
-                uri=tracking_uri,
-                experiment=spec.tracking.experiment,
-                parent_run_id=parent_run_id,
-                tags={"mor.label": config["point"]["label"]},
-            ),
-            "scaling": cfg.scaling.model_copy(
-                update={
-                    "num_workers": res.num_workers,
-                    "cpus_per_worker": res.cpus_per_worker,
-                    "use_gpu": res.gpus_per_worker > 0,
-                }
-            ),
-            "storage_path": spec.resolved_storage_path,
-        }
+    point = TrialPoint.model_validate(config[POINT])
+    sampled = {k: v for k, v in config.items() if k != POINT}
+    cfg = trial_config(
+        spec,
+        point,
+        sampled,
+        name=f"{spec.name}-{tune.get_context().get_trial_id()}",
+        parent_run_id=parent_run_id,
+        tracking_uri=tracking_uri,
     )
     result = run_training(cfg, callbacks=[TuneReportCallback()])
-    final: dict[str, Any] = {
-        k: v
-        for k, v in result.metrics.items()
-        if k in ("val/loss", "train/loss", "flops", "tokens", "step")
-    }
+    final: dict[str, Any] = {k: v for k, v in result.metrics.items() if k in _TRIAL_TRAIN_KEYS}
     final["train_run_id"] = result.run_id
-    final["label"] = config["point"]["label"]
+    final["label"] = point.label
     if spec.eval.enabled:
-        # A trial resumed after its evaluation was logged (driver killed before Tune heard of
-        # it) reuses that evaluation: one eval run per trained model, never a duplicate.
-        done = finished_eval(tracking_uri, result.run_id)
-        if done is None:
-            report, eval_run_id, _ = run_eval(
-                result.export_dir,
-                spec.eval.tasks,
-                data_dir=spec.eval.data_dir,
-                depths=spec.eval.depths,
-                limit=spec.eval.limit,
-                batch_size=spec.eval.batch_size,
-                tracking_uri=tracking_uri,
-                parent_run_id=result.run_id,
-                work_dir=Path(spec.resolved_storage_path) / "eval_tasks",
-            )
-            points = [(p.label, p.average, p.flops_per_token, p.nll) for p in report.points]
-        else:
-            eval_run_id, points = done
+        eval_run_id, points = _evaluate(spec, result, tracking_uri)
         final["eval_run_id"] = eval_run_id
-        for label, average, flops, nll in points:
-            final[f"eval/d{label}/average"] = average
-            final[f"eval/d{label}/flops_per_token"] = flops
-            final[f"eval/d{label}/nll"] = nll
+        for label, values in points.items():
+            final.update({eval_point_key(label, k): v for k, v in values.items()})
         # The last point: the router's choice, or full depth without a router.
-        _, final["eval/average"], final["eval/flops_per_token"], final["eval/nll"] = points[-1]
+        final.update({eval_key(k): v for k, v in list(points.values())[-1].items()})
     tune.report({k: v for k, v in final.items() if v is not None})
 
 
-def finished_eval(tracking_uri: str, train_run_id: str) -> tuple[str, list[tuple]] | None:
-    """(eval run id, [(point, average, flops/token, nll)]) of a finished evaluation, if any."""
+def _evaluate(
+    spec: SweepSpec, result: Any, tracking_uri: str
+) -> tuple[str, dict[str, dict[str, float | None]]]:
+    """(eval run id, {point: {key: value}}) of the trained model, in evaluation order.
+
+    A trial resumed after its evaluation was logged (driver killed before Tune heard of it)
+    reuses that evaluation: one eval run per trained model, never a duplicate.
+    """
+    from evals.pipeline import run_eval
+
+    done = finished_eval(tracking_uri, result.run_id)
+    if done is not None:
+        return done
+    report, eval_run_id, _ = run_eval(
+        result.export_dir,
+        spec.eval.tasks,
+        data_dir=spec.eval.data_dir,
+        depths=spec.eval.depths,
+        limit=spec.eval.limit,
+        batch_size=spec.eval.batch_size,
+        tracking_uri=tracking_uri,
+        parent_run_id=result.run_id,
+        work_dir=Path(spec.resolved_storage_path) / "eval_tasks",
+    )
+    points = {
+        p.label: {"average": p.average, "flops_per_token": p.flops_per_token, "nll": p.nll}
+        for p in report.points
+    }
+    return eval_run_id, points
+
+
+def finished_eval(
+    tracking_uri: str, train_run_id: str
+) -> tuple[str, dict[str, dict[str, float | None]]] | None:
+    """(eval run id, {point: {key: value}}) of a finished evaluation, if any, in evaluation
+    order, with the keys a trial reports (``_TRIAL_EVAL_KEYS``)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    eval_id = client.get_run(train_run_id).data.tags.get("mor.eval_run_id")
+    eval_id = client.get_run(train_run_id).data.tags.get(TAG_EVAL_RUN_ID)
     if not eval_id:
         return None
     run = client.get_run(eval_id)
     if run.info.status != "FINISHED":
         return None
-    m = run.data.metrics
-    labels = run.data.params.get("points", "").split(",")
-    points = [
-        (
-            p,
-            m.get(f"eval/d{p}/average"),
-            m.get(f"eval/d{p}/flops_per_token"),
-            m.get(f"eval/d{p}/nll"),
-        )
-        for p in labels
-        if p
-    ]
+    logged = eval_points(run.data.metrics)
+    order = [p for p in run.data.params.get(PARAM_EVAL_POINTS, "").split(",") if p]
+    points = {p: {k: logged.get(p, {}).get(k) for k in _TRIAL_EVAL_KEYS} for p in order}
     return (eval_id, points) if points else None
 
 
-def _searcher_and_space(spec: SweepSpec, points: list[dict[str, Any]]) -> tuple[Any, dict, int]:
+def _searcher_and_space(plan: SweepPlan) -> tuple[Any, dict, int]:
+    """(search algorithm, param_space, num_samples). The points travel as plain dicts, which
+    Tune stores with the experiment (for resume); ``trial_fn`` validates them back."""
     from ray import tune
 
+    spec = plan.spec
+    points = [p.model_dump(mode="json") for p in plan.points]
     sampled = {k: _tune_dimension(d) for k, d in spec.space.items() if d.kind != "grid"}
     if spec.searcher == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        space = {"point": tune.choice(points), **sampled}
+        space = {POINT: tune.choice(points), **sampled}
         return OptunaSearch(metric=spec.metric, mode=spec.mode, seed=0), space, spec.num_samples
-    space = {"point": tune.grid_search(points), **sampled}
+    space = {POINT: tune.grid_search(points), **sampled}
     return None, space, spec.num_samples if spec.searcher == "random" else 1
 
 
@@ -197,26 +211,31 @@ def max_concurrent_trials(spec: SweepSpec) -> int:
     return fits
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None) -> SweepResult:
-    """Run (or, with resume=True, continue) a sweep to the end and summarise it."""
+def run_sweep(
+    plan: SweepPlan | SweepSpec, resume: bool = False, address: str | None = None
+) -> SweepResult:
+    """Run (or, with resume=True, continue) a sweep to the end and summarise it.
+
+    Give the ``SweepPlan`` the caller already made (``plan_sweep``); a raw spec is planned here.
+    """
     import ray
 
+    if isinstance(plan, SweepSpec):
+        plan = plan_sweep(plan)
     started_ray = not ray.is_initialized()
     try:
-        return _run_sweep(spec, resume, address)
+        return _run_sweep(plan, resume, address)
     finally:
         if started_ray and ray.is_initialized():  # a Ray this call started, not the caller's
             ray.shutdown()
 
 
-def _run_sweep(spec: SweepSpec, resume: bool, address: str | None) -> SweepResult:
+def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResult:
     import ray
     from ray import tune
 
-    # Resolve relative paths here: Tune runs each trial in its own working directory.
-    spec = spec.model_copy(update={"storage_path": spec.resolved_storage_path})
-    points, dropped = validate_spec(spec)
-    for msg in dropped:
+    spec = plan.spec  # its storage path is absolute: Tune runs each trial in its own folder
+    for msg in plan.dropped:
         print(f"[mor] skipped invalid {msg}")
     uri = tracking_uri_for(spec)
     client, exp_id = connect(uri, spec.tracking.experiment)
@@ -227,15 +246,15 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: str | None) -> SweepResul
         spec.name,
         state_dir,
         flatten(spec.model_dump(mode="json")),
-        tags={"mor.kind": "sweep"},
+        tags={TAG_KIND: KIND_SWEEP},
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (state_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-    if not ray.is_initialized():
-        from core.endpoints import ray_init_address
+    if not ray.is_initialized():  # the stack's head when it is up, with its token auth
+        from core.endpoints import resolve_endpoints
 
-        ray.init(address=ray_init_address(address))
+        ray.init(address=resolve_endpoints(ray_address=address).ray_address)
     # Tune's intermediate results come from training; the searcher's metric arrives at the end.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(
@@ -255,35 +274,43 @@ def _run_sweep(spec: SweepSpec, resume: bool, address: str | None) -> SweepResul
             raise ConfigError(f"name: no sweep {spec.name!r} to resume under {tune_dir}")
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
     else:
-        search_alg, space, num_samples = _searcher_and_space(spec, points)
-        scheduler = None
-        if spec.scheduler is not None:
-            from ray.tune.schedulers import ASHAScheduler
-
-            s = spec.scheduler
-            scheduler = ASHAScheduler(
-                time_attr="flops",
-                metric=s.metric,
-                mode=s.mode,
-                max_t=max(spec.budgets) if spec.budgets else 1e30,
-                grace_period=s.grace_flops,
-                reduction_factor=s.reduction_factor,
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric=spec.metric if search_alg else None,
-                mode=spec.mode if search_alg else None,
-                search_alg=search_alg,
-                scheduler=scheduler,
-                num_samples=num_samples,
-                max_concurrent_trials=max_concurrent_trials(spec),
-            ),
-            run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir)),
-        )
+        tuner = _new_tuner(plan, trainable, tune_dir)
     grid = tuner.fit()
     return summarise(spec, grid, client, parent_run_id, uri, state_dir)
+
+
+def _new_tuner(plan: SweepPlan, trainable: Any, tune_dir: Path) -> Any:
+    """A fresh Tuner: the spec's searcher over its points, and its ASHA scheduler if any."""
+    from ray import tune
+
+    spec = plan.spec
+    search_alg, space, num_samples = _searcher_and_space(plan)
+    scheduler = None
+    if spec.scheduler is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = spec.scheduler
+        scheduler = ASHAScheduler(
+            time_attr="flops",
+            metric=s.metric,
+            mode=s.mode,
+            max_t=max(spec.budgets) if spec.budgets else 1e30,
+            grace_period=s.grace_flops,
+            reduction_factor=s.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric if search_alg else None,
+            mode=spec.mode if search_alg else None,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent_trials(spec),
+        ),
+        run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir)),
+    )
 
 
 def mark_interrupted(client: Any, parent_run_id: str) -> list[str]:
@@ -296,7 +323,7 @@ def mark_interrupted(client: Any, parent_run_id: str) -> list[str]:
         children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         for r in [run, *children]:
             if r.info.status == "RUNNING":
-                client.set_tag(r.info.run_id, "mor.interrupted", "true")
+                client.set_tag(r.info.run_id, TAG_INTERRUPTED, "true")
                 client.set_terminated(r.info.run_id, status="KILLED")
                 marked.append(r.info.run_id)
     return marked
@@ -322,9 +349,9 @@ def summarise(
         cfg = res.config or {}
         row: dict[str, Any] = {
             "trial": Path(res.path).name if res.path else None,
-            "label": (cfg.get("point") or {}).get("label"),
+            "label": (cfg.get(POINT) or {}).get("label"),
         }
-        row.update({k: v for k, v in cfg.items() if k != "point"})
+        row.update({k: v for k, v in cfg.items() if k != POINT})
         metrics = res.metrics or {}
         row.update(
             {

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sweeps.spec import SweepSpec, validate_spec
+from sweeps.spec import SweepPlan, SweepSpec
 
 SPEC_ENV = "MOR_SWEEP_SPEC"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +39,19 @@ def _client(address: str) -> Any:
     return JobSubmissionClient(address)
 
 
-def portable_spec(spec: SweepSpec) -> SweepSpec:
-    """Absolute storage path and sqlite URI, as seen from the submitting machine."""
+def portable_spec(spec: SweepSpec, job_server: str | None = None) -> SweepSpec:
+    """Absolute storage path and an explicit tracking URI, as seen from the submitting
+    machine: ``core.endpoints`` resolves it for ``job_server`` (the `mor up` stack's MLflow
+    when the job goes to the stack's head; an absolute sqlite store otherwise)."""
+    from core.endpoints import resolve_endpoints
+
     storage = spec.resolved_storage_path
-    uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri is None:
-        uri = f"sqlite:///{Path(storage) / 'mlflow.db'}"
+    uri = resolve_endpoints(
+        job_server=job_server,
+        tracking_uri=spec.tracking.uri,
+        storage_path=storage,
+        target="jobs",
+    ).tracking_uri
     return spec.model_copy(
         update={
             "storage_path": storage,
@@ -53,11 +60,16 @@ def portable_spec(spec: SweepSpec) -> SweepSpec:
     )
 
 
-def submit(spec: SweepSpec, address: str, wait: bool = False) -> str:
-    """Validate, then submit ``mor sweep run`` as a Ray Job; returns the job id."""
-    validate_spec(spec)
-    spec = portable_spec(spec)
-    client = _client(address)
+def submit(plan: SweepPlan, address: str) -> str:
+    """Submit ``mor sweep run`` for an already validated sweep as a Ray Job; returns the job
+    id. The job server must answer first: a clear error, not Ray's connection traceback."""
+    spec = portable_spec(plan.spec, address)
+    try:
+        client = _client(address)
+    except (ConnectionError, OSError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        msg = f"--address: the Ray job server at {address} does not answer: {first}"
+        raise ValueError(msg) from None
     entrypoint = f"{shlex.quote(sys.executable)} -m cli.main sweep run --spec-from-env"
     job_id = client.submit_job(
         entrypoint=entrypoint,

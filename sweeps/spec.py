@@ -17,12 +17,15 @@ clear error naming the field, never a failed trial on the cluster.
 from __future__ import annotations
 
 import itertools
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.keys import TAG_LABEL, eval_key
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
 from trainers.config import TrainConfig
 
@@ -150,7 +153,7 @@ class SweepSpec(BaseModel):
     point; optuna: TPE over all axes (grid axes become categorical)."""
     num_samples: int = Field(1, ge=1)
     """Samples per grid point (random) or in total (optuna)."""
-    metric: str = "eval/average"
+    metric: str = eval_key("average")
     """What the searcher optimises."""
     mode: Literal["min", "max"] = "max"
     """Whether the metric is better high or low."""
@@ -210,8 +213,21 @@ def _variant_overrides(v: dict[str, Any]) -> dict[str, Any]:
     return {k: val for k, val in v.items() if k != "name"}
 
 
-def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every (variant, grid value..., budget) combination as {'label', 'overrides'}."""
+class TrialPoint(BaseModel):
+    """One grid point of a sweep: what Tune's param_space carries to a trial, validated back
+    into this type at the trial boundary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str
+    """Human name, e.g. 'mor-ec,router=expert_choice,budget=6e+09' (the MLflow tag)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Dotted TrainConfig overrides: the variant's, then the grid axes' values."""
+    budget: float | None = Field(None, gt=0)
+    """Training FLOPs of this point (None = the base config's own budget)."""
+
+
+def grid_points(spec: SweepSpec) -> list[TrialPoint]:
+    """Every (variant, grid value..., budget) combination."""
     variants = spec.variants or [{"name": ""}]
     grid_axes = [(k, d.grid) for k, d in spec.space.items() if d.kind == "grid"]
     budgets = spec.budgets or [None]
@@ -221,35 +237,55 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
             for budget in budgets:
                 ov = dict(_variant_overrides(variant))
                 ov.update({k: v for (k, _), v in zip(grid_axes, values)})
-                if budget is not None:
-                    ov["budget"] = {"flops": budget}
                 parts = [variant["name"]] if variant["name"] else []
                 parts += [f"{k.split('.')[-1]}={v}" for (k, _), v in zip(grid_axes, values)]
                 if budget is not None:
                     parts.append(f"budget={budget:.3g}")
-                points.append({"label": ",".join(parts) or "base", "overrides": ov})
+                points.append(
+                    TrialPoint(label=",".join(parts) or "base", overrides=ov, budget=budget)
+                )
     return points
 
 
-def trial_config(spec: SweepSpec, overrides: dict[str, Any], name: str) -> TrainConfig:
-    """The TrainConfig of one trial: base, then the point's dotted overrides."""
-    data = apply_overrides(spec.base, [])
-    budget = overrides.get("budget")
-    items = [f"{k}={_yaml(v)}" for k, v in overrides.items() if k != "budget"]
-    data = apply_overrides(data, items)
-    if budget is not None:
-        data["budget"] = {
-            **{k: v for k, v in data.get("budget", {}).items() if k == "convention"},
-            **budget,
-        }
+def trial_config(
+    spec: SweepSpec,
+    point: TrialPoint,
+    sampled: dict[str, Any] | None = None,
+    *,
+    name: str,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> TrainConfig:
+    """The TrainConfig of one trial, built once and validated like a `mor train` config.
+
+    Base, then the point's dotted overrides and the searcher's sampled values, then what the
+    sweep owns: the budget, the name, tracking (a child of the sweep's parent run, tagged with
+    the point), scaling from ``spec.resources`` and the sweep's storage path.
+    """
+    items = [f"{k}={_yaml(v)}" for k, v in {**point.overrides, **(sampled or {})}.items()]
+    data = apply_overrides(spec.base, items)
+    if point.budget is not None:  # iso-FLOP: the point's budget replaces the base's kind
+        convention = {k: v for k, v in data.get("budget", {}).items() if k == "convention"}
+        data["budget"] = {**convention, "flops": point.budget}
+    res = spec.resources
+    data["scaling"] = {
+        **data.get("scaling", {}),
+        "num_workers": res.num_workers,
+        "cpus_per_worker": res.cpus_per_worker,
+        "use_gpu": res.gpus_per_worker > 0,
+    }
+    data["tracking"] = {
+        "uri": tracking_uri,
+        "experiment": spec.tracking.experiment,
+        "parent_run_id": parent_run_id,
+        "tags": {TAG_LABEL: point.label},
+    }
     data["name"] = name
-    data.setdefault("storage_path", spec.storage_path)
+    data["storage_path"] = spec.resolved_storage_path
     return validate(TrainConfig, data)
 
 
 def _yaml(v: Any) -> str:
-    import json
-
     return json.dumps(v) if not isinstance(v, str) else v
 
 
@@ -264,23 +300,43 @@ def sample_defaults(spec: SweepSpec) -> dict[str, Any]:
     return out
 
 
-def validate_spec(spec: SweepSpec) -> tuple[list[dict[str, Any]], list[str]]:
-    """Validate every grid point (and every value of each sampled choice axis).
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep spec after its one full validation (``plan_sweep``): what the driver runs and
+    what a job submission sends. Its storage path is absolute."""
 
-    Returns (valid points, messages about dropped points). Raises ConfigError when a point is
-    invalid and ``skip_invalid`` is false.
+    spec: SweepSpec
+    points: tuple[TrialPoint, ...]
+    """The grid points to run."""
+    dropped: tuple[str, ...] = ()
+    """Why each invalid point was dropped (``skip_invalid``)."""
+
+
+def _check_point(spec: SweepSpec, point: TrialPoint) -> None:
+    """Build the point's TrainConfig with every value of each sampled choice axis."""
+    defaults = sample_defaults(spec)
+    checks = [defaults]
+    for key, d in spec.space.items():  # every choice value must work with this point
+        if d.kind == "choice":
+            checks += [dict(defaults, **{key: v}) for v in d.choice[1:]]
+    for sampled in checks:
+        trial_config(spec, point, sampled, name="check")
+
+
+def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Validate every trial the spec can produce, once per process, before Ray starts.
+
+    Relative storage paths resolve here, against the caller's working directory (Tune runs
+    each trial in its own). Raises ConfigError when a point is invalid and ``skip_invalid``
+    is false, or when no point remains.
     """
+    spec = spec.model_copy(update={"storage_path": spec.resolved_storage_path})
     ok, dropped = [], []
-    choice_axes = [(k, d.choice) for k, d in spec.space.items() if d.kind == "choice"]
     for point in grid_points(spec):
-        checks = [dict(point["overrides"], **sample_defaults(spec))]
-        for key, values in choice_axes:  # every choice value must work with this point
-            checks += [dict(checks[0], **{key: v}) for v in values[1:]]
         try:
-            for ov in checks:
-                trial_config(spec, ov, "check")
+            _check_point(spec, point)
         except ConfigError as exc:
-            msg = f"trial {point['label']!r}: {str(exc).replace('invalid config:', '').strip()}"
+            msg = f"trial {point.label!r}: {str(exc).replace('invalid config:', '').strip()}"
             if not spec.skip_invalid:
                 raise ConfigError(
                     f"{msg}\n  (set skip_invalid: true to drop such trials)"
@@ -290,11 +346,10 @@ def validate_spec(spec: SweepSpec) -> tuple[list[dict[str, Any]], list[str]]:
         ok.append(point)
     if not ok:
         raise ConfigError("space: no valid trial configuration remains")
-    return ok, dropped
+    return SweepPlan(spec, tuple(ok), tuple(dropped))
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
-    data = apply_overrides(load_yaml(path), overrides or [])
-    spec = validate(SweepSpec, data)
-    validate_spec(spec)
-    return spec
+    """A spec file plus dotted overrides, checked field by field (``plan_sweep`` checks the
+    trials it produces)."""
+    return validate(SweepSpec, apply_overrides(load_yaml(path), overrides or []))

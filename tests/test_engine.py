@@ -3,6 +3,7 @@ decoding, skips deeper recursions for early-exited tokens, and the benchmarks' J
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mor.engine import DepthwiseBatchingEngine, naive_generate
-from mor.generation import generate
+from mor.engine import DepthwiseBatchingEngine
+from mor.generation import generate, naive_generate
 from mor.model import MoRModel
+from mor.routing import Decision, Memo
 
 ROOT = Path(__file__).resolve().parents[1]
 # The same small models and combinations as the model's own tests.
-from test_model import COMBOS, KV_MODES, make_model, small_config  # noqa: E402
+from test_model import COMBOS, KV_MODES, ROUTERS, make_model, small_config  # noqa: E402
 
 
 def workload(vocab: int, n: int = 7, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -181,3 +183,52 @@ def test_gpu_benchmark_exits_clearly_without_cuda(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--smoke" in proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def with_sign_rule(model: MoRModel) -> MoRModel:
+    """The model with its router's inference rule narrowed through ``Router.decide`` alone:
+    a token also stops when the first coordinate of its hidden state is negative (a causal,
+    per-token rule, like the calibrated thresholds of issue #14 would be)."""
+    base = type(model.router)
+
+    class SignRule(base):  # type: ignore[valid-type, misc]
+        def decide(
+            self, hidden: torch.Tensor, recursion: int, memo: Memo, force_depth: int | None = None
+        ) -> Decision:
+            self.calls += 1
+            dec = super().decide(hidden, recursion, memo, force_depth)
+            return dataclasses.replace(dec, keep=dec.keep & (hidden[..., 0] >= 0))
+
+    router = SignRule(model.cfg).double()
+    router.load_state_dict(model.router.state_dict())
+    router.calls = 0
+    model.router = router
+    return model
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_model_and_engine_route_through_the_same_decide(router: str) -> None:
+    """Overriding ``decide`` changes the model's forward and the engine identically."""
+    cfg = small_config("middle_cycle", router, "recursion_wise", num_recursions=3, num_layers=5)
+    base, model = make_model(cfg, seed=3), with_sign_rule(make_model(cfg, seed=3))
+    prompts, news = workload(cfg.vocab_size, seed=4)
+    x = torch.tensor([prompts[0] + prompts[1]])
+    with torch.no_grad():
+        assert not torch.equal(base(x).depth, model(x).depth)  # the model took the new rule
+    ref = reference(model, prompts, news, None)
+    calls = model.router.calls
+    eng, outs, ids = run_engine(model, prompts, news, max_slots=3, record_logits=True)
+    assert model.router.calls > calls  # the engine asked the same method
+    assert outs == ref
+    for rid, p, r in zip(ids, prompts, ref):
+        with torch.no_grad():
+            full = model(torch.tensor([p + r]))
+        n = len(p)
+        assert eng.depths(rid) == full.depth[0, n : n + len(r) - 1].tolist()
+        torch.testing.assert_close(
+            eng.logits(rid), full.logits[0, n - 1 : n - 1 + len(r)], rtol=0, atol=1e-9
+        )
+    base_eng, _, base_ids = run_engine(base, prompts, news, max_slots=3)
+    new_depths = [d for rid in ids for d in eng.depths(rid)]
+    assert new_depths != [d for rid in base_ids for d in base_eng.depths(rid)]
+    assert 0 in new_depths  # the rule made tokens exit before recursion 1

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,8 @@ from mlflow import MlflowClient
 from cli.main import main as mor_main
 from evals.default_tasks import mc_items, prepare_default_tasks
 from evals.lm_backend import MoRLM
-from evals.pipeline import run_eval
+from evals.pipeline import evaluate_export, run_eval
+from evals.runner import heldout_nll
 from mor.checkpoint import save_pretrained
 from mor.config import build_config
 from mor.model import MoRModel
@@ -24,6 +30,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM = SHARED / "tokenizers" / "smollm2" / "tokenizer.json"
 EVAL_DIR = SHARED / "eval"
 needs_shared = pytest.mark.skipif(not SMOLLM.is_file(), reason="../shared/data missing")
+SMOLLM_EOS = 0  # <|endoftext|> in SmolLM2's vocabulary
 PAPER_TASKS = [
     "lambada_openai",
     "hellaswag",
@@ -78,7 +85,7 @@ def test_loglikelihood_equals_direct_computation(router: str) -> None:
     ]
     results = {}
     for bs in (1, 3):
-        lm = MoRLM(model=model, tokenizer=str(SMOLLM), batch_size=bs)
+        lm = MoRLM(model=model, tokenizer=str(SMOLLM), batch_size=bs, eos_id=SMOLLM_EOS)
         results[bs] = lm.loglikelihood([req("loglikelihood", c, x) for c, x in texts])
     for (ctx, cont), (score, greedy), (score3, greedy3) in zip(texts, results[1], results[3]):
         # lm-eval's convention: context tokens, then the tail of the whole text's tokens.
@@ -95,7 +102,7 @@ def test_loglikelihood_equals_direct_computation(router: str) -> None:
 
     # Rolling loglikelihood of a short document: log p(tok_0 | eot) + Σ log p(tok_i | ...).
     doc = "Once upon a time there was a recursive transformer."
-    lm = MoRLM(model=model, tokenizer=str(SMOLLM))
+    lm = MoRLM(model=model, tokenizer=str(SMOLLM), eos_id=SMOLLM_EOS)
     (rolled,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", doc)])
     toks = lm.tok_encode(doc)
     with torch.no_grad():
@@ -109,7 +116,7 @@ def test_loglikelihood_equals_direct_computation(router: str) -> None:
 @needs_shared
 def test_generate_until_stops_and_rolling_windows() -> None:
     model = random_model()
-    lm = MoRLM(model=model, tokenizer=str(SMOLLM), max_length=16)
+    lm = MoRLM(model=model, tokenizer=str(SMOLLM), max_length=16, eos_id=SMOLLM_EOS)
     (free,) = lm.generate_until([req("generate_until", "Hello there", {"max_gen_toks": 8})])
     assert free
     stop = free[2:4] if len(free) > 4 else free[:1]
@@ -121,6 +128,64 @@ def test_generate_until_stops_and_rolling_windows() -> None:
     long_doc = " ".join(["recursion"] * 60)
     (score,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", long_doc)])
     assert score < 0
+
+
+@needs_shared
+def test_backend_uses_the_exports_eos_id(tmp_path: Path) -> None:
+    """The id training separated documents with (meta.eos_id) is the backend's end-of-text:
+    no guessing from token names. 7 is deliberately not a conventional end-of-text token."""
+    model = random_model()
+    export = save_pretrained(
+        tmp_path / "export", model.cfg, model.state_dict(), {"eos_id": 7}, SMOLLM
+    )
+    lm = MoRLM(pretrained=str(export))
+    assert lm.eot_token_id == 7
+    doc = "Once upon a time there was a recursive transformer."
+    (rolled,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", doc)])
+    toks = lm.tok_encode(doc)
+    with torch.no_grad():  # the first token is conditioned on the export's id, 7
+        logp = F.log_softmax(model(torch.tensor([[7, *toks[:-1]]])).logits[0], -1)
+    assert rolled == pytest.approx(logp.gather(-1, torch.tensor(toks)[:, None]).sum().item(), 1e-5)
+    # The pipeline passes it on too: its held-out NLL is the eos_id=7 one, not the eos_id=0 one.
+    report, _ = evaluate_export(
+        export, ["mor_heldout_mc"], depths=["1"], limit=2, work_dir=tmp_path / "w"
+    )
+    with_7, with_0 = (
+        heldout_nll(MoRLM(model=model, tokenizer=str(SMOLLM), depth=1, eos_id=e))
+        for e in (7, SMOLLM_EOS)
+    )
+    assert report.points[0].nll == pytest.approx(with_7, abs=1e-9) and with_7 != with_0
+    bare = save_pretrained(tmp_path / "bare", model.cfg, model.state_dict(), {}, SMOLLM)
+    with pytest.raises(ValueError, match="eos_id"):
+        MoRLM(pretrained=str(bare))
+    with pytest.raises(ValueError, match="eos_id: 49152 is outside"):
+        MoRLM(pretrained=str(export), eos_id=49152)
+
+
+@needs_shared
+@pytest.mark.parametrize("dtype", ["float64", "auto"])
+def test_float64_model_is_scored_in_float64(dtype: str) -> None:
+    model = random_model().double()
+    lm = MoRLM(model=model, tokenizer=str(SMOLLM), eos_id=SMOLLM_EOS, dtype=dtype)
+    ctx, cont = "The quick brown fox", " jumps over the lazy dog"
+    ((score, _),) = lm.loglikelihood([req("loglikelihood", ctx, cont)])
+    ctx_enc = lm.tok_encode(ctx)
+    whole = ctx_enc + lm.tok_encode(ctx + cont)[len(ctx_enc) :]
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]])).logits[0]
+    assert logits.dtype == torch.float64
+    target = torch.tensor(whole[len(ctx_enc) :])
+    logp = F.log_softmax(logits, -1)[len(ctx_enc) - 1 :]
+    # float32 log-softmax would be off by ~1e-5 here.
+    assert score == pytest.approx(logp.gather(-1, target[:, None]).sum().item(), abs=1e-12)
+
+
+@needs_shared
+def test_heldout_nll_matches_the_previous_implementation() -> None:
+    """Through lm-eval's public loglikelihood_rolling, the held-out NLL is the number the
+    former private-method implementation gave for this model (recorded before the change)."""
+    lm = MoRLM(model=random_model(), tokenizer=str(SMOLLM), batch_size=4, eos_id=SMOLLM_EOS)
+    assert heldout_nll(lm, 4) == pytest.approx(10.796137248500113, abs=1e-6)
 
 
 def test_default_mc_task_is_well_formed(tmp_path: Path) -> None:
@@ -224,8 +289,15 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
 
 @needs_shared
 def test_eval_cli_offline_json(
-    trained_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained_export: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The default (logging) path with an export that recorded no MLflow run: the URI comes
+    from $MLFLOW_TRACKING_URI and the eval run is a top-level run there."""
+    uri = f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     code = mor_main(
         [
             "eval",
@@ -238,7 +310,6 @@ def test_eval_cli_offline_json(
             "10",
             "--depths",
             "1,router",
-            "--no-mlflow",
             "--json",
             "--out",
             str(tmp_path / "o"),
@@ -247,8 +318,11 @@ def test_eval_cli_offline_json(
     assert code == 0
     got = json.loads(capsys.readouterr().out)
     assert [p["label"] for p in got["report"]["points"]] == ["1", "router"]
-    assert mor_main(["eval", str(trained_export), "--tasks", "nope", "--no-mlflow"]) == 2
-    assert mor_main(["eval", str(tmp_path), "--no-mlflow"]) != 0
+    run = MlflowClient(uri).get_run(got["mlflow_run_id"])
+    assert "mlflow.parentRunId" not in run.data.tags and "eval/d1/piqa/acc" in run.data.metrics
+    assert mor_main(["eval", str(trained_export), "--tasks", "nope"]) == 2
+    assert "tasks: unknown task(s) ['nope']" in capsys.readouterr().err
+    assert mor_main(["eval", str(tmp_path)]) != 0
 
 
 @needs_shared
@@ -274,3 +348,106 @@ def test_eval_runs_as_a_ray_task(trained_export: Path, tmp_path: Path) -> None:
         ray.shutdown()
     assert [p["label"] for p in out["report"]["points"]] == ["1", "2", "router"]
     assert (tmp_path / "ray_eval" / "results.csv").is_file()
+
+
+# ------------------------------------------------------------------ `mor eval EXPORT` as typed
+def user_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """A shell with no tracking settings and no `mor up` stack: only the export says where."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(MOR_STACK_DIR=str(tmp / "no-stack"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def mor_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("mor")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "cli.main"]
+    return subprocess.run(
+        [*cmd, *args], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(export, MLflow run id) of a real `mor train`-style run: its export records both."""
+    from trainers.config import load_train_config
+    from trainers.launcher import run_training
+
+    tmp = tmp_path_factory.mktemp("trained")
+    mp = pytest.MonkeyPatch()
+    for key, value in user_env(tmp).items():
+        mp.setenv(key, value)
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mp.delenv("RAY_ADDRESS", raising=False)
+    try:
+        cfg = load_train_config(
+            None,
+            [
+                "name=evalcli",
+                f"storage_path={tmp}",
+                f"data.source={SHARED / 'corpus' / 'tinyshakespeare' / 'input.txt'}",
+                f"data.tokenizer={SMOLLM}",
+                f"data.cache_dir={tmp / 'cache'}",
+                "data.seq_len=64",
+                "model.preset=micro",
+                "model.sharing=middle_cycle",
+                "model.num_recursions=2",
+                "model.router=expert_choice",
+                "batch.micro_batch_size=4",
+                "scaling.cpus_per_worker=1",
+                "budget.steps=4",
+                "checkpoint.every_steps=4",
+                "eval.every_steps=4",
+                "eval.batches=1",
+            ],
+        )
+        result = run_training(cfg)
+    finally:
+        mp.undo()
+    return result.export_dir, result.run_id
+
+
+@needs_shared
+def test_mor_eval_export_logs_under_the_training_run(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """The README's `mor eval outputs/runs/NAME/export`, no tracking flag, no env: the eval
+    run lands under the training run in the MLflow the export recorded."""
+    export, train_run_id = trained_run
+    meta = json.loads((export / "config.json").read_text())["meta"]
+    assert meta["mlflow_run_id"] == train_run_id and meta["tracking_uri"]
+    proc = mor_cli("eval", str(export), "--limit", "4", env=user_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mean depth" in proc.stdout and "Traceback" not in proc.stderr
+    client = MlflowClient(meta["tracking_uri"])
+    eval_id = client.get_run(train_run_id).data.tags["mor.eval_run_id"]
+    run = client.get_run(eval_id)
+    assert run.data.tags["mlflow.parentRunId"] == train_run_id
+    assert run.data.tags["mor.kind"] == "eval" and run.info.status == "FINISHED"
+    assert "eval/drouter/mor_heldout_mc/acc" in run.data.metrics
+    assert eval_id in proc.stdout
+
+
+@needs_shared
+def test_mor_eval_keeps_results_when_mlflow_is_down(
+    trained_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """An export whose recorded MLflow is a dead server: the results are written and printed,
+    then one clear error naming the URI (credentials redacted), exit 1, no traceback."""
+    export = tmp_path / "runs" / "moved" / "export"
+    shutil.copytree(trained_run[0], export)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    payload = json.loads((export / "config.json").read_text())
+    payload["meta"]["tracking_uri"] = f"http://mor:s3cret@127.0.0.1:{port}"
+    (export / "config.json").write_text(json.dumps(payload))
+    env = user_env(tmp_path, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    proc = mor_cli("eval", str(export), "--limit", "2", "--depths", "1", env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    out = export.parent / "eval"
+    assert (out / "results.csv").is_file() and (out / "results.json").is_file()
+    assert "mean depth" in proc.stdout  # the table came before the failure
+    assert f"error: could not log to MLflow at http://127.0.0.1:{port}" in proc.stderr
+    assert str(out) in proc.stderr
+    assert "Traceback" not in proc.stderr and "s3cret" not in proc.stdout + proc.stderr

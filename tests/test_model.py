@@ -281,15 +281,13 @@ def test_token_choice_losses_and_loss_free_bias() -> None:
 def test_gated_update_is_h_plus_g_times_residual_branch(logit: float) -> None:
     """H + g·f(H) with f = Block(H) − H: g = 1 is the plain recursive model, g = 0 a skip."""
     plain = make_model(small_config("cycle", "none", "recursion_wise"))
-    cfg = small_config(
-        "cycle", "expert_choice", "recursion_wise", capacities=[1.0, 1.0], gate="tanh"
-    )
+    # tanh(50) == 1.0 exactly; sigmoid(-50) ≈ 2e-22: an exact skip in practice.
+    gate = "tanh" if logit > 0 else "sigmoid"
+    cfg = small_config("cycle", "expert_choice", "recursion_wise", capacities=[1.0, 1.0], gate=gate)
     mor = MoRModel(cfg).double().eval()
     mor.load_state_dict(plain.state_dict(), strict=False)
-    for net in mor.router.nets:  # force every router logit: tanh(50) == 1.0, tanh(-50) == -1
+    for net in mor.router.nets:  # force every router logit
         net.register_forward_hook(lambda m, i, o: torch.full_like(o, logit))
-    if logit < 0:
-        mor.cfg.__dict__["gate"] = "sigmoid"  # sigmoid(-50) ≈ 2e-22: an exact skip in practice
     x = torch.randint(0, cfg.vocab_size, (2, 10))
     with torch.no_grad():
         out = mor(x).logits

@@ -1,16 +1,21 @@
 """platform/ files and the local stack (`mor up|status|down`): configs parse and carry what each
-tool needs; a real stack on loopback runs a submitted sweep into its own MLflow server and
+tool needs; every command finds Ray and MLflow the same way (core.endpoints); a real stack on
+loopback trains a plain `mor train` and a submitted sweep into its own MLflow server, and
 `mor down` leaves no process behind."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import socket
+import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,48 +145,106 @@ def test_mlflow_compose() -> None:
         assert var in readme, var
 
 
-# ------------------------------------------------------------------ stack defaults (no processes)
-def _fake_record(state: Path, pid: int) -> None:
-    state.mkdir(parents=True, exist_ok=True)
-    record = {
-        "status": "up",
-        "ray": {"pid": pid, "address": "127.0.0.1:7000", "dashboard": "http://127.0.0.1:7001"},
-        "mlflow": {"pid": pid, "url": "http://127.0.0.1:7002"},
-    }
-    (state / "stack.json").write_text(json.dumps(record))
+# ------------------------------------------------------------------ endpoints (no real stack)
+class _Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
-def test_stack_defaults_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fake_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A stack record whose "processes" are this test process and whose endpoints are two
+    local HTTP servers: healthy by the one health check, without Ray or MLflow."""
+    from core.stack import MlflowService, RayService, StackRecord
+
+    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # auth "on" without touching Ray's state
+    state = tmp_path / "stack"
+    state.mkdir()
+    monkeypatch.setenv("MOR_STACK_DIR", str(state))
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer) for _ in range(2)]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    dash, ml = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    me = (os.getpid(), psutil.Process().create_time())
+    record = StackRecord(
+        id="fake", state_dir=str(state), host="127.0.0.1", status="up",
+        ray=RayService(
+            ports={}, address="127.0.0.1:7000", dashboard=dash, agent_port=1,
+            client_server_port=2, log="", pids={"gcs_server": me, "raylet": me},
+        ),
+        mlflow=MlflowService(port=0, url=ml, log="", pid=me[0], create_time=me[1]),
+    )  # fmt: skip
+    try:
+        yield record, servers
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+def test_endpoints_precedence(
+    fake_stack: tuple[Any, list], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli.report_cmd import default_uri
+    from core.endpoints import resolve_endpoints, resolve_tracking_uri
+    from core.stack import healthy_stack, write_record
     from sweeps.driver import tracking_uri_for
+    from sweeps.jobs import portable_spec
     from sweeps.spec import SweepSpec
     from trainers.config import TrainConfig, default_tracking_uri
-    from core.endpoints import default_ray_address, stack_mlflow_uri
 
-    state = tmp_path / "stack"
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("MOR_STACK_DIR", str(state))
+    record, servers = fake_stack
     cfg = TrainConfig(storage_path=str(tmp_path))
     spec = SweepSpec(name="s", storage_path=str(tmp_path))
     local = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert stack_mlflow_uri() is None
+    # No stack recorded: a fresh local Ray, an absolute sqlite store, no job server.
+    ep = resolve_endpoints(storage_path=tmp_path)
+    assert (ep.ray_address, ep.job_server, ep.tracking_uri) == ("local", None, local)
+    assert not ep.ray_token_auth  # a fresh local Ray needs none
     assert default_tracking_uri(cfg) == local == tracking_uri_for(spec)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None, "rel") == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
 
-    _fake_record(state, os.getpid())  # "alive": this process
-    assert default_tracking_uri(cfg) == "http://127.0.0.1:7002" == tracking_uri_for(spec)
-    assert default_ray_address() == "127.0.0.1:7000"
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # Ray reads it: no stack default
-    assert default_ray_address() is None
+    write_record(record)  # healthy: every command defaults to it
+    assert healthy_stack() == record
+    ep = resolve_endpoints(target="jobs")
+    assert (ep.ray_address, ep.job_server) == ("127.0.0.1:7000", record.ray.dashboard)
+    assert ep.ray_token_auth
+    ml = record.mlflow.url
+    assert default_tracking_uri(cfg) == ml == tracking_uri_for(spec) == default_uri()
+    assert portable_spec(spec, record.ray.dashboard + "/").tracking.uri == ml
+    # A job for another cluster cannot reach this machine's stack: absolute sqlite instead.
+    assert portable_spec(spec, "http://elsewhere:8265").tracking.uri == local
+    assert resolve_tracking_uri(None, tmp_path, recorded="http://train:5000") == "http://train:5000"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
-    assert default_tracking_uri(cfg) == "http://env:5000" == tracking_uri_for(spec)
-    explicit = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": "x"})})
-    assert default_tracking_uri(explicit) == "x"
+    ep = resolve_endpoints(storage_path=tmp_path)
+    assert (ep.ray_address, ep.tracking_uri) == ("10.0.0.1:6379", "http://env:5000")
+    assert resolve_tracking_uri(None, tmp_path, recorded="http://train:5000") == "http://train:5000"
+    ep = resolve_endpoints(ray_address="h:1", tracking_uri="x", recorded="y")
+    assert (ep.ray_address, ep.tracking_uri) == ("h:1", "x")
 
+    # One meaning of "up": an endpoint that stops answering, or a recorded process that is
+    # not the one running under that pid, is no stack.
+    monkeypatch.delenv("RAY_ADDRESS")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    proc = psutil.Popen(["true"])
-    proc.wait()
-    _fake_record(state, proc.pid)  # a dead server is no default
-    assert default_tracking_uri(cfg) == local
+    servers[1].shutdown()
+    servers[1].server_close()
+    assert healthy_stack() is None and default_tracking_uri(cfg) == local
+    servers[1:] = []
+    ml_alive = record.model_copy(deep=True)
+    ml_alive.mlflow.url = record.ray.dashboard  # answers again
+    write_record(ml_alive)
+    assert healthy_stack() is not None
+    ml_alive.mlflow.create_time = record.mlflow.create_time - 100  # a reused pid
+    write_record(ml_alive)
+    assert healthy_stack() is None and resolve_endpoints().ray_address == "local"
 
 
 def _free_port() -> int:
@@ -231,6 +294,12 @@ SWEEP = {
     "budgets": [6e9],
     "eval": {"limit": 10, "tasks": ["mor_heldout_mc"]},
 }
+# `mor train` as a user types it, on the smallest model and data (the tiny sweep's base).
+TINY_TRAIN = [
+    "model.preset=micro", "model.num_layers=6", "model.max_seq_len=64",
+    "data.vocab_size=512", "data.seq_len=64", "data.max_documents=150",
+    "batch.micro_batch_size=4", "budget.steps=3", "eval.every_steps=1000", "eval.batches=2",
+]  # fmt: skip
 
 
 def _tagged(stack_id: str) -> list[psutil.Process]:
@@ -244,25 +313,50 @@ def _tagged(stack_id: str) -> list[psutil.Process]:
     return out
 
 
-@pytest.fixture
-def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A temporary MOR_STACK_DIR; whatever happens, the stack is torn down afterwards."""
-    from cli.stack import down
+@dataclass
+class Stack:
+    state: Path
+    ports: dict[str, int]
+    env: dict[str, str]
+    mlflow: str
+    dashboard: str
 
-    state = tmp_path / "stack"
-    monkeypatch.setenv("MOR_STACK_DIR", str(state))
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
-    try:
-        yield state
-    finally:
-        record = None
-        if (state / "stack.json").exists():
-            record = json.loads((state / "stack.json").read_text())
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    """One real stack for the module, started as a user does (`mor up` with $MOR_STACK_DIR
+    and free ports); whatever happens, it is torn down afterwards."""
+    from core.stack import down, read_record
+
+    state = tmp_path_factory.mktemp("stack")
+    ports = {"--ray-port": _free_port(), "--dashboard-port": _free_port()}
+    ports["--mlflow-port"] = _free_port()
+    assert len(set(ports.values())) == 3
+    env = {k: v for k, v in os.environ.items() if k not in STACK_ENV}
+    env["MOR_STACK_DIR"] = str(state)
+    argv = ["mor", "up"] + [x for kv in ports.items() for x in (kv[0], str(kv[1]))]
+    with pytest.MonkeyPatch.context() as mp:  # this process finds the stack too
+        for var in STACK_ENV:
+            mp.delenv(var, raising=False)
+        mp.setenv("MOR_STACK_DIR", str(state))
+        try:
+            up = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+            assert up.returncode == 0, up.stdout + up.stderr
+            assert "stack up" in up.stdout
+            yield Stack(
+                state, ports, env,
+                f"http://127.0.0.1:{ports['--mlflow-port']}",
+                f"http://127.0.0.1:{ports['--dashboard-port']}",
+            )  # fmt: skip
+        finally:
+            record = read_record(state)
             down(state)
-        if record:  # belt and braces: nothing tagged may outlive the test
-            for p in _tagged(record["id"]):
-                p.kill()
+            if record:  # belt and braces: nothing tagged may outlive the module
+                for p in _tagged(record.id):
+                    p.kill()
+
+
+STACK_ENV = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")
 
 
 def _mlflow_get(base: str, path: str, **params: str) -> dict:
@@ -280,50 +374,95 @@ def _mlflow_post(base: str, path: str, body: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_stack_lifecycle(stack_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from cli.stack import port_free, stack_addresses
-    from sweeps import jobs
+def test_stack_status_and_idempotent_up(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from core.stack import healthy_stack
     from trainers.config import TrainConfig, default_tracking_uri
 
-    ports = {"--ray-port": _free_port(), "--dashboard-port": _free_port()}
-    ports["--mlflow-port"] = _free_port()
-    assert len(set(ports.values())) == 3
-    argv = ["up"] + [x for kv in ports.items() for x in (kv[0], str(kv[1]))]
-    assert mor_main(argv) == 0, capsys.readouterr()
-    assert "stack up" in capsys.readouterr().out
-    record = json.loads((stack_env / "stack.json").read_text())
-    mlflow_url = f"http://127.0.0.1:{ports['--mlflow-port']}"
-    dashboard = f"http://127.0.0.1:{ports['--dashboard-port']}"
-    assert stack_addresses() == {
-        "ray_dashboard": dashboard,
-        "ray_address": f"127.0.0.1:{ports['--ray-port']}",
-        "mlflow": mlflow_url,
-    }
-    assert default_tracking_uri(TrainConfig(storage_path=str(tmp_path))) == mlflow_url
-
+    record = healthy_stack()
+    assert record is not None and record.status == "up"
+    assert record.ray.address == f"127.0.0.1:{stack.ports['--ray-port']}"
+    assert (record.ray.dashboard, record.mlflow.url) == (stack.dashboard, stack.mlflow)
+    assert default_tracking_uri(TrainConfig(storage_path=str(tmp_path))) == stack.mlflow
     assert mor_main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["healthy"] is True
+    argv = ["up"] + [x for kv in stack.ports.items() for x in (kv[0], str(kv[1]))]
     t0 = time.time()
     assert mor_main(argv) == 0  # idempotent: finds the running stack
     assert "already running" in capsys.readouterr().out and time.time() - t0 < 30
-    assert json.loads((stack_env / "stack.json").read_text())["ray"] == record["ray"]
+    assert healthy_stack() == record
 
-    # A sweep submitted with no --address and no tracking URI: both default to the stack.
+
+def _mor(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    run = subprocess.run(
+        ["mor", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+    # Ray's actors print their own (handled) tracebacks with a "(Actor pid=N)" prefix; a
+    # traceback of the `mor` process itself starts a line.
+    out = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
+    assert not [ln for ln in out.splitlines() if ln.startswith("Traceback")], out[-4000:]
+    return run
+
+
+@pytest.mark.slow
+def test_train_with_the_stack_up(stack: Stack, tmp_path: Path) -> None:
+    """Regression: with `mor up` running, a plain `mor train CONFIG` failed with Ray's
+    InvalidAuthToken (only the sweep commands enabled token auth) and left its run RUNNING."""
+    from mlflow import MlflowClient
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"name": "on-stack", "storage_path": str(tmp_path)}))
+    run = _mor(["train", str(config), *TINY_TRAIN], stack.env, tmp_path)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert f"at {stack.mlflow}" in run.stdout  # tracked on the stack with no flag
+    run_id = re.search(r"done: MLflow run (\w+)", run.stdout).group(1)
+    info = MlflowClient(stack.mlflow).get_run(run_id)
+    assert info.info.status == "FINISHED" and info.info.run_name == "on-stack"
+    assert "mor.failure" not in info.data.tags
+
+
+@pytest.mark.slow
+def test_train_without_ray_marks_the_run_failed(stack: Stack, tmp_path: Path) -> None:
+    """Ray cannot be reached (here: the stack's head with token auth turned off in the
+    client): one `error:` line, exit 1, and the MLflow run FAILED with the reason."""
+    from mlflow import MlflowClient
+
+    env = {**stack.env, "RAY_AUTH_MODE": "disabled"}
+    args = ["train", *TINY_TRAIN, "name=no-ray", f"storage_path={tmp_path}"]
+    run = _mor(args, env, tmp_path)
+    assert run.returncode == 1, (run.stdout + run.stderr)[-4000:]
+    error = [ln for ln in run.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(error) == 1 and "could not start or connect to Ray" in error[0], run.stderr
+    client = MlflowClient(stack.mlflow)
+    exp = client.get_experiment_by_name("mor")
+    (failed,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'no-ray'")
+    assert failed.info.status == "FAILED"
+    assert "connect to Ray" in failed.data.tags["mor.failure"]
+
+
+@pytest.mark.slow
+def test_sweep_submitted_to_the_stack(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A sweep submitted with no --address and no tracking URI: both default to the stack."""
+    from sweeps import jobs
+
     spec = tmp_path / "sweep.yaml"
     spec.write_text(yaml.safe_dump({**SWEEP, "storage_path": str(tmp_path / "out")}))
     assert mor_main(["sweep", "submit", str(spec)]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
-    deadline = time.time() + 360
+    dashboard, deadline = stack.dashboard, time.time() + 360
     while (state := jobs.status(job_id, dashboard)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.time() < deadline, jobs.logs(job_id, dashboard)[-3000:]
         time.sleep(3)
     assert state == "SUCCEEDED", jobs.logs(job_id, dashboard)[-3000:]
 
     exp = _mlflow_get(
-        mlflow_url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="mor-sweeps"
+        stack.mlflow, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="mor-sweeps"
     )["experiment"]
     runs = _mlflow_post(
-        mlflow_url,
+        stack.mlflow,
         "/api/2.0/mlflow/runs/search",
         {"experiment_ids": [exp["experiment_id"]], "max_results": 100},
     )["runs"]
@@ -336,14 +475,23 @@ def test_stack_lifecycle(stack_env: Path, tmp_path: Path, capsys: pytest.Capture
     assert len(trials) == 1 and trials[0]["info"]["status"] == "FINISHED"
     assert trials[0]["info"]["run_name"].startswith("stack-sweep-")
 
-    # Down: exactly our processes stop, none survives, every port is free again.
-    session = record["ray"]["session"]
-    ours = {p.pid: p for p in _tagged(record["id"])}
-    assert record["mlflow"]["pid"] in ours and record["ray"]["pid"] in ours
+
+@pytest.mark.slow
+def test_down_stops_exactly_the_stack(stack: Stack, capsys: pytest.CaptureFixture) -> None:
+    """`mor down`: exactly our processes stop, none survives, every port is free again.
+    (Last in the module: it takes the module's stack down.)"""
+    from core.endpoints import resolve_endpoints
+    from core.stack import healthy_stack, port_free, read_record
+
+    record = read_record(stack.state)
+    assert record is not None
+    session = record.ray.session
+    ours = {p.pid: p for p in _tagged(record.id)}
+    assert record.mlflow.pid in ours and record.ray.pid in ours
     assert mor_main(["down"]) == 0
     assert "stack down" in capsys.readouterr().out
-    assert not (stack_env / "stack.json").exists()
-    assert _tagged(record["id"]) == []
+    assert not (stack.state / "stack.json").exists()
+    assert _tagged(record.id) == []
     for p in ours.values():
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
     for p in psutil.process_iter():
@@ -352,8 +500,8 @@ def test_stack_lifecycle(stack_env: Path, tmp_path: Path, capsys: pytest.Capture
             assert not (alive and os.getsid(p.pid) == session), p
         except (psutil.Error, OSError):
             continue
-    assert port_free("0.0.0.0", ports["--ray-port"])
-    assert port_free("127.0.0.1", ports["--dashboard-port"])
-    assert port_free("127.0.0.1", ports["--mlflow-port"])
-    assert stack_addresses() == {}
+    assert port_free("0.0.0.0", stack.ports["--ray-port"])
+    assert port_free("127.0.0.1", stack.ports["--dashboard-port"])
+    assert port_free("127.0.0.1", stack.ports["--mlflow-port"])
+    assert healthy_stack() is None and resolve_endpoints().ray_address == "local"
     assert mor_main(["status"]) == 1

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from test_trainer import needs_shared, overrides
 
 from mor.overrides import ConfigError, validate
-from sweeps.spec import SweepSpec, validate_spec
+from sweeps.spec import SweepSpec, plan_sweep
 from trainers.config import load_train_config
 from trainers.launcher import TrainingError, plan_run, run_training
 
@@ -401,7 +401,7 @@ def test_fuzzed_sweep_specs_fail_cleanly(mutations: list) -> None:
     for key, value in mutations:
         _apply(data, key, value)
     try:
-        validate_spec(validate(SweepSpec, data))
+        plan_sweep(validate(SweepSpec, data))
     except ConfigError as exc:
         msg = str(exc)
         assert any(k.split(".")[0] in msg or k.split(".")[-1] in msg for k, _ in mutations), msg

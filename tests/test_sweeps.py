@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -17,8 +18,10 @@ from conftest import TINY_VARIANTS, tiny_spec_dict
 from mlflow import MlflowClient
 
 from cli.main import main as mor_main
+from core.keys import eval_key, eval_point_key, eval_points, parse_eval_point_key
 from mor.overrides import ConfigError, validate
-from sweeps.spec import SweepSpec, grid_points, validate_spec
+from sweeps.driver import run_sweep
+from sweeps.spec import SweepSpec, TrialPoint, grid_points, plan_sweep, trial_config
 
 VANILLA, MOR = TINY_VARIANTS
 
@@ -31,6 +34,21 @@ def write_spec(tmp: Path, name: str, **extra: object) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec_dict(tmp, name, **extra)))
     return path
+
+
+# ------------------------------------------------------------------ metric keys
+def test_eval_keys_build_and_parse() -> None:
+    """One format per key: what evals write is what sweeps and dashboards read back."""
+    assert eval_key("average") == "eval/average"
+    assert eval_point_key(2, "nll") == "eval/d2/nll"
+    assert parse_eval_point_key(eval_point_key("router", "piqa/acc")) == ("router", "piqa/acc")
+    assert parse_eval_point_key("eval/d12/frac_depth_0") == ("12", "frac_depth_0")
+    # Headline keys are not depth points, even for a task whose name starts with 'd'.
+    for name in ("eval/average", "eval/dummy_task/acc", "val/loss", "eval/d/x"):
+        assert parse_eval_point_key(name) is None, name
+    metrics = {"eval/d1/average": 0.3, "eval/drouter/average": 0.4, "eval/d1/nll": 2.0}
+    metrics["eval/average"] = 0.4
+    assert eval_points(metrics) == {"1": {"average": 0.3, "nll": 2.0}, "router": {"average": 0.4}}
 
 
 # ------------------------------------------------------------------ validation
@@ -63,7 +81,7 @@ def test_spec_errors_name_the_field(tmp_path: Path, change: dict, needle: str) -
     data = spec_dict(tmp_path, "v")
     data.update(change)
     with pytest.raises(ConfigError) as err:
-        validate_spec(validate(SweepSpec, data))
+        plan_sweep(validate(SweepSpec, data))
     assert needle in str(err.value)
 
 
@@ -81,9 +99,88 @@ def test_grid_and_skip_invalid(tmp_path: Path) -> None:
     spec = validate(SweepSpec, data)
     assert len(grid_points(spec)) == 8
     with pytest.raises(ConfigError, match="skip_invalid"):
-        validate_spec(spec)  # N_r=3 does not divide the 4 middle layers
-    ok, dropped = validate_spec(spec.model_copy(update={"skip_invalid": True}))
-    assert len(ok) == 4 and len(dropped) == 4
+        plan_sweep(spec)  # N_r=3 does not divide the 4 middle layers
+    plan = plan_sweep(spec.model_copy(update={"skip_invalid": True}))
+    assert len(plan.points) == 4 and len(plan.dropped) == 4
+    assert all("num_recursions=2" in p.label for p in plan.points)
+
+
+def test_trial_config_is_built_once_and_validated(tmp_path: Path) -> None:
+    """The trial's TrainConfig carries the sweep's resources, tracking, budget and storage;
+    a bad sampled value or a malformed point is an error naming the field."""
+    data = spec_dict(tmp_path, "tc", resources={"num_workers": 2, "cpus_per_worker": 0.5})
+    data["storage_path"] = "rel-outputs"
+    plan = plan_sweep(validate(SweepSpec, data))
+    assert Path(plan.spec.storage_path).is_absolute()  # resolved once, by the driver's process
+    point = next(p for p in plan.points if p.label.startswith("mor-ec"))
+    assert point.budget == 6e9 and point.overrides["model.router"] == "expert_choice"
+    # Through Tune's param_space and back: a plain dict, validated at the trial boundary.
+    point = TrialPoint.model_validate(point.model_dump(mode="json"))
+    cfg = trial_config(
+        plan.spec,
+        point,
+        {"optim.lr": 3e-3},
+        name="tc-1",
+        parent_run_id="parent",
+        tracking_uri="sqlite:///x.db",
+    )
+    assert (cfg.scaling.num_workers, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu) == (
+        2,
+        0.5,
+        False,
+    )
+    assert cfg.tracking.parent_run_id == "parent" and cfg.tracking.experiment == "sweeps-test"
+    assert cfg.tracking.tags == {"mor.label": point.label}
+    assert (
+        cfg.budget.flops == 6e9 and cfg.optim.lr == 3e-3 and cfg.model["sharing"] == "middle_cycle"
+    )
+    assert cfg.storage_path == plan.spec.storage_path
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        trial_config(plan.spec, point, {"optim.lr": "fast"}, name="tc-2")
+    with pytest.raises(ValueError, match="budget"):
+        TrialPoint.model_validate({"label": "x", "overrides": {}, "budget": -1})
+
+
+def _count_calls(fn: object, argv: list[str]) -> tuple[int | str, int]:
+    """(exit code, or the escaping exception's type, and calls of ``fn``) while ``mor ARGV``
+    runs in this process: a profiler hook observes the real code path, nothing is replaced."""
+    code_obj, calls = fn.__code__, [0]
+
+    def hook(frame, event, _arg):
+        if event == "call" and frame.f_code is code_obj:
+            calls[0] += 1
+
+    sys.setprofile(hook)
+    try:
+        outcome: int | str = mor_main(argv)
+    except Exception as exc:  # e.g. Ray's ConnectionError from its job client
+        outcome = type(exc).__name__
+    finally:
+        sys.setprofile(None)
+    return outcome, calls[0]
+
+
+def test_spec_is_validated_once_per_process(tmp_path: Path, capsys) -> None:
+    """`mor sweep run` and `mor sweep submit` check each trial once (the driver path used to
+    validate the spec three times). Both stop at an unreachable service, after validation."""
+    import sweeps.spec
+
+    dead = f"127.0.0.1:{_free_port()}"
+    path = write_spec(tmp_path, "once", tracking={"uri": f"http://{dead}"})
+    n_points = len(plan_sweep(load_spec_file(path)).points)
+    assert n_points == 2
+    rc, checks = _count_calls(sweeps.spec._check_point, ["sweep", "run", str(path)])
+    assert rc == 2 and "tracking.uri" in capsys.readouterr().err  # stopped at MLflow
+    assert checks == n_points
+    submit = ["sweep", "submit", str(path), "--address", f"http://{dead}"]
+    outcome, checks = _count_calls(sweeps.spec._check_point, submit)
+    assert outcome not in (0, "ConfigError") and checks == n_points  # failed at the job server
+    # The driver takes the plan the CLI made (it plans only when handed a raw spec).
+    assert "SweepPlan" in str(inspect.signature(run_sweep).parameters["plan"].annotation)
+
+
+def load_spec_file(path: Path) -> SweepSpec:
+    return validate(SweepSpec, yaml.safe_load(path.read_text()))
 
 
 def test_cli_rejects_bad_spec_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -137,7 +234,7 @@ def _free_port() -> int:
 def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A real Ray head on loopback (`ray start --head`, through `mor up`), stopped afterwards:
     only its own processes, never other Ray clusters on the machine."""
-    from cli.stack import down, up
+    from core.stack import down, up
 
     state = tmp_path / "stack"
     monkeypatch.setenv("MOR_STACK_DIR", str(state))
@@ -147,7 +244,7 @@ def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         record, _ = up(
             state, ray_port=_free_port(), dashboard_port=_free_port(), mlflow_port=_free_port()
         )
-        yield record["ray"]["dashboard"]
+        yield record.ray.dashboard
     finally:
         down(state)
 
@@ -255,14 +352,13 @@ def test_searchers_and_asha_are_configured_from_the_spec(tmp_path: Path) -> None
         SweepSpec,
         spec_dict(tmp_path, "r", searcher="random", num_samples=3, space=space, variants=[MOR]),
     )
-    points, _ = validate_spec(rnd)
-    alg, param_space, samples = _searcher_and_space(rnd, points)
+    alg, param_space, samples = _searcher_and_space(plan_sweep(rnd))
     assert alg is None and samples == 3 and "optim.lr" in param_space
     opt = validate(
         SweepSpec,
         spec_dict(tmp_path, "o", searcher="optuna", num_samples=4, space=space, variants=[MOR]),
     )
-    alg, param_space, samples = _searcher_and_space(opt, validate_spec(opt)[0])
+    alg, param_space, samples = _searcher_and_space(plan_sweep(opt))
     assert isinstance(alg, OptunaSearch) and samples == 4
     asha = validate(SweepSpec, spec_dict(tmp_path, "a", scheduler={"grace_flops": 1e9}))
     assert asha.scheduler is not None and asha.scheduler.metric == "val/loss"

@@ -10,14 +10,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow import MlflowClient
+from pydantic import ValidationError
 
 from cli.main import main as mor_main
+from mor.checkpoint import load_pretrained
+from mor.config import build_config
 from mor.flops import steps_for_budget
+from mor.model import MoRModel, RoutingStats
 from mor.overrides import ConfigError
-from trainers.config import TrainConfig, load_train_config
+from trainers.components import lr_factor
+from trainers.config import FaultInjection, TrainConfig, load_train_config
+from trainers.faults import FaultInjector
 from trainers.launcher import TrainingError, plan_run, run_training
-from trainers.loop import lr_factor
+from trainers.plan import TrainPlan
+from trainers.step_metrics import MicroBatchTotals, Progress, StepMeter, peak_flops
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAKESPEARE = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
@@ -94,12 +102,93 @@ def test_lr_schedules() -> None:
     assert lr_factor(1000, 100, cfg) == pytest.approx(0.0)  # never negative past the end
 
 
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 PCIe", 756e12),  # not the SXM figure, though the name holds "H100"
+        ("NVIDIA H100 80GB HBM3", 989e12),  # the SXM part
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce GTX 1080", None),
+        ("cpu", None),
+    ],
+)
+def test_peak_flops_matches_the_most_specific_name(name: str, peak: float | None) -> None:
+    assert peak_flops(name) == peak
+
+
+def test_loop_router_metrics_are_routing_stats_metrics() -> None:
+    """Two micro-batches of a real MoR forward, reduced and measured as the loop does."""
+    mor_cfg = build_config(
+        "micro", sharing="middle_cycle", num_recursions=2, router="expert_choice", vocab_size=97
+    )
+    torch.manual_seed(0)
+    model = MoRModel(mor_cfg)
+    totals, outs = MicroBatchTotals(), []
+    for seed in (1, 2):
+        x = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(seed))
+        out = model(x, labels=x)
+        totals.add(out.loss, out)
+        outs.append(out)
+    cfg = TrainConfig.model_validate({"batch": {"micro_batch_size": 3, "grad_accum_steps": 2}})
+    meter = StepMeter(cfg, mor_cfg, lambda step: 1e-3, world=1, peak=None)
+    metrics = meter.measure(1, totals.reduce(torch.device("cpu"), True), 0.5, Progress())
+    router = {k: v for k, v in metrics.items() if k.startswith("router/")}
+    expected = RoutingStats.merge([o.stats for o in outs]).to_metrics()
+    assert router.keys() == expected.keys() == outs[0].stats.to_metrics().keys()
+    assert {"router/active_r2", "router/frac_depth_2", "router/mean_depth"} <= router.keys()
+    assert "router/dead_frac" in router
+    for k, v in expected.items():
+        assert router[k] == pytest.approx(v)
+    # Micro-batches: active fractions averaged, depth counts summed (token-weighted shares).
+    a, b = (o.stats for o in outs)
+    assert router["router/active_r2"] == pytest.approx(
+        (a.active_fraction[1] + b.active_fraction[1]) / 2
+    )
+    counts = [x + y for x, y in zip(a.tokens_per_depth, b.tokens_per_depth, strict=True)]
+    assert router["router/frac_depth_1"] == pytest.approx(counts[1] / sum(counts))
+    assert router["router/mean_depth"] == pytest.approx(
+        sum(d * n for d, n in enumerate(counts)) / sum(counts)
+    )
+    # Vanilla: no routing, no router metrics.
+    vanilla = build_config("micro", sharing="none", num_recursions=1, vocab_size=97)
+    out = MoRModel(vanilla)(x, labels=x)
+    plain = MicroBatchTotals()
+    plain.add(out.loss, out)
+    red = plain.reduce(torch.device("cpu"), False)
+    meter = StepMeter(cfg, vanilla, lambda step: 1e-3, world=1, peak=None)
+    assert not any(k.startswith("router/") for k in meter.measure(1, red, 0.5, Progress()))
+
+
+def test_fault_injector_hooks(tmp_path: Path) -> None:
+    faults = FaultInjector(FaultInjection(fail_at_step=3, nan_at_step=2), tmp_path, rank=0)
+    faults.before_step(2)  # not the failing step
+    with pytest.raises(RuntimeError, match="fault injection"):
+        faults.before_step(3)
+    faults.before_step(3)  # once per run: the restarted attempt goes on
+    FaultInjector(FaultInjection(fail_at_step=1), tmp_path, rank=1).before_step(1)  # rank 0 only
+    loss = torch.tensor(1.5)
+    assert math.isnan(float(faults.on_loss(2, loss)))
+    assert float(faults.on_loss(3, loss)) == 1.5
+    assert float(FaultInjector(FaultInjection(), tmp_path, 0).on_loss(2, loss)) == 1.5
+
+
 @needs_shared
 def test_budget_becomes_steps(workdir: Path) -> None:
     cfg = load_train_config(None, overrides(workdir, "budget", "budget.flops=2e12"))
     plan = plan_run(cfg)
     mor_cfg = cfg.mor_config(49152)
     assert plan.tokens_per_step == 4 * 64
+    # The plan crosses to the workers as JSON and is validated back, unchanged.
+    sent = json.loads(json.dumps(plan.model_dump(mode="json")))
+    assert TrainPlan.model_validate(sent) == plan and plan.model == mor_cfg
+    assert plan.meta["tracking_uri"] and plan.meta["mlflow_run_id"] == plan.run_id
+    with pytest.raises(ValidationError, match="bogus"):
+        TrainPlan.model_validate(sent | {"bogus": 1})
+    with pytest.raises(ValidationError, match="total_steps"):
+        TrainPlan.model_validate(sent | {"total_steps": "many"})
     assert plan.total_steps == steps_for_budget(mor_cfg, 2e12, 256, 64) > 0
     cfg_t = load_train_config(None, overrides(workdir, "budget-t", "budget.tokens=2560"))
     assert plan_run(cfg_t).total_steps == 10
@@ -136,7 +225,12 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path) ->
     flops = [m.value for m in client.get_metric_history(result.run_id, "flops")]
     assert all(b > a for a, b in itertools.pairwise(flops))
     assert {m.step for m in client.get_metric_history(result.run_id, "val/loss")} == {6, 12}
-    assert "router/frac_depth_2" in run.data.metrics
+    # The router metrics the loop logged are exactly RoutingStats.to_metrics's keys.
+    model, _ = load_pretrained(result.export_dir)
+    x = torch.randint(0, 100, (2, 64))
+    expected = model.train()(x, labels=x).stats.to_metrics()
+    assert {k for k in run.data.metrics if k.startswith("router/")} == expected.keys()
+    assert {"router/frac_depth_2", "router/dead_frac", "router/active_r1"} <= expected.keys()
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert {"model/config.json", "model/model.pt", "model/tokenizer.json"} <= artifacts
 
@@ -146,7 +240,7 @@ import json, sys, torch
 from pathlib import Path
 from mor.checkpoint import load_pretrained
 from trainers.data import PackedDataset
-from trainers.loop import validation_loss
+from trainers.components import validation_loss
 model, meta = load_pretrained({str(result.export_dir)!r})
 path = Path(sys.argv[1])
 losses = [validation_loss(model, PackedDataset(path, 64, r, 2), 4, 2, torch.device("cpu"))

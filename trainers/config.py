@@ -135,6 +135,8 @@ class TrackingConfig(BaseModel):
 
 
 class FaultInjection(BaseModel):
+    """Deliberate faults for the reliability tests and chaos drills (see trainers/faults.py)."""
+
     model_config = _STRICT
     fail_at_step: int | None = Field(None, ge=1)
     """Testing aid: raise in rank 0 before this step runs (once per run; used by the tests)."""

@@ -7,39 +7,30 @@ cached here, once), the model/tokenizer vocabulary, the budget, and that MLflow 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.endpoints import strip_credentials
+from core.endpoints import check_ray_reachable, resolve_endpoints, strip_credentials
+from core.keys import (
+    TAG_EXPORT_DIR,
+    TAG_FAILURE,
+    TAG_KV_CACHE,
+    TAG_NUM_RECURSIONS,
+    TAG_ROUTER,
+    TAG_SHARING,
+)
 from mor.flops import steps_for_budget
 from mor.overrides import ConfigError
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import PackedDataset, prepare_data
+from trainers.plan import TrainPlan
+from trainers.run_log import SPOOL_FILE
 from trainers.tracking import connect, find_or_create_run, flatten, sync_spool
 
 
 class TrainingError(RuntimeError):
     """The training run failed on the cluster; the message says why."""
-
-
-@dataclass
-class TrainPlan:
-    """What the workers receive besides the config (JSON-serialisable)."""
-
-    model: dict[str, Any]
-    total_steps: int
-    tokens_per_step: int
-    train_path: str
-    val_path: str
-    tokenizer_path: str
-    tracking_uri: str
-    experiment_id: str
-    run_id: str
-    resumed_run: bool
-    state_dir: str
-    use_gpu: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,27 +65,8 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
     world = world_size or cfg.scaling.num_workers
     seq = cfg.data.seq_len
     tokens_per_step = cfg.batch.micro_batch_size * cfg.batch.grad_accum_steps * world * seq
-    b = cfg.budget
-    if b.steps is not None:
-        total = b.steps
-    elif b.tokens is not None:
-        total = b.tokens // tokens_per_step
-    else:
-        total = steps_for_budget(mor_cfg, b.flops, tokens_per_step, seq, convention=b.convention)
-    if total < 1:
-        raise ConfigError(
-            f"budget: gives {total} optimizer steps at {tokens_per_step} tokens per step; "
-            "raise the budget or lower batch.micro_batch_size / grad_accum_steps"
-        )
-    shard = PackedDataset(prepared.train_path, seq, 0, world)
-    if len(shard) < cfg.batch.micro_batch_size:
-        raise ConfigError(
-            f"data: each of {world} workers gets {len(shard)} training sequences of "
-            f"{seq} tokens, fewer than batch.micro_batch_size={cfg.batch.micro_batch_size}"
-        )
-    val_shard = PackedDataset(prepared.val_path, seq, 0, world)
-    if len(val_shard) < 1:
-        raise ConfigError("data.val_fraction: the held-out split is too small for one sequence")
+    total = _total_steps(cfg, mor_cfg, tokens_per_step)
+    _check_shards(cfg, prepared, world)
 
     uri = default_tracking_uri(cfg)
     client, exp_id = connect(uri, cfg.tracking.experiment)
@@ -113,15 +85,15 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
         params,
         parent_run_id=cfg.tracking.parent_run_id,
         tags={
-            "mor.sharing": mor_cfg.sharing,
-            "mor.router": mor_cfg.router,
-            "mor.num_recursions": str(mor_cfg.num_recursions),
-            "mor.kv_cache": mor_cfg.kv_cache,
+            TAG_SHARING: mor_cfg.sharing,
+            TAG_ROUTER: mor_cfg.router,
+            TAG_NUM_RECURSIONS: str(mor_cfg.num_recursions),
+            TAG_KV_CACHE: mor_cfg.kv_cache,
             **cfg.tracking.tags,
         },
     )
     return TrainPlan(
-        model=mor_cfg.model_dump(mode="json"),
+        model=mor_cfg,
         total_steps=total,
         tokens_per_step=tokens_per_step,
         train_path=str(prepared.train_path),
@@ -138,9 +110,40 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
             "tracking_uri": strip_credentials(uri),
             "seq_len": seq,
             "eos_id": prepared.eos_id,
-            "flops_convention": b.convention,
+            "flops_convention": cfg.budget.convention,
         },
     )
+
+
+def _total_steps(cfg: TrainConfig, mor_cfg: Any, tokens_per_step: int) -> int:
+    """The budget (steps, tokens or FLOPs) as optimizer steps at the global batch."""
+    b, seq = cfg.budget, cfg.data.seq_len
+    if b.steps is not None:
+        total = b.steps
+    elif b.tokens is not None:
+        total = b.tokens // tokens_per_step
+    else:
+        total = steps_for_budget(mor_cfg, b.flops, tokens_per_step, seq, convention=b.convention)
+    if total < 1:
+        raise ConfigError(
+            f"budget: gives {total} optimizer steps at {tokens_per_step} tokens per step; "
+            "raise the budget or lower batch.micro_batch_size / grad_accum_steps"
+        )
+    return total
+
+
+def _check_shards(cfg: TrainConfig, prepared: Any, world: int) -> None:
+    """Every worker's shard holds a micro-batch of training and a held-out sequence."""
+    seq = cfg.data.seq_len
+    shard = PackedDataset(prepared.train_path, seq, 0, world)
+    if len(shard) < cfg.batch.micro_batch_size:
+        raise ConfigError(
+            f"data: each of {world} workers gets {len(shard)} training sequences of "
+            f"{seq} tokens, fewer than batch.micro_batch_size={cfg.batch.micro_batch_size}"
+        )
+    val_shard = PackedDataset(prepared.val_path, seq, 0, world)
+    if len(val_shard) < 1:
+        raise ConfigError("data.val_fraction: the held-out split is too small for one sequence")
 
 
 def run_training(
@@ -152,9 +155,19 @@ def run_training(
     plan = plan or plan_run(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:  # a command-line run; inside a Tune trial Ray is already up
-        from core.endpoints import ray_init_address
-
-        ray.init(address=ray_init_address(cfg.address))
+        # Also turns on Ray token auth when the cluster is an existing one (the `mor up`
+        # stack's head requires it).
+        address = resolve_endpoints(ray_address=cfg.address).ray_address
+        try:
+            check_ray_reachable(address)
+            ray.init(address=address)
+        except Exception as exc:  # the run exists in MLflow: it must not stay RUNNING
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = f"could not start or connect to Ray at {address!r}: {first}"
+            if "InvalidAuthToken" in str(exc.__cause__):  # Ray hides the cause in a traceback
+                reason += " (the cluster wants a Ray auth token: RAY_AUTH_MODE=token)"
+            record_failure(plan, reason)
+            raise TrainingError(f"training run {cfg.name!r} failed: {reason}") from exc
     try:
         return _fit(cfg, plan, callbacks)
     finally:
@@ -165,47 +178,23 @@ def run_training(
 def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> TrainResult:
     import ray
     from mlflow import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from trainers.loop import train_loop_per_worker
 
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    plan.use_gpu = bool(use_gpu)
-    storage, state_dir = run_dirs(cfg)
+    # The plan is frozen: a validated copy carries the settled GPU choice to the workers.
+    plan = TrainPlan.model_validate(plan.model_dump() | {"use_gpu": bool(use_gpu)})
+    _, state_dir = run_dirs(cfg)
     state_dir.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "plan": plan.__dict__},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=bool(use_gpu),
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-            callbacks=callbacks,
-        ),
-    )
-    client = MlflowClient(tracking_uri=plan.tracking_uri)
-    spool = state_dir / "metrics_spool.jsonl"
+    trainer = _trainer(cfg, plan, callbacks)
+    spool = state_dir / SPOOL_FILE
     try:
         result = trainer.fit()
     except Exception as exc:
         reason = str(exc)
         if "diverged" in reason:
             reason = "training diverged: " + reason.split("training diverged:", 1)[1][:500]
-        try:
-            sync_spool(plan.tracking_uri, plan.run_id, spool)
-            client.set_tag(plan.run_id, "mor.failure", reason[:5000])
-            client.set_terminated(plan.run_id, status="FAILED")
-        except Exception as log_exc:
-            print(f"[mor] could not record the failure in MLflow: {log_exc}")
+        record_failure(plan, reason, spool)
         raise TrainingError(f"training run {cfg.name!r} failed: {reason}") from exc
     sync_spool(plan.tracking_uri, plan.run_id, spool)
     if result.checkpoint is None:
@@ -218,10 +207,57 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
         if export_dir.exists():
             shutil.rmtree(export_dir)
         shutil.copytree(src, export_dir)
+    client = MlflowClient(tracking_uri=plan.tracking_uri)
     client.log_artifacts(plan.run_id, str(export_dir), artifact_path="model")
-    client.set_tag(plan.run_id, "mor.export_dir", str(export_dir))
+    client.set_tag(plan.run_id, TAG_EXPORT_DIR, str(export_dir))
     client.set_terminated(plan.run_id, status="FINISHED")
     metrics = {
         k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
     }
     return TrainResult(plan.run_id, plan.tracking_uri, export_dir, metrics, plan.total_steps)
+
+
+def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Any:
+    """The Ray Train TorchTrainer; the plan crosses to the workers as JSON (TrainPlan)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainers.loop import train_loop_per_worker
+
+    storage, _ = run_dirs(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "plan": plan.model_dump(mode="json"),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=plan.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def record_failure(plan: TrainPlan, reason: str, spool: Path | None = None) -> None:
+    """Mark the MLflow run FAILED with its reason (metrics spooled so far are sent first).
+
+    A failure to log is printed, never raised: the caller raises the training error itself.
+    """
+    from mlflow import MlflowClient
+
+    try:
+        if spool is not None:
+            sync_spool(plan.tracking_uri, plan.run_id, spool)
+        client = MlflowClient(tracking_uri=plan.tracking_uri)
+        client.set_tag(plan.run_id, TAG_FAILURE, reason[:5000])
+        client.set_terminated(plan.run_id, status="FAILED")
+    except Exception as log_exc:
+        print(f"[mor] could not record the failure in MLflow: {log_exc}")

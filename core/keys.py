@@ -1,0 +1,76 @@
+"""The MLflow vocabulary shared across packages: metric-key formats, tag and param names.
+
+Trainers and evals write these keys, sweeps and dashboards read them back, in other processes
+and often much later (a report over last week's sweeps). Each format is built and parsed here
+only, so a writer and its readers cannot drift apart.
+
+Layout: a sweep's parent run (``TAG_KIND = KIND_SWEEP``) → one training run per trial
+(``TAG_LABEL`` = the trial's grid point) → one eval run per trained model
+(``TAG_KIND = KIND_EVAL``) holding, per test-time depth point, ``eval/d<point>/<key>``, and the
+same values as a series over the points under ``eval/<key>``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+# --- tags ------------------------------------------------------------------------------------
+TAG_KIND = "mor.kind"
+"""What a run is: ``KIND_SWEEP`` (a sweep's parent) or ``KIND_EVAL`` (an evaluation)."""
+KIND_SWEEP = "sweep"
+KIND_EVAL = "eval"
+TAG_LABEL = "mor.label"
+"""A sweep trial's grid point, e.g. ``mor-ec,budget=6e+09`` (set by the sweep driver)."""
+TAG_EVAL_RUN_ID = "mor.eval_run_id"
+"""On a training run: its finished evaluation run (one eval per trained model)."""
+TAG_FAILURE = "mor.failure"
+"""On a failed training run: why it stopped."""
+TAG_EXPORT_DIR = "mor.export_dir"
+"""On a training run: the folder of its exported model."""
+TAG_INTERRUPTED = "mor.interrupted"
+"""On a run a killed sweep driver left RUNNING, marked KILLED on resume."""
+TAG_RESUMED_FROM_STEP = "mor.resumed_from_step"
+"""On a training run restarted from a checkpoint: the step it resumed at."""
+TAG_SHARING = "mor.sharing"
+TAG_ROUTER = "mor.router"
+TAG_NUM_RECURSIONS = "mor.num_recursions"
+TAG_KV_CACHE = "mor.kv_cache"
+"""The model's MoR shape on a training run (what the dashboards group and label by)."""
+
+# --- params ----------------------------------------------------------------------------------
+PARAM_EVAL_POINTS = "points"
+"""On an eval run: its depth points in evaluation order, comma-separated (router last)."""
+
+# --- metric keys -----------------------------------------------------------------------------
+ROUTER_POINT = "router"
+"""The depth point where the router chooses each token's depth; the others are fixed depths
+'1'..'N_r' (the paper's test-time depth scaling, Sec. 3)."""
+_EVAL = "eval/"
+_POINT_KEY = re.compile(rf"^eval/d(?P<point>\d+|{ROUTER_POINT})/(?P<key>.+)$")
+
+
+def eval_key(key: str) -> str:
+    """A headline eval metric, e.g. ``eval/average`` (a trial's own operating point)."""
+    return f"{_EVAL}{key}"
+
+
+def eval_point_key(point: str | int, key: str) -> str:
+    """An eval metric at one depth point, e.g. ``eval/d2/nll`` or ``eval/drouter/average``."""
+    return f"{_EVAL}d{point}/{key}"
+
+
+def parse_eval_point_key(name: str) -> tuple[str, str] | None:
+    """``eval/d<point>/<key>`` → (point, key); None for any other metric name."""
+    match = _POINT_KEY.match(name)
+    return (match["point"], match["key"]) if match else None
+
+
+def eval_points(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """An eval run's metrics grouped per depth point: {point: {key: value}}."""
+    out: dict[str, dict[str, float]] = {}
+    for name, value in metrics.items():
+        parsed = parse_eval_point_key(name)
+        if parsed is not None:
+            out.setdefault(parsed[0], {})[parsed[1]] = value
+    return out

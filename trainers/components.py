@@ -1,0 +1,197 @@
+"""The training loop's building blocks on one worker: the DeepSpeed engine and its schedule,
+batch sampling, the optimizer step with gradient accumulation, and validation.
+
+Each worker reads its own shard of the packed corpus; batches are a pure function of
+(seed, micro-batch number), so a run resumed from a checkpoint at step s continues with exactly
+the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mor.config import MoRConfig
+from mor.model import MoRModel
+from trainers.config import TrainConfig
+from trainers.data import PackedDataset
+from trainers.faults import FaultInjector
+from trainers.step_metrics import MicroBatchTotals
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (1-based)."""
+    o = cfg.optim
+    warm = math.ceil(o.warmup_fraction * total)
+    if step <= warm:
+        return step / max(1, warm)
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "cosine":
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay = math.ceil(o.decay_fraction * total)  # wsd: the paper's trapezoid
+    if step <= total - decay:
+        return 1.0
+    progress = min(1.0, (step - (total - decay)) / max(1, decay))
+    return 1.0 - (1.0 - o.min_lr_ratio) * progress
+
+
+class BatchSampler:
+    """Micro-batch m of a rank: samples from a per-epoch permutation of the rank's shard."""
+
+    def __init__(self, dataset: PackedDataset, micro_batch: int, seed: int) -> None:
+        self.ds, self.mb, self.seed = dataset, micro_batch, seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = (epoch, rng.permutation(len(self.ds)))
+        return self._perm[1]
+
+    def batch(self, m: int) -> torch.Tensor:
+        n = len(self.ds)
+        rows = []
+        for offset in range(m * self.mb, (m + 1) * self.mb):
+            epoch, i = divmod(offset, n)
+            rows.append(self.ds[int(self._epoch_perm(epoch)[i])])
+        return torch.stack(rows)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only, not on norms or router biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def choose_precision(cfg: TrainConfig, device: torch.device) -> str:
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, precision: str) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch_size,
+        "gradient_accumulation_steps": cfg.batch.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        # A plain torch AdamW: no JIT-compiled optimizer ops are needed (CPU-friendly).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+@dataclass
+class Worker:
+    """This Ray Train worker: its rank, the world size and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, use_gpu: bool, state_dir: Path) -> Worker:
+        """Claim the device and threads; record the pid (operators and the fault tests signal
+        a worker by rank)."""
+        import ray.train
+
+        ctx = ray.train.get_context()
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        device = torch.device("cpu")
+        if torch.cuda.is_available() and use_gpu:
+            device = torch.device("cuda", ctx.get_local_rank())
+            torch.cuda.set_device(device)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / f"worker_rank{ctx.get_world_rank()}.pid").write_text(str(os.getpid()))
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), device)
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+
+def build_engine(cfg: TrainConfig, mor_cfg: MoRConfig, total_steps: int, device: torch.device):
+    """The DeepSpeed engine: the model (same initial weights on every rank), AdamW and the lr
+    schedule of ``lr_factor``."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = MoRModel(mor_cfg)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i + 1, total_steps, cfg)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, choose_precision(cfg, device)),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def optimizer_step(
+    engine: Any,
+    sampler: BatchSampler,
+    step: int,
+    grad_accum: int,
+    device: torch.device,
+    faults: FaultInjector,
+) -> MicroBatchTotals:
+    """One optimizer step of ``grad_accum`` micro-batches (DeepSpeed steps the optimizer at
+    the accumulation boundary), then the loss-free router-bias update."""
+    totals = MicroBatchTotals()
+    for a in range(grad_accum):
+        x = sampler.batch((step - 1) * grad_accum + a).to(device)
+        out = engine(x, labels=x)
+        loss = faults.on_loss(step, out.loss)
+        engine.backward(loss)
+        engine.step()
+        totals.add(loss, out)
+    update_router_bias(engine.module)
+    return totals
+
+
+def update_router_bias(module: MoRModel) -> None:
+    """Loss-free balancing (token-choice): every rank must apply the same bias update, so the
+    per-expert loads are summed over ranks first."""
+    cfg = module.cfg
+    if cfg.router != "token_choice" or cfg.balancing != "loss_free":
+        return
+    if dist.is_initialized():
+        dist.all_reduce(module.router._load)
+    module.update_router_bias()
+
+
+@torch.no_grad()
+def validation_loss(
+    model: MoRModel, val: PackedDataset, micro_batch: int, batches: int, device: torch.device
+) -> float:
+    """Mean next-token loss over the first ``batches`` val micro-batches, inference routing."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(batches):
+        idx = [(b * micro_batch + i) % len(val) for i in range(micro_batch)]
+        x = torch.stack([val[i] for i in idx]).to(device)
+        total += float(model(x, labels=x).lm_loss)
+        count += 1
+    model.train(was_training)
+    return total / max(1, count)

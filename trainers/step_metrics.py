@@ -1,0 +1,179 @@
+"""What one optimizer step measured: losses, routing, throughput, FLOPs and MFU.
+
+A step's micro-batches are gathered on each rank (``MicroBatchTotals``), reduced over ranks in
+one all-reduce, and turned into the step's metric dict (``StepMeter``). Router metrics come
+from ``RoutingStats.to_metrics`` (mor/model.py), so their keys are defined in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mor.config import MoRConfig
+from mor.flops import training_flops_per_token
+from mor.model import RoutingStats
+from trainers.config import TrainConfig
+
+# Published peak dense bf16 FLOP/s per GPU (NVIDIA data sheets, without 2:4 sparsity), matched
+# against torch.cuda.get_device_name. Listed most specific first: the lookup also sorts by
+# name length, so "H100 PCIe" (756 TFLOP/s) never gets the SXM part's 989 TFLOP/s that a plain
+# "H100" ("NVIDIA H100 80GB HBM3") has. Devices not listed get no MFU.
+PEAK_FLOPS: dict[str, float] = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+}
+_MOST_SPECIFIC_FIRST = sorted(PEAK_FLOPS, key=len, reverse=True)
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of a GPU named ``device_name``, or None when unknown.
+
+    The longest listed name contained in ``device_name`` (case-insensitive) wins.
+    """
+    name = device_name.casefold()
+    return next((PEAK_FLOPS[k] for k in _MOST_SPECIFIC_FIRST if k.casefold() in name), None)
+
+
+def all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean of each value over the data-parallel ranks (the values themselves without any)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+@dataclass
+class ReducedStep:
+    """One optimizer step averaged over its micro-batches and all ranks."""
+
+    loss: float
+    lm_loss: float
+    router_loss: float
+    routing: RoutingStats | None  # None for a model without recursion
+
+
+@dataclass
+class MicroBatchTotals:
+    """The micro-batches of one optimizer step on this rank."""
+
+    losses: list[float] = field(default_factory=list)
+    lm_losses: list[float] = field(default_factory=list)
+    router_losses: list[float] = field(default_factory=list)
+    stats: list[RoutingStats] = field(default_factory=list)
+
+    def add(self, loss: torch.Tensor, out: Any) -> None:
+        """Record one micro-batch: its backpropagated loss and the model's ``MoROutput``."""
+        self.losses.append(loss.item())
+        self.lm_losses.append(out.lm_loss.item())
+        self.router_losses.append(out.router_loss.item())
+        if out.stats is not None:
+            self.stats.append(out.stats)
+
+    def reduce(self, device: torch.device, with_routing: bool) -> ReducedStep:
+        """Average over micro-batches here, then over ranks in a single all-reduce.
+
+        Routing: active fractions and router losses are averaged, tokens per depth summed
+        (``RoutingStats.merge``); over ranks all three are averaged, which leaves the shares of
+        tokens per depth, and so the mean depth, token-weighted over the global batch.
+        """
+        means = [float(np.mean(v)) for v in (self.losses, self.lm_losses, self.router_losses)]
+        merged = RoutingStats.merge(self.stats) if with_routing and self.stats else None
+        if merged is None:
+            return ReducedStep(*all_mean(means, device), routing=None)
+        n_r, keys = len(merged.active_fraction), list(merged.losses)
+        packed = [*means, *merged.active_fraction, *merged.tokens_per_depth]
+        reduced = all_mean(packed + [merged.losses[k] for k in keys], device)
+        counts = reduced[3 + n_r : len(packed)]
+        routing = RoutingStats.from_counts(
+            reduced[3 : 3 + n_r], counts, dict(zip(keys, reduced[len(packed) :], strict=True))
+        )
+        return ReducedStep(*reduced[:3], routing=routing)
+
+
+@dataclass
+class Progress:
+    """Where the run stands after its last completed step (a checkpoint's client state)."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "flops": self.flops}
+
+    @classmethod
+    def from_client_state(cls, state: dict[str, Any]) -> Progress:
+        return cls(int(state["step"]), int(state["tokens"]), float(state["flops"]))
+
+
+class StepMeter:
+    """Turns a reduced step into the step's metrics and advances the run's ``Progress``."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        mor_cfg: MoRConfig,
+        lr_at: Callable[[int], float],
+        world: int,
+        peak: float | None,
+    ) -> None:
+        self.cfg, self.mor_cfg, self.lr_at = cfg, mor_cfg, lr_at
+        b = cfg.batch
+        self.tokens_per_step = b.micro_batch_size * b.grad_accum_steps * world * cfg.data.seq_len
+        self.peak_total = None if peak is None else peak * world  # MFU of the whole job
+
+    def measure(
+        self, step: int, red: ReducedStep, step_time: float, progress: Progress
+    ) -> dict[str, float]:
+        # Training FLOPs count only the tokens each recursion actually ran (MoR §3).
+        frac = red.routing.active_fraction if red.routing is not None else None
+        step_flops = self.tokens_per_step * training_flops_per_token(
+            self.mor_cfg,
+            self.cfg.data.seq_len,
+            active_fractions=frac,
+            convention=self.cfg.budget.convention,
+        )
+        progress.step = step
+        progress.tokens += self.tokens_per_step
+        progress.flops += step_flops
+        metrics: dict[str, float] = {
+            "train/loss": red.loss,
+            "train/lm_loss": red.lm_loss,
+            "train/router_loss": red.router_loss,
+            "train/lr": self.lr_at(step),
+            "train/step_time_s": step_time,
+            "train/tokens_per_s": self.tokens_per_step / step_time,
+            "tokens": float(progress.tokens),
+            "flops": progress.flops,
+            "step": float(step),
+        }
+        if not math.isfinite(red.loss):
+            metrics["train/diverged"] = 1.0
+        if self.peak_total is not None:
+            metrics["train/mfu"] = step_flops / step_time / self.peak_total
+        if red.routing is not None:
+            metrics.update(red.routing.to_metrics())
+        return metrics
+
+
+def check_finite(metrics: dict[str, float], step: int) -> None:
+    """Stop a diverged run (after its metrics were logged, so the NaN is on record)."""
+    loss = metrics["train/loss"]
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"training diverged: loss is {loss} at step {step}")
