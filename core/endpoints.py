@@ -118,10 +118,39 @@ def resolve_tracking_uri(
     ).tracking_uri
 
 
-def strip_credentials(uri: str) -> str:
-    """``scheme://user:password@host/...`` → ``scheme://host/...``: a URI safe to record in an
-    export or a param. Credentials travel as MLFLOW_TRACKING_USERNAME/PASSWORD instead."""
-    return re.sub(r"^(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@", r"\g<scheme>", uri)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")
+
+
+def strip_credentials(text: str) -> str:
+    """``scheme://user:password@host/...`` → ``scheme://host/...`` in every URL of ``text``: a
+    URI safe to record in an export and still usable. Credentials travel as
+    MLFLOW_TRACKING_USERNAME/PASSWORD instead."""
+    return _USERINFO.sub(r"\g<scheme>", text)
+
+
+def redact(text: str) -> str:
+    """``scheme://user:password@host`` → ``scheme://***@host`` in every URL of ``text``: for
+    params, logs and error messages, where a reader should see that credentials were given."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def check_mlflow_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An http(s) tracking URI must answer now: a clear ``ConnectionError`` in seconds instead
+    of MLflow's minutes of retries. Other stores (sqlite, file) need no server."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy may not serve /health): reachable
+    except Exception as exc:
+        raise ConnectionError(
+            f"the MLflow server at {strip_credentials(uri)} does not answer ({redact(str(exc))})"
+        ) from None
 
 
 def check_ray_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -8,11 +8,15 @@ throws away an evaluation that took minutes.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-from core.endpoints import resolve_tracking_uri, strip_credentials
+from core.endpoints import (
+    check_mlflow_reachable,
+    redact,
+    resolve_tracking_uri,
+    strip_credentials,
+)
 from evals.default_tasks import heldout_documents
 from evals.reporting import log_to_mlflow, write_artifacts
 from evals.runner import EvalReport, evaluate_model
@@ -40,15 +44,10 @@ def logging_error(uri: str, out_dir: Path, cause: BaseException) -> EvalLoggingE
     """An ``EvalLoggingError`` whose message names the URI (credentials redacted), the
     cause's first line and where the results are."""
     safe = strip_credentials(uri)
-    detail = _redact(f"{type(cause).__name__}: {cause}").strip().splitlines()
+    detail = redact(f"{type(cause).__name__}: {cause}").strip().splitlines()
     reason = (detail[0] if detail else type(cause).__name__)[:300]
     message = f"could not log to MLflow at {safe}: {reason}; the results are in {out_dir}"
     return EvalLoggingError(message, safe, str(out_dir))
-
-
-def _redact(text: str) -> str:
-    """Drop ``user:password@`` from every URL in an error text (not only a leading one)."""
-    return re.sub(r"([A-Za-z][\w+.-]*://)[^/@\s]+@", r"\1", text)
 
 
 def evaluate_export(
@@ -107,6 +106,7 @@ def log_eval(
     training run); returns the eval run id, or raises ``EvalLoggingError``."""
     parent = parent_run_id or report.meta.get("mlflow_run_id")
     try:
+        check_mlflow_reachable(tracking_uri)  # seconds, not MLflow's minutes of retries
         return log_to_mlflow(report, tracking_uri, parent_run_id=parent, artifacts_dir=out_dir)
     except Exception as exc:  # any failure to log: the results on disk stay the answer
         raise logging_error(tracking_uri, out_dir, exc) from exc

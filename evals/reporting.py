@@ -160,7 +160,14 @@ def log_to_mlflow(
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from core.keys import eval_key, eval_point_key
+    from core.keys import (
+        KIND_EVAL,
+        PARAM_EVAL_POINTS,
+        TAG_EVAL_RUN_ID,
+        TAG_KIND,
+        eval_key,
+        eval_point_key,
+    )
 
     client = MlflowClient(tracking_uri=tracking_uri)
     if parent_run_id:
@@ -168,7 +175,7 @@ def log_to_mlflow(
     else:
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    tags = {"mor.kind": "eval"}
+    tags = {TAG_KIND: KIND_EVAL}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
@@ -176,7 +183,7 @@ def log_to_mlflow(
     params = [
         Param("tasks", ",".join(report.tasks)),
         Param("limit", str(report.limit)),
-        Param("points", ",".join(p.label for p in report.points)),
+        Param(PARAM_EVAL_POINTS, ",".join(p.label for p in report.points)),
         Param("model", report.model[:500]),
     ]
     metrics: list[Metric] = []
@@ -216,5 +223,5 @@ def log_to_mlflow(
         raise
     client.set_terminated(rid, "FINISHED")
     if parent_run_id:
-        client.set_tag(parent_run_id, "mor.eval_run_id", rid)
+        client.set_tag(parent_run_id, TAG_EVAL_RUN_ID, rid)
     return rid

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from core.keys import ROUTER_POINT
 from evals.default_tasks import bpb_docs, heldout_documents, prepare_default_tasks
 from evals.lm_backend import MoRLM
 from mor.checkpoint import load_pretrained, tokenizer_file
@@ -86,8 +87,8 @@ def depth_points(model: MoRModel, depths: list[str] | None = None) -> list[tuple
     if depths:
         out = []
         for d in depths:
-            if str(d) == "router":
-                out.append(("router", None))
+            if str(d) == ROUTER_POINT:
+                out.append((ROUTER_POINT, None))
             else:
                 if not 1 <= int(d) <= n_r:
                     raise ValueError(f"depths: {d} is outside 1..{n_r} for this model")
@@ -95,7 +96,7 @@ def depth_points(model: MoRModel, depths: list[str] | None = None) -> list[tuple
         return out
     points = [(str(d), d) for d in range(1, n_r + 1)]
     if model.cfg.router != "none":
-        points.append(("router", None))
+        points.append((ROUTER_POINT, None))
     return points
 
 

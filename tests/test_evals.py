@@ -368,43 +368,25 @@ def mor_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """(export, MLflow run id) of a real `mor train`-style run: its export records both."""
-    from trainers.config import load_train_config
-    from trainers.launcher import run_training
+def trained_run(trained_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(export, MLflow run id): the export laid out as `mor train` leaves it
+    (STORAGE/runs/NAME/export), recording its training run and tracking URI as the launcher
+    does (tests/test_trainer.py checks the launcher writes them; tests/test_platform.py runs
+    the real `mor train` then `mor eval` on the `mor up` stack)."""
+    from trainers.tracking import connect, find_or_create_run
 
     tmp = tmp_path_factory.mktemp("trained")
-    mp = pytest.MonkeyPatch()
-    for key, value in user_env(tmp).items():
-        mp.setenv(key, value)
-    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mp.delenv("RAY_ADDRESS", raising=False)
-    try:
-        cfg = load_train_config(
-            None,
-            [
-                "name=evalcli",
-                f"storage_path={tmp}",
-                f"data.source={SHARED / 'corpus' / 'tinyshakespeare' / 'input.txt'}",
-                f"data.tokenizer={SMOLLM}",
-                f"data.cache_dir={tmp / 'cache'}",
-                "data.seq_len=64",
-                "model.preset=micro",
-                "model.sharing=middle_cycle",
-                "model.num_recursions=2",
-                "model.router=expert_choice",
-                "batch.micro_batch_size=4",
-                "scaling.cpus_per_worker=1",
-                "budget.steps=4",
-                "checkpoint.every_steps=4",
-                "eval.every_steps=4",
-                "eval.batches=1",
-            ],
-        )
-        result = run_training(cfg)
-    finally:
-        mp.undo()
-    return result.export_dir, result.run_id
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client, exp_id = connect(uri, "mor")
+    state = tmp / "runs" / "evalcli"
+    run_id, _ = find_or_create_run(client, exp_id, "evalcli", state, {"model.preset": "micro"})
+    client.set_terminated(run_id, status="FINISHED")
+    export = state / "export"
+    shutil.copytree(trained_export, export)
+    payload = json.loads((export / "config.json").read_text())
+    payload["meta"].update(mlflow_run_id=run_id, tracking_uri=uri)
+    (export / "config.json").write_text(json.dumps(payload))
+    return export, run_id
 
 
 @needs_shared

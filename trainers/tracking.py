@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,19 +20,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from core.endpoints import check_mlflow_reachable, redact
 from mor.overrides import ConfigError
 
 PARAM_MAX = 500  # MLflow's limit on a param value's length
 RUN_ID_FILE = "mlflow_run_id.json"
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
-
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")
-
-
-def redact(text: str) -> str:
-    """Drop credentials embedded in URIs (``scheme://user:password@host`` → ``scheme://***@``)."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -222,21 +214,12 @@ def sync_spool(uri: str, run_id: str, spool: Path) -> int:
     return len(pending)
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """An http(s) tracking URI must answer now: a clear error before any training starts."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
-
-    url = uri.rstrip("/") + "/health"
+def check_reachable(uri: str) -> None:
+    """The tracking server answers, or a ``ConfigError`` naming ``tracking.uri`` and the fix."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s):
-            return
-    except urllib.error.HTTPError:
-        return  # it answered (a proxy may not serve /health): reachable
-    except Exception as exc:
+        check_mlflow_reachable(uri)
+    except ConnectionError as exc:
         raise ConfigError(
-            f"tracking.uri: the MLflow server at {uri} does not answer ({exc}); start it "
-            "(`mor up` starts one) or set tracking.uri / MLFLOW_TRACKING_URI"
+            f"tracking.uri: {exc}; start it (`mor up` starts one) or set tracking.uri / "
+            "MLFLOW_TRACKING_URI"
         ) from None
