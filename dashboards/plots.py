@@ -104,6 +104,20 @@ def router_depths_png(points: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
+def _filter_buttons(meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plotly menu entries showing all models, or those of one sharing / router / N_r (the
+    Pareto front, the last trace, stays visible)."""
+    n = len(meta)
+    buttons = [{"label": "all models", "method": "update", "args": [{"visible": [True] * (n + 1)}]}]
+    for key, title in (("sharing", "sharing"), ("router", "router"), ("num_recursions", "N_r")):
+        for value in sorted({m[key] for m in meta}, key=str):
+            vis = [m[key] == value for m in meta] + [True]
+            buttons.append(
+                {"label": f"{title} = {value}", "method": "update", "args": [{"visible": vis}]}
+            )
+    return buttons
+
+
 def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
     """The Plotly figure: one depth curve per model (router's choice as a star), the Pareto
     front, and a menu filtering models by sharing / router / N_r."""
@@ -150,19 +164,7 @@ def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
             hoverinfo="skip",
         )
     )
-    buttons = [
-        {
-            "label": "all models",
-            "method": "update",
-            "args": [{"visible": [True] * (len(models) + 1)}],
-        }
-    ]
-    for key, title in (("sharing", "sharing"), ("router", "router"), ("num_recursions", "N_r")):
-        for value in sorted({m[key] for m in meta}, key=str):
-            vis = [m[key] == value for m in meta] + [True]
-            buttons.append(
-                {"label": f"{title} = {value}", "method": "update", "args": [{"visible": vis}]}
-            )
+    buttons = _filter_buttons(meta)
     fig.update_layout(
         title=f"{_metric_label(metric)} vs inference FLOPs per token (★ = router's choice)",
         xaxis={"title": "inference FLOPs per token", "type": "log"},

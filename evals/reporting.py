@@ -16,6 +16,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
+from core.keys import (
+    KIND_EVAL,
+    PARAM_EVAL_POINTS,
+    TAG_EVAL_RUN_ID,
+    TAG_KIND,
+    eval_key,
+    eval_point_key,
+)
 from evals.runner import EvalReport
 from mor.model import MoRModel
 
@@ -148,44 +156,11 @@ def write_artifacts(
     return files
 
 
-def log_to_mlflow(
-    report: EvalReport,
-    tracking_uri: str,
-    parent_run_id: str | None = None,
-    experiment: str = "mor",
-    artifacts_dir: Path | None = None,
-    run_name: str = "eval",
-) -> str:
-    """A child run of the training run (or a top-level run) holding the whole depth curve."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+def point_metrics(report: EvalReport) -> list[Any]:
+    """Every depth point's values twice: a series over the points under ``eval/<key>`` (step =
+    point index) and a per-point key ``eval/d<point>/<key>`` for tables (``core.keys``)."""
+    from mlflow.entities import Metric
 
-    from core.keys import (
-        KIND_EVAL,
-        PARAM_EVAL_POINTS,
-        TAG_EVAL_RUN_ID,
-        TAG_KIND,
-        eval_key,
-        eval_point_key,
-    )
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if parent_run_id:
-        exp_id = client.get_run(parent_run_id).info.experiment_id
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    tags = {TAG_KIND: KIND_EVAL}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    rid = run.info.run_id
-    params = [
-        Param("tasks", ",".join(report.tasks)),
-        Param("limit", str(report.limit)),
-        Param(PARAM_EVAL_POINTS, ",".join(p.label for p in report.points)),
-        Param("model", report.model[:500]),
-    ]
     metrics: list[Metric] = []
     for step, p in enumerate(report.points):
         values: dict[str, float | None] = {
@@ -200,11 +175,41 @@ def log_to_mlflow(
         total = max(1, sum(p.tokens_per_depth))
         values.update({f"frac_depth_{d}": c / total for d, c in enumerate(p.tokens_per_depth)})
         for key, value in values.items():
-            if value is None:
-                continue
-            # A series over the points (step = point index) and a per-point key for tables.
-            metrics.append(Metric(eval_key(key), float(value), 0, step))
-            metrics.append(Metric(eval_point_key(p.label, key), float(value), 0, 0))
+            if value is not None:
+                metrics.append(Metric(eval_key(key), float(value), 0, step))
+                metrics.append(Metric(eval_point_key(p.label, key), float(value), 0, 0))
+    return metrics
+
+
+def log_to_mlflow(
+    report: EvalReport,
+    tracking_uri: str,
+    parent_run_id: str | None = None,
+    experiment: str = "mor",
+    artifacts_dir: Path | None = None,
+    run_name: str = "eval",
+) -> str:
+    """A child run of the training run (or a top-level run) holding the whole depth curve."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if parent_run_id:
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    tags = {TAG_KIND: KIND_EVAL}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    params = [
+        Param("tasks", ",".join(report.tasks)),
+        Param("limit", str(report.limit)),
+        Param(PARAM_EVAL_POINTS, ",".join(p.label for p in report.points)),
+        Param("model", report.model[:500]),
+    ]
+    metrics = point_metrics(report)
     try:
         client.log_batch(rid, params=params)
         for i in range(0, len(metrics), 500):

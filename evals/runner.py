@@ -141,6 +141,23 @@ def _task_metrics(results: dict[str, Any], task: str) -> dict[str, float]:
     return out
 
 
+def load_tasks(tasks: list[str], data_dir: str | Path | None, work: Path) -> tuple[Any, list]:
+    """(task manager, what ``simple_evaluate`` takes): the tasks are built, and their datasets
+    read, once for all depth points; an unknown task is a clear error."""
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import get_task_dict
+
+    manager = build_task_manager(tasks, data_dir, work)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        hint = "" if data_dir else " (the paper's tasks need --data-dir offline)"
+        raise ValueError(f"tasks: unknown task(s) {unknown}{hint}")
+    built = get_task_dict(list(tasks), manager)
+    if all(isinstance(t, Task) for t in built.values()):
+        return manager, list(built.values())
+    return manager, list(tasks)
+
+
 def evaluate_model(
     model_ref: str | Path | MoRModel,
     tasks: list[str],
@@ -171,19 +188,7 @@ def evaluate_model(
     if tokenizer is None:
         raise ValueError("tokenizer: the model has no tokenizer.json; pass --tokenizer")
     work = Path(work_dir or Path.home() / ".cache" / "mor-platform" / "eval_tasks")
-    manager = build_task_manager(tasks, data_dir, work)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        hint = "" if data_dir else " (the paper's tasks need --data-dir offline)"
-        raise ValueError(f"tasks: unknown task(s) {unknown}{hint}")
-    # Build the tasks (and read their datasets) once, not once per depth point.
-    from lm_eval.api.task import Task
-    from lm_eval.tasks import get_task_dict
-
-    built = get_task_dict(list(tasks), manager)
-    task_args = (
-        list(built.values()) if all(isinstance(t, Task) for t in built.values()) else list(tasks)
-    )
+    manager, task_args = load_tasks(tasks, data_dir, work)
     points = []
     for label, depth in depth_points(model, depths):
         lm = MoRLM(

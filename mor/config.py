@@ -11,7 +11,7 @@ import itertools
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -23,6 +23,11 @@ RouterNetwork = Literal["linear", "mlp"]
 Gate = Literal["sigmoid", "tanh", "softmax"]
 Balancing = Literal["loss", "loss_free"]
 KVCacheMode = Literal["recursion_wise", "shared"]
+
+
+def bad(field: str, msg: str) -> NoReturn:
+    """A config error naming its field (pydantic reports it as a validation error)."""
+    raise ValueError(f"{field}: {msg}")
 
 
 class MoRConfig(BaseModel):
@@ -98,9 +103,16 @@ class MoRConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MoRConfig:
-        def bad(field: str, msg: str) -> None:
-            raise ValueError(f"{field}: {msg}")
+        """Cross-field rules; each error names its field and what would be valid."""
+        self._check_heads()
+        if self.sharing == "none":
+            self._check_vanilla()
+        else:
+            self._check_sharing()
+        self._check_router_options()
+        return self
 
+    def _check_heads(self) -> None:
         if self.hidden_size % self.num_heads:
             bad(
                 "hidden_size", f"{self.hidden_size} is not a multiple of num_heads={self.num_heads}"
@@ -109,44 +121,50 @@ class MoRConfig(BaseModel):
             bad("hidden_size", "head dimension hidden_size/num_heads must be even for RoPE")
         if self.num_heads % self.num_kv_heads:
             bad("num_kv_heads", f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
+
+    def _check_vanilla(self) -> None:
+        n_r = self.num_recursions
+        if n_r != 1:
+            bad(
+                "num_recursions",
+                f"must be 1 when sharing='none' (got {n_r}); choose sharing "
+                "from 'cycle', 'sequence', 'middle_cycle', 'middle_sequence'",
+            )
+        if self.router != "none":
+            bad(
+                "router",
+                f"{self.router!r} needs a recursive model: set sharing to one of "
+                "'cycle', 'sequence', 'middle_cycle', 'middle_sequence'",
+            )
+        if self.kv_cache == "shared":
+            bad(
+                "kv_cache",
+                "'shared' reuses the first recursion's KV and needs sharing != "
+                "'none'; use 'recursion_wise'",
+            )
+
+    def _check_sharing(self) -> None:
         n_r, n_l = self.num_recursions, self.num_layers
-        if self.sharing == "none":
-            if n_r != 1:
-                bad(
-                    "num_recursions",
-                    f"must be 1 when sharing='none' (got {n_r}); choose sharing "
-                    "from 'cycle', 'sequence', 'middle_cycle', 'middle_sequence'",
-                )
-            if self.router != "none":
-                bad(
-                    "router",
-                    f"{self.router!r} needs a recursive model: set sharing to one of "
-                    "'cycle', 'sequence', 'middle_cycle', 'middle_sequence'",
-                )
-            if self.kv_cache == "shared":
-                bad(
-                    "kv_cache",
-                    "'shared' reuses the first recursion's KV and needs sharing != "
-                    "'none'; use 'recursion_wise'",
-                )
-        else:
-            if n_r < 2:
-                bad("num_recursions", f"must be >= 2 with sharing={self.sharing!r} (got {n_r})")
-            middle = self.sharing.startswith("middle")
-            shared_layers = n_l - 2 if middle else n_l
-            if middle and n_l < 2 + n_r:
-                bad(
-                    "num_layers",
-                    f"{n_l} is too few for {self.sharing!r} with {n_r} recursions: "
-                    f"need at least {2 + n_r} (first + last unique, one layer per recursion)",
-                )
-            if shared_layers % n_r:
-                what = "num_layers - 2" if middle else "num_layers"
-                bad(
-                    "num_layers",
-                    f"{what} = {shared_layers} must be divisible by "
-                    f"num_recursions={n_r} for sharing={self.sharing!r}",
-                )
+        if n_r < 2:
+            bad("num_recursions", f"must be >= 2 with sharing={self.sharing!r} (got {n_r})")
+        middle = self.sharing.startswith("middle")
+        shared_layers = n_l - 2 if middle else n_l
+        if middle and n_l < 2 + n_r:
+            bad(
+                "num_layers",
+                f"{n_l} is too few for {self.sharing!r} with {n_r} recursions: "
+                f"need at least {2 + n_r} (first + last unique, one layer per recursion)",
+            )
+        if shared_layers % n_r:
+            what = "num_layers - 2" if middle else "num_layers"
+            bad(
+                "num_layers",
+                f"{what} = {shared_layers} must be divisible by "
+                f"num_recursions={n_r} for sharing={self.sharing!r}",
+            )
+
+    def _check_router_options(self) -> None:
+        n_r = self.num_recursions
         if self.gate == "softmax" and self.router != "token_choice":
             bad(
                 "gate",
@@ -166,7 +184,6 @@ class MoRConfig(BaseModel):
                     "capacities",
                     f"must be non-increasing (hierarchical filtering), got {list(caps)}",
                 )
-        return self
 
     # ----------------------------------------------------------------- derived quantities
     @property

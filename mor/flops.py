@@ -196,23 +196,24 @@ def forward_flops_per_token(
         attn += attn_r
         per_recursion.append(lin_r + attn_r)
 
-    router = 0.0
-    lm_head = 0.0
-    if not paper:
-        if cfg.router == "expert_choice":
-            # One router per recursion, scoring all N tokens of every recursion that runs.
-            router = depth_cap * _router_net_flops(cfg, 1)
-        elif cfg.router == "token_choice":
-            router = _router_net_flops(cfg, cfg.num_recursions)
-        lm_head = 2.0 * cfg.hidden_size * cfg.vocab_size
     return FlopsBreakdown(
         layers=layers,
         attention=attn,
-        router=router,
-        lm_head=lm_head,
+        router=0.0 if paper else _router_flops(cfg, depth_cap),
+        lm_head=0.0 if paper else 2.0 * cfg.hidden_size * cfg.vocab_size,
         embedding=0.0,
         per_recursion=per_recursion,
     )
+
+
+def _router_flops(cfg: MoRConfig, depth_cap: int) -> float:
+    """Router FLOPs per token (the paper's convention leaves them out)."""
+    if cfg.router == "expert_choice":
+        # One router per recursion, scoring all N tokens of every recursion that runs.
+        return depth_cap * _router_net_flops(cfg, 1)
+    if cfg.router == "token_choice":
+        return _router_net_flops(cfg, cfg.num_recursions)
+    return 0.0
 
 
 def training_flops_per_token(

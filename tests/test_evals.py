@@ -252,7 +252,7 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
         trained_export,
         tasks,
         data_dir=EVAL_DIR,
-        limit=50,
+        limit=20,
         tracking_uri=uri,
         parent_run_id=parent,
         work_dir=tmp_path / "work",
