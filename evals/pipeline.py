@@ -115,33 +115,19 @@ def log_eval(
 def run_eval(
     model_dir: str | Path,
     tasks: list[str],
-    data_dir: str | Path | None = None,
-    depths: list[str] | None = None,
-    limit: int | None = None,
-    batch_size: int = 16,
-    device: str = "cpu",
-    out_dir: str | Path | None = None,
+    *,
     tracking_uri: str | None = None,
     parent_run_id: str | None = None,
     log_mlflow: bool = True,
-    work_dir: str | Path | None = None,
+    **settings: Any,
 ) -> tuple[EvalReport, str | None, Path]:
     """Evaluate, write artifacts, then log a child MLflow run of the training run.
 
-    Returns (report, MLflow run id or None, artifacts dir); a logging failure raises
-    ``EvalLoggingError`` after the artifacts are written.
+    ``settings`` are ``evaluate_export``'s keyword arguments (data_dir, depths, limit,
+    batch_size, device, out_dir, work_dir). Returns (report, MLflow run id or None, artifacts
+    dir); a logging failure raises ``EvalLoggingError`` after the artifacts are written.
     """
-    report, out = evaluate_export(
-        model_dir,
-        tasks,
-        data_dir=data_dir,
-        depths=depths,
-        limit=limit,
-        batch_size=batch_size,
-        device=device,
-        out_dir=out_dir,
-        work_dir=work_dir,
-    )
+    report, out = evaluate_export(model_dir, tasks, **settings)
     run_id = None
     if log_mlflow:
         uri = eval_tracking_uri(report, tracking_uri)
