@@ -26,6 +26,20 @@ TINY_VARIANTS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_user_stack(tmp_path_factory: pytest.TempPathFactory):
+    """The suite never talks to a `mor up` stack the developer has running (~/.mor/stack):
+    with one healthy, commands rightly default to it, and tests that expect a local sqlite
+    store or a fresh local Ray would use it. Tests that want a stack start their own."""
+    saved = os.environ.get("MOR_STACK_DIR")
+    os.environ["MOR_STACK_DIR"] = str(tmp_path_factory.mktemp("no-stack"))
+    yield
+    if saved is None:
+        os.environ.pop("MOR_STACK_DIR", None)
+    else:
+        os.environ["MOR_STACK_DIR"] = saved
+
+
 def tiny_spec_dict(tmp: Path, name: str, **extra: object) -> dict:
     d = {
         "name": name,
