@@ -29,7 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="folder with the eval sets in their release formats "
         "(offline); without it, lm-eval's built-in tasks download their data",
     )
-    p.add_argument("--depths", help="comma-separated points, e.g. 1,2,router (default: all)")
+    p.add_argument(
+        "--depths",
+        help="comma-separated points, e.g. 1,2,router (default: every depth and router); add "
+        "'topk' for expert-choice's training-time top-k over the sequence: the paper's "
+        "evaluation, non-causal, shown beside the router to measure the causality gap",
+    )
+    p.add_argument(
+        "--topk",
+        action="store_true",
+        help="expert-choice: also evaluate the non-causal top-k point (the paper's evaluation)",
+    )
     p.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -64,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         tasks,
         data_dir=args.data_dir,
         depths=depths,
+        topk=args.topk,
         limit=args.limit,
         batch_size=args.batch_size,
         device=args.device,
@@ -71,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.json:
         print_table(report)
+        print_routing(report)
         print(f"[mor] artifacts: {out}", flush=True)
     run_id, error = None, None
     if not args.no_mlflow:
@@ -117,3 +129,25 @@ def print_table(report: EvalReport) -> None:
             cell = "n/a" if v is None else f"{v:.4f}" + (f"±{se:.3f}" if se else "")
             line += f"  {cell:>{len(task) + len(name) + 1}}"
         print(line)
+
+
+def print_routing(report: EvalReport) -> None:
+    """Routing on held-out text: drift from the training capacities, depth vs difficulty."""
+    routing = report.routing
+    if not routing:
+        return
+    print(f"[mor] routing on {routing['tokens']} held-out tokens:")
+    drift = routing.get("drift")
+    if drift:
+        for r, (cap, act, agree) in enumerate(
+            zip(drift["capacity"], drift["active"], drift["agreement"], strict=True)
+        ):
+            print(
+                f"  recursion {r + 1}: trained capacity {cap:.3f}, eval-mode active {act:.3f}, "
+                f"agreement with top-k {agree:.3f}"
+            )
+    rho = routing.get("spearman_depth_loss")
+    buckets = ", ".join(f"{b['bucket']} {b['mean_depth']:.2f}" for b in routing["by_frequency"])
+    print(f"  mean depth by token frequency: {buckets}")
+    if rho is not None:
+        print(f"  Spearman(depth, loss at full depth) = {rho:.3f}")

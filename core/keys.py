@@ -46,8 +46,12 @@ PARAM_EVAL_POINTS = "points"
 ROUTER_POINT = "router"
 """The depth point where the router chooses each token's depth; the others are fixed depths
 '1'..'N_r' (the paper's test-time depth scaling, Sec. 3)."""
+TOPK_POINT = "topk"
+"""Expert-choice only, chosen per eval: the router's training-time top-k over the whole
+sequence (the paper's tables): non-causal, so it sits beside ``ROUTER_POINT`` to show the
+causality gap, never in its place."""
 _EVAL = "eval/"
-_POINT_KEY = re.compile(rf"^eval/d(?P<point>\d+|{ROUTER_POINT})/(?P<key>.+)$")
+_POINT_KEY = re.compile(rf"^eval/d(?P<point>\d+|{ROUTER_POINT}|{TOPK_POINT})/(?P<key>.+)$")
 
 
 def eval_key(key: str) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.keys import ROUTER_POINT, TOPK_POINT
 from dashboards.pareto import pareto_front
 from dashboards.plots import COST, interactive_html, iso_flop_png, pareto_png, router_depths_png
 from dashboards.runs import SweepRuns, load_runs
@@ -25,7 +26,7 @@ def native_points(points: pd.DataFrame) -> pd.DataFrame:
     """Each model's own operating point: the router's choice, else its full depth."""
     rows = []
     for _, grp in points.groupby("run_id"):
-        routed = grp[~grp["fixed_depth"]]
+        routed = grp[grp["point"] == ROUTER_POINT]
         if not routed.empty:
             rows.append(routed.iloc[0])
         else:
@@ -33,7 +34,18 @@ def native_points(points: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def results_table(runs: SweepRuns) -> pd.DataFrame:
+def causality_gap(points: pd.DataFrame, metric: str) -> pd.Series:
+    """Per run: ``metric`` at the causal router's point minus at the non-causal top-k point
+    (the paper's evaluation); NaN where either is missing."""
+    if metric not in points.columns:
+        return pd.Series(dtype=float)
+    by = points.pivot_table(index="run_id", columns="point", values=metric, aggfunc="first")
+    if ROUTER_POINT not in by.columns or TOPK_POINT not in by.columns:
+        return pd.Series(dtype=float)
+    return by[ROUTER_POINT] - by[TOPK_POINT]
+
+
+def results_table(runs: SweepRuns, metric: str = "average") -> pd.DataFrame:
     """Like the paper's main table: params, training FLOPs, tokens, NLL, accuracy per task."""
     trials = runs.trials
     if trials.empty:
@@ -69,6 +81,12 @@ def results_table(runs: SweepRuns) -> pd.DataFrame:
         for extra in ("average", COST, "mean_depth"):
             if extra in native.columns:
                 table[extra] = table["run_id"].map(native[extra])
+    # Beside the mean depth: did the router run at inference what it trained for? (#14)
+    for extra in ("drift_max_gap", "drift_min_agree", "spearman_depth_loss"):
+        if extra in trials.columns and trials[extra].notna().any():
+            table[extra] = trials[extra]
+    if not runs.points.empty and (runs.points["point"] == TOPK_POINT).any():
+        table["causality_gap"] = table["run_id"].map(causality_gap(runs.points, metric))
     return table.sort_values(["sharing", "num_recursions", "router"], na_position="first")
 
 
@@ -99,7 +117,7 @@ def build_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    table = results_table(runs)
+    table = results_table(runs, metric)
     (out / "results.md").write_text(_markdown(table))
     table.to_csv(out / "results.csv", index=False)
     files += [out / "results.md", out / "results.csv"]
@@ -111,14 +129,15 @@ def build_report(
                 c for c in runs.points.columns if c == "average" or "/acc" in c or c == "nll"
             )
             raise ValueError(f"--metric: {metric!r} was not logged; choose from {choices}")
-        points = runs.points.dropna(subset=[metric])
         runs.points.to_csv(out / "points.csv", index=False)
-        front = pareto_front(runs.points, COST, metric)
+        causal = runs.points[runs.points["causal"]]  # no non-causal top-k point on a front
+        points = causal.dropna(subset=[metric])
+        front = pareto_front(causal, COST, metric)
         front.to_csv(out / "front.csv", index=False)
         files += [out / "points.csv", out / "front.csv"]
         files.append(pareto_png(points, metric, out / "pareto.png"))
         files.append(interactive_html(points, metric, out / "report.html"))
-        hist = router_depths_png(runs.points, out / "router_depths.png")
+        hist = router_depths_png(causal, out / "router_depths.png")
         if hist is not None:
             files.append(hist)
     if log_to_mlflow and runs.parent_run_ids:

@@ -15,13 +15,14 @@ from mlflow import MlflowClient
 from core.keys import (
     KIND_EVAL,
     KIND_SWEEP,
-    ROUTER_POINT,
     TAG_KIND,
     TAG_KV_CACHE,
     TAG_LABEL,
     TAG_NUM_RECURSIONS,
     TAG_ROUTER,
     TAG_SHARING,
+    TOPK_POINT,
+    eval_key,
     eval_points,
 )
 
@@ -104,6 +105,7 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
         ev = eval_by_parent.get(run.info.run_id)
         if ev is None:
             continue
+        row.update(routing_columns(ev.data.metrics))
         for point, values in eval_points(ev.data.metrics).items():
             point_rows.append(
                 {
@@ -114,11 +116,26 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
                     "num_recursions": row["num_recursions"],
                     "kv_cache": row["kv_cache"],
                     "point": point,
-                    "fixed_depth": point != ROUTER_POINT,
+                    "fixed_depth": point.isdigit(),
+                    # The top-k point sees future tokens: shown beside the causal router's
+                    # point, never on a front of what a deployed model can do.
+                    "causal": point != TOPK_POINT,
                     **values,
                 }
             )
     return SweepRuns(pd.DataFrame(trial_rows), pd.DataFrame(point_rows), parents, exp_ids)
+
+
+def routing_columns(metrics: dict[str, float]) -> dict[str, float | None]:
+    """What an eval logged about its router on held-out text (``evals.routing_analysis``):
+    the largest |eval-mode active fraction − training capacity| over recursions, the lowest
+    agreement with training's top-k, and Spearman(depth, full-depth loss)."""
+    agree = [v for k, v in metrics.items() if k.startswith(eval_key("drift/agree_r"))]
+    return {
+        "drift_max_gap": metrics.get(eval_key("drift/max_abs_gap")),
+        "drift_min_agree": min(agree) if agree else None,
+        "spearman_depth_loss": metrics.get(eval_key("routing/spearman_depth_loss")),
+    }
 
 
 def model_label(row: dict) -> str:

@@ -2,8 +2,10 @@
 
     lm_eval --model mor --model_args pretrained=outputs/runs/NAME/export,depth=2 --tasks piqa
 
-Routing is always the model's causal inference routing (``eval()`` mode): a token's depth never
+Routing is the model's causal inference routing (``eval()`` mode): a token's depth never
 depends on later tokens, and padding is never eligible, so batching cannot change a score.
+``routing=topk`` instead routes expert-choice models by training's top-k over each sequence, the
+paper's (non-causal) evaluation, for comparison only: it cannot generate.
 ``depth`` fixes every token's recursion count (the test-time depth knob); ``max_depth`` only
 caps the router. The backend accumulates routing statistics over every forward it runs, so the
 caller can turn them into measured inference FLOPs per token (``mor/flops.py``).
@@ -91,6 +93,7 @@ class MoRLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 128,
         eos_id: int | None = None,
+        routing: str = "causal",
     ) -> None:
         super().__init__()
         if (pretrained is None) == (model is None):
@@ -130,6 +133,11 @@ class MoRLM(TemplateLM):
             raise ValueError(
                 f"eos_id: {self._eos} is outside the vocabulary 0..{model.cfg.vocab_size - 1}"
             )
+        if routing not in ("causal", "topk"):
+            raise ValueError(f"routing: must be 'causal' or 'topk', got {routing!r}")
+        if routing == "topk" and (model.cfg.router != "expert_choice" or self.depth):
+            raise ValueError("routing: 'topk' needs an expert-choice model and no fixed depth")
+        self.topk_routing = routing == "topk"
         self.tally = RoutingTally()
 
     # ------------------------------------------------------------------ tokenizer plumbing
@@ -166,6 +174,7 @@ class MoRLM(TemplateLM):
             attention_mask=mask.to(self.device),
             max_depth=self.max_depth,
             force_depth=self.depth,
+            topk_routing=self.topk_routing,
         )
         self.tally.add(out.stats, int(mask.sum()), [len(r) for r in rows])
         # Never narrower than float32, never narrower than the model (float64 stays float64).
@@ -224,6 +233,8 @@ class MoRLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled) continuation with the KV cache, cut at the first stop string."""
+        if self.topk_routing:
+            raise ValueError("routing: 'topk' sees future tokens, so it cannot generate text")
         out = []
         for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
             context, kwargs = req.args

@@ -55,6 +55,7 @@ def evaluate_export(
     tasks: list[str],
     data_dir: str | Path | None = None,
     depths: list[str] | None = None,
+    topk: bool = False,
     limit: int | None = None,
     batch_size: int = 16,
     device: str = "cpu",
@@ -75,6 +76,7 @@ def evaluate_export(
         tasks,
         data_dir=data_dir,
         depths=depths,
+        topk=topk,
         limit=limit,
         batch_size=batch_size,
         device=device,
@@ -123,7 +125,7 @@ def run_eval(
 ) -> tuple[EvalReport, str | None, Path]:
     """Evaluate, write artifacts, then log a child MLflow run of the training run.
 
-    ``settings`` are ``evaluate_export``'s keyword arguments (data_dir, depths, limit,
+    ``settings`` are ``evaluate_export``'s keyword arguments (data_dir, depths, topk, limit,
     batch_size, device, out_dir, work_dir). Returns (report, MLflow run id or None, artifacts
     dir); a logging failure raises ``EvalLoggingError`` after the artifacts are written.
     """

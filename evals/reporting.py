@@ -24,6 +24,7 @@ from core.keys import (
     eval_key,
     eval_point_key,
 )
+from evals.routing_analysis import RoutingAnalysis
 from evals.runner import EvalReport
 from mor.model import MoRModel
 
@@ -140,6 +141,40 @@ def depth_map(model: MoRModel, tokenizer: Any, text: str, out_dir: Path) -> list
     return [html_path, png]
 
 
+def write_routing_analysis(report: EvalReport, out_dir: Path) -> list[Path]:
+    """routing_by_frequency.csv, routing_drift.csv and depth_by_frequency.png (routed models)."""
+    if report.routing is None:
+        return []
+    analysis = RoutingAnalysis(**report.routing)
+    table = pd.DataFrame(analysis.by_frequency)
+    files = [out_dir / "routing_by_frequency.csv"]
+    table.to_csv(files[0], index=False)
+    if analysis.drift is not None:
+        drift = pd.DataFrame({k: v for k, v in analysis.drift.items() if k != "tokens"})
+        drift.insert(0, "recursion", range(1, len(drift) + 1))
+        files.append(out_dir / "routing_drift.csv")
+        drift.to_csv(files[-1], index=False)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(table["bucket"], table["mean_depth"], color="tab:blue")
+    ax.set_ylim(0, report.num_recursions)
+    ax.set_ylabel("mean router depth (recursions)")
+    ax.set_xlabel("token-frequency quartile (held-out text)")
+    rho = analysis.spearman_depth_loss
+    ax.set_title(
+        "depth by token frequency"
+        + (f"; Spearman(depth, full-depth loss) = {rho:.2f}" if rho is not None else ""),
+        fontsize=9,
+    )
+    for i, row in table.iterrows():
+        ax.annotate(" ".join(repr(e) for e in row["examples"][:3]), (i, 0.05), rotation=90,
+                    fontsize=7, va="bottom", ha="center", color="white")  # fmt: skip
+    fig.tight_layout()
+    files.append(out_dir / "depth_by_frequency.png")
+    fig.savefig(files[-1], dpi=200)
+    plt.close(fig)
+    return files
+
+
 def write_artifacts(
     report: EvalReport,
     out_dir: Path,
@@ -151,6 +186,7 @@ def write_artifacts(
     files = write_tables(report, out_dir)
     files.append(plot_depth_curve(report, out_dir / "depth_curve.png"))
     files.append(plot_router_histogram(report, out_dir / "router_histogram.png"))
+    files.extend(write_routing_analysis(report, out_dir))
     if model is not None and tokenizer is not None and sample_text:
         files.extend(depth_map(model, tokenizer, sample_text, out_dir))
     return files
@@ -178,6 +214,9 @@ def point_metrics(report: EvalReport) -> list[Any]:
             if value is not None:
                 metrics.append(Metric(eval_key(key), float(value), 0, step))
                 metrics.append(Metric(eval_point_key(p.label, key), float(value), 0, 0))
+    if report.routing is not None:
+        for key, value in RoutingAnalysis(**report.routing).metrics().items():
+            metrics.append(Metric(eval_key(key), float(value), 0, 0))
     return metrics
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from core.keys import ROUTER_POINT
+from core.keys import ROUTER_POINT, TOPK_POINT
 from evals.default_tasks import bpb_docs, heldout_documents, prepare_default_tasks
 from evals.lm_backend import MoRLM
+from evals.routing_analysis import analyse_routing
 from mor.checkpoint import load_pretrained, tokenizer_file
 from mor.flops import forward_flops_per_token
 from mor.model import MoRModel
@@ -50,6 +51,9 @@ class EvalReport:
     num_recursions: int
     points: list[DepthPoint]
     meta: dict[str, Any] = field(default_factory=dict)
+    routing: dict[str, Any] | None = None
+    """``RoutingAnalysis.to_dict()`` on held-out text (routed models): drift and depth vs
+    difficulty and token frequency."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,22 +86,40 @@ class EvalReport:
         return out
 
 
-def depth_points(model: MoRModel, depths: list[str] | None = None) -> list[tuple[str, int | None]]:
-    n_r = model.cfg.num_recursions
-    if depths:
-        out = []
-        for d in depths:
-            if str(d) == ROUTER_POINT:
-                out.append((ROUTER_POINT, None))
-            else:
-                if not 1 <= int(d) <= n_r:
-                    raise ValueError(f"depths: {d} is outside 1..{n_r} for this model")
-                out.append((str(int(d)), int(d)))
-        return out
-    points = [(str(d), d) for d in range(1, n_r + 1)]
+def depth_points(
+    model: MoRModel, depths: list[str] | None = None, topk: bool = False
+) -> list[tuple[str, int | None]]:
+    """(label, forced depth) per point: ``depths`` as given (validated), else every depth and
+    the router's; ``topk`` adds the non-causal top-k point to an expert-choice model's."""
+    points = _listed_points(model, depths) if depths else _default_points(model)
+    if topk and model.cfg.router == "expert_choice" and TOPK_POINT not in dict(points):
+        points.append((TOPK_POINT, None))
+    return points
+
+
+def _default_points(model: MoRModel) -> list[tuple[str, int | None]]:
+    points: list[tuple[str, int | None]] = [
+        (str(d), d) for d in range(1, model.cfg.num_recursions + 1)
+    ]
     if model.cfg.router != "none":
         points.append((ROUTER_POINT, None))
     return points
+
+
+def _listed_points(model: MoRModel, depths: list[str]) -> list[tuple[str, int | None]]:
+    n_r = model.cfg.num_recursions
+    out: list[tuple[str, int | None]] = []
+    for d in map(str, depths):
+        if d == TOPK_POINT and model.cfg.router != "expert_choice":
+            raise ValueError(f"depths: {TOPK_POINT!r} needs an expert-choice model")
+        if d in (ROUTER_POINT, TOPK_POINT):
+            out.append((d, None))
+        elif not d.isdigit() or not 1 <= int(d) <= n_r:
+            allowed = f"1..{n_r}, {ROUTER_POINT!r} or {TOPK_POINT!r}"
+            raise ValueError(f"depths: {d!r} is not a depth point of this model; use {allowed}")
+        else:
+            out.append((str(int(d)), int(d)))
+    return out
 
 
 def build_task_manager(tasks: list[str], data_dir: str | Path | None, work_dir: Path) -> Any:
@@ -163,6 +185,7 @@ def evaluate_model(
     tasks: list[str],
     data_dir: str | Path | None = None,
     depths: list[str] | None = None,
+    topk: bool = False,
     limit: int | None = None,
     batch_size: int = 16,
     device: str = "cpu",
@@ -190,7 +213,7 @@ def evaluate_model(
     work = Path(work_dir or Path.home() / ".cache" / "mor-platform" / "eval_tasks")
     manager, task_args = load_tasks(tasks, data_dir, work)
     points = []
-    for label, depth in depth_points(model, depths):
+    for label, depth in depth_points(model, depths, topk):
         lm = MoRLM(
             model=model,
             tokenizer=str(tokenizer),
@@ -198,6 +221,7 @@ def evaluate_model(
             device=device,
             batch_size=batch_size,
             eos_id=eos_id,
+            routing="topk" if label == TOPK_POINT else "causal",
         )
         torch.manual_seed(0)
         results = lm_eval.simple_evaluate(
@@ -216,7 +240,10 @@ def evaluate_model(
         metrics = {t: _task_metrics(results, t) for t in tasks}
         nll = heldout_nll(lm, nll_docs) if nll_docs > 0 else None
         points.append(depth_point(model, lm, label, depth, metrics, nll))
-    return EvalReport(name, list(tasks), limit, model.cfg.num_recursions, points, meta)
+    report = EvalReport(name, list(tasks), limit, model.cfg.num_recursions, points, meta)
+    analysis = analyse_routing(model, lm.tokenizer, lm.eot_token_id)
+    report.routing = analysis.to_dict() if analysis is not None else None
+    return report
 
 
 def depth_point(

@@ -64,7 +64,11 @@ def load_config(export_dir: str | Path) -> tuple[MoRConfig, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir}: not an exported MoR model (no {CONFIG_FILE})")
     payload = json.loads(path.read_text())
-    return MoRConfig.model_validate(payload["model"]), payload.get("meta", {})
+    model = dict(payload["model"])
+    # Exports from before ec_inference existed decided by logit > 0: keep their rule.
+    if model.get("router") == "expert_choice":
+        model.setdefault("ec_inference", "threshold")
+    return MoRConfig.model_validate(model), payload.get("meta", {})
 
 
 def load_pretrained(

@@ -23,6 +23,7 @@ RouterNetwork = Literal["linear", "mlp"]
 Gate = Literal["sigmoid", "tanh", "softmax"]
 Balancing = Literal["loss", "loss_free"]
 KVCacheMode = Literal["recursion_wise", "shared"]
+ECInference = Literal["threshold", "calibrated", "aux_router"]
 
 
 def bad(field: str, msg: str) -> NoReturn:
@@ -85,6 +86,22 @@ class MoRConfig(BaseModel):
     aux_loss_coef: float = Field(0.001, ge=0.0)
     """Expert-choice: weight of the BCE auxiliary loss that teaches the router's logits to
     reproduce the top-k selection, so a per-token threshold is causal at inference."""
+    ec_inference: ECInference = "calibrated"
+    """Expert-choice: the causal rule that decides at inference whether a token continues
+    (§2.2.1; training always keeps the top-k). 'threshold': its router logit > 0, what the aux
+    loss aims for, but a weak aux loss leaves the zero point shifted and the model runs
+    shallower than it trained (issue #14). 'calibrated' (default, measured best): its logit >
+    τ_r, where τ_r is a running average over training batches of the top-k cut-off (midway
+    between the k-th and (k+1)-th highest eligible logit), saved with the weights, so the
+    eval-mode active fraction matches the capacity by construction. 'aux_router': the paper's
+    auxiliary router, a small MLP per recursion trained with BCE on *detached* hidden states to
+    predict the top-k selection (so it never disturbs the main router), deciding by its own
+    logit > 0. Every option is causal. Other routers keep the default (a sweep axis over it
+    drops them with ``skip_invalid``)."""
+    calibration_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """ec_inference='calibrated': momentum m of the threshold's running average
+    τ ← m·τ + (1 − m)·cut-off (the first batch sets τ). ~1/(1 − m) recent batches count, so τ
+    follows the router as it trains and reflects its final state."""
     z_loss_coef: float = Field(0.0, ge=0.0)
     """Weight of the router z-loss (penalises large router logits); 0 disables it."""
     balancing: Balancing = "loss"
@@ -171,6 +188,9 @@ class MoRConfig(BaseModel):
                 "'softmax' is only defined for router='token_choice' (a softmax over "
                 "depths); use 'sigmoid' or 'tanh'",
             )
+        default_rule = MoRConfig.model_fields["ec_inference"].default
+        if self.router != "expert_choice" and self.ec_inference != default_rule:
+            bad("ec_inference", "only applies to router='expert_choice'")
         if self.capacities is not None:
             if self.router != "expert_choice":
                 bad("capacities", "only apply to router='expert_choice'")

@@ -209,8 +209,14 @@ def forward_flops_per_token(
 def _router_flops(cfg: MoRConfig, depth_cap: int) -> float:
     """Router FLOPs per token (the paper's convention leaves them out)."""
     if cfg.router == "expert_choice":
-        # One router per recursion, scoring all N tokens of every recursion that runs.
-        return depth_cap * _router_net_flops(cfg, 1)
+        # One router per recursion, scoring all N tokens of every recursion that runs; with
+        # ec_inference='aux_router' also the auxiliary router of each routed (capacity < 1) one.
+        flops = depth_cap * _router_net_flops(cfg, 1)
+        if cfg.ec_inference == "aux_router":
+            d, h = cfg.hidden_size, max(8, cfg.hidden_size // 4)
+            routed = sum(1 for c in cfg.capacity_schedule[:depth_cap] if c < 1.0)
+            flops += routed * 2.0 * (d * h + h)
+        return flops
     if cfg.router == "token_choice":
         return _router_net_flops(cfg, cfg.num_recursions)
     return 0.0

@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 → fp32; fp64 stays
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.to(x.dtype) * self.weight
 
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotary embedding evaluated at arbitrary (per-token) positions.
 
-    The frequencies are computed in float32 at every call rather than kept in a buffer: a
+    The frequencies are computed (in float64) at every call rather than kept in a buffer: a
     buffer would be rounded by ``model.to(torch.bfloat16)`` and distort far positions.
     """
 
@@ -43,10 +43,13 @@ class Rotary(nn.Module):
         self.head_dim, self.base = head_dim, base
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] → (cos, sin) of shape [B, 1, T, head_dim], in float32."""
-        idx = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device)
+        """positions [B, T] → (cos, sin) of shape [B, 1, T, head_dim], in float64.
+
+        float64 so that a token's rotation does not depend on the batch's shape (vectorised
+        and scalar float32 cos differ in the last bit); ``apply_rotary`` casts once."""
+        idx = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=positions.device)
         inv = 1.0 / (self.base ** (idx / self.head_dim))
-        ang = positions.float()[..., None] * inv
+        ang = positions.double()[..., None] * inv
         ang = torch.cat([ang, ang], dim=-1)[:, None]
         return ang.cos(), ang.sin()
 

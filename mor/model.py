@@ -134,11 +134,19 @@ class MoRModel(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         # router='none' gets a router too (keep every token, ungated): one code path.
         self.router: Router = make_router(cfg)
-        self.apply(self._init_weights)
+        aux = set(self.router.aux_nets.modules()) if hasattr(self.router, "aux_nets") else set()
+        for m in self.modules():
+            if m not in aux:
+                self._init_weights(m)
         # Scale the residual-branch outputs by depth (GPT-2 style) for stable deep stacks.
         for layer in self.layers:
             for p in (layer.attn.o_proj.weight, layer.mlp.down_proj.weight):
                 nn.init.normal_(p, std=cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        # The auxiliary router (ec_inference='aux_router') last and off the RNG stream: the
+        # rest of the model is initialised exactly as with the other inference rules.
+        with torch.random.fork_rng(devices=[]):
+            for m in aux:
+                self._init_weights(m)
 
     def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
@@ -156,7 +164,7 @@ class MoRModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def _batch(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> TokenBatch:
         cos, sin = self.rotary(pos)
-        # cos/sin stay float32: apply_rotary rotates in float32 and casts back (bf16-safe).
+        # cos/sin stay float64: apply_rotary casts them once to its compute dtype (bf16-safe).
         return TokenBatch(x, pos, valid, cos, sin, bool(valid.all()))
 
     def _run_layer(
@@ -175,6 +183,7 @@ class MoRModel(nn.Module):
         max_depth: int | None = None,
         cache: KVCache | None = None,
         force_depth: int | None = None,
+        topk_routing: bool = False,
     ) -> MoROutput:
         """Run the model.
 
@@ -186,10 +195,14 @@ class MoRModel(nn.Module):
         fixed test-time depth of a compute-vs-accuracy curve. cache enables incremental
         decoding (inference only). Routing is the training routing in ``train()`` mode and the
         causal, per-token inference routing (``Router.decide``) in ``eval()`` mode.
+        topk_routing routes with training's sequence-wide top-k in ``eval()`` mode too: the
+        paper's evaluation, which sees future tokens (non-causal); it updates no router state.
         """
         cfg = self.cfg
-        if cache is not None and self.training:
-            raise ValueError("cache: incremental decoding is only defined in eval() mode")
+        if cache is not None and (self.training or topk_routing):
+            raise ValueError(
+                "cache: incremental decoding is only defined in eval() mode with causal routing"
+            )
         n_rec = self._num_recursions(max_depth, force_depth)
         b, t = input_ids.shape
         dev = input_ids.device
@@ -208,7 +221,9 @@ class MoRModel(nn.Module):
         full = self._batch(h, pos, valid)
         for i in range(cfg.num_prefix_layers):
             h = self._run_layer(i, ("pre", i), self._with_x(full, h), sites)
-        h, depth, active_frac, losses = self._recursions(h, pos, valid, n_rec, force_depth, sites)
+        h, depth, active_frac, losses = self._recursions(
+            h, pos, valid, n_rec, force_depth, sites, self.training or topk_routing
+        )
         for i in range(cfg.num_suffix_layers):
             key = ("post", i)
             h = self._run_layer(cfg.num_unique_layers - 1 - i, key, self._with_x(full, h), sites)
@@ -245,9 +260,11 @@ class MoRModel(nn.Module):
         n_rec: int,
         force_depth: int | None,
         sites: dict,
+        topk: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, list[float], dict[str, list[torch.Tensor]]]:
         """The routed recursion stack: recursion r runs the tokens the router keeps (§2.2).
 
+        ``topk``: training's routing (``Router.train_decide``), else the causal inference rule.
         Returns hidden states, each token's depth, the active fraction per recursion and the
         unweighted router losses (one entry per recursion that produced them).
         """
@@ -258,9 +275,7 @@ class MoRModel(nn.Module):
         active, memo = valid, {}
         for r in range(n_rec):
             # Hierarchical: a token the router drops at r is not eligible at deeper recursions.
-            dec, step_losses = self.router.route(
-                h, r, memo, active, valid, self.training, force_depth
-            )
+            dec, step_losses = self.router.route(h, r, memo, active, valid, topk, force_depth)
             for k, v in step_losses.items():
                 losses.setdefault(k, []).append(v)
             memo, active = dec.memo, active & dec.keep
@@ -283,7 +298,13 @@ class MoRModel(nn.Module):
         cfg, logits, depth = self.cfg, out.logits, out.depth
         assert depth is not None
         router_loss = logits.new_zeros((), dtype=torch.float32)
-        coefs = {"aux": cfg.aux_loss_coef, "z": cfg.z_loss_coef, "balance": cfg.balancing_coef}
+        # The auxiliary router sees detached inputs: its weight only sets its learning rate.
+        coefs = {
+            "aux": cfg.aux_loss_coef,
+            "aux_router": 1.0,
+            "z": cfg.z_loss_coef,
+            "balance": cfg.balancing_coef,
+        }
         mean_losses = {k: torch.stack(v).mean() for k, v in losses.items()}
         for k, v in mean_losses.items():
             router_loss = router_loss + coefs[k] * v

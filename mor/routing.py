@@ -4,7 +4,9 @@ Expert-choice (§2.2.1): one router per recursion scores the recursion's input; 
 recursion keeps its top-k of the tokens still active (hierarchical filtering), k = capacity ·
 sequence length. A top-k over the whole sequence looks at future tokens, so the router is also
 trained with a BCE auxiliary loss against the selection; at inference a token continues iff its
-own logit is > 0, which is causal and reproduces the selection once the aux loss has taught it.
+own score passes a threshold, which is causal: logit > 0 (what the aux loss aims for), logit > a
+threshold calibrated to training's top-k cut-off, or an auxiliary router's logit > 0
+(``MoRConfig.ec_inference``; the measurement behind the default is in the README).
 
 Token-choice (§2.2.2): one router scores N_r depths for each token up front; the token runs
 recursions 1..i for i = argmax. Balance comes from the Switch-style loss N_r · Σ f_i P_i or
@@ -39,12 +41,13 @@ def gate_values(
     cfg: MoRConfig, logits: torch.Tensor, chosen: torch.Tensor | None = None
 ) -> torch.Tensor:
     """g = α · gate(logit). For token-choice ``logits`` is [..., N_r] and ``chosen`` the index."""
+    dt = torch.promote_types(logits.dtype, torch.float32)  # bf16 → fp32; fp64 stays
     if cfg.gate == "softmax":
-        probs = logits.float().softmax(-1)
+        probs = logits.to(dt).softmax(-1)
         g = probs.gather(-1, chosen[..., None]).squeeze(-1)
     else:
         s = logits if chosen is None else logits.gather(-1, chosen[..., None]).squeeze(-1)
-        g = torch.sigmoid(s.float()) if cfg.gate == "sigmoid" else torch.tanh(s.float())
+        g = torch.sigmoid(s.to(dt)) if cfg.gate == "sigmoid" else torch.tanh(s.to(dt))
     return (cfg.gate_scale * g).to(logits.dtype)
 
 
@@ -93,7 +96,7 @@ class Router(nn.Module):
     ``decide`` is causal and per token: a token's decision depends only on its own hidden state
     (and its memo), so incremental decoding, the batched engine and a full forward agree. Both
     ``MoRModel.forward`` in ``eval()`` mode and ``DepthwiseBatchingEngine`` call it, so a new
-    inference rule (e.g. calibrated thresholds or an auxiliary router, issue #14) is a
+    inference rule (a calibrated threshold, an auxiliary router: ``cfg.ec_inference``) is a
     ``decide`` override and nothing else. Training may decide differently (expert-choice top-k
     over the sequence): ``train_decide``, reached through ``route``.
     """
@@ -151,31 +154,80 @@ class NoRouter(Router):
         return Decision(keep, None, memo)
 
 
+def make_aux_router_net(cfg: MoRConfig) -> nn.Module:
+    """The auxiliary router of §2.2.1: a lightweight MLP (hidden max(8, d/4), GELU) → 1 logit."""
+    d, h = cfg.hidden_size, max(8, cfg.hidden_size // 4)
+    return nn.Sequential(nn.Linear(d, h, bias=False), nn.GELU(), nn.Linear(h, 1, bias=False))
+
+
+def topk_cutoff(logits: torch.Tensor, eligible: torch.Tensor, kept: int) -> torch.Tensor | None:
+    """The logit threshold that keeps ``kept`` of the eligible tokens of a batch: midway between
+    the kept-th and the next highest logit (None when every eligible token is kept)."""
+    scores = logits.detach().float()[eligible]
+    if kept >= scores.numel() or kept <= 0:
+        return None
+    top = scores.topk(kept + 1).values
+    return (top[-2] + top[-1]) / 2
+
+
 class ExpertChoiceRouter(Router):
-    """One router per recursion (paper: router r scores the input H^r of recursion r)."""
+    """One router per recursion (paper: router r scores the input H^r of recursion r).
+
+    Inference rule (``cfg.ec_inference``): the main logit > 0, the main logit > a calibrated
+    threshold τ_r, or an auxiliary router's logit > 0. Only recursions with capacity < 1 ever
+    drop tokens, so only they get an auxiliary router and a threshold.
+    """
 
     def __init__(self, cfg: MoRConfig) -> None:
         super().__init__(cfg)
-        self.nets = nn.ModuleList(make_router_net(cfg, 1) for _ in range(cfg.num_recursions))
+        n_r = cfg.num_recursions
+        self.nets = nn.ModuleList(make_router_net(cfg, 1) for _ in range(n_r))
+        self.routed = [r for r in range(n_r) if cfg.capacity_schedule[r] < 1.0]
+        self.aux_nets = nn.ModuleDict()
+        if cfg.ec_inference == "aux_router":
+            # Off the global RNG stream, so the main model starts from the same weights as
+            # with any other rule (MoRModel initialises these last, also off the stream).
+            with torch.random.fork_rng(devices=[]):
+                self.aux_nets.update({str(r): make_aux_router_net(cfg) for r in self.routed})
+        if cfg.ec_inference == "calibrated":
+            # τ_r and how many training batches have updated it (0: not yet, τ_r = 0 = the
+            # plain threshold rule). Buffers: saved in the export, never optimized.
+            self.register_buffer("threshold", torch.zeros(n_r))
+            self.register_buffer("calibration_batches", torch.zeros(n_r, dtype=torch.long))
 
     def decide(
         self, hidden: torch.Tensor, recursion: int, memo: Memo, force_depth: int | None = None
     ) -> Decision:
-        """Causal rule: a token continues iff its own logit is > 0 (what the BCE aux loss
-        teaches the logit to say); a full-capacity recursion keeps every token."""
+        """Causal rule: a token continues iff its own score passes ``cfg.ec_inference``'s
+        threshold; a full-capacity recursion (or a forced depth) keeps every token."""
         logits = self.nets[recursion](hidden).squeeze(-1)
+        keep = self.inference_scores(hidden, recursion, logits) > self.inference_threshold(
+            recursion
+        )
         if force_depth is not None or self.cfg.capacity_schedule[recursion] >= 1.0:
-            keep = torch.ones_like(logits, dtype=torch.bool)
-        else:
-            keep = logits > 0
+            keep = torch.ones_like(keep)
         return Decision(keep, gate_values(self.cfg, logits), memo, logits)
+
+    def inference_scores(
+        self, hidden: torch.Tensor, recursion: int, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """What the inference rule thresholds: the auxiliary router's logit, else the main one."""
+        if str(recursion) in self.aux_nets:
+            return self.aux_nets[str(recursion)](hidden).squeeze(-1)
+        return logits
+
+    def inference_threshold(self, recursion: int) -> torch.Tensor | float:
+        if self.cfg.ec_inference == "calibrated":
+            return self.threshold[recursion]
+        return 0.0
 
     def train_decide(
         self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
         valid: torch.Tensor, force_depth: int | None = None,
     ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
-        """Each row keeps its top-k eligible tokens, k = capacity · valid tokens, and the BCE
-        aux loss (paper §2.2.1) teaches each logit to say "selected" on its own."""
+        """Each row keeps its top-k eligible tokens, k = capacity · valid tokens; the BCE aux
+        loss (paper §2.2.1) teaches each logit to say "selected" on its own, and the inference
+        rule's own state (τ_r or the auxiliary router) learns the same selection."""
         cfg, r = self.cfg, recursion
         if cfg.capacity_schedule[r] >= 1.0:
             return self.decide(hidden, r, memo, force_depth), {}
@@ -184,14 +236,33 @@ class ExpertChoiceRouter(Router):
             [cfg.capacity_tokens(r, int(n)) if int(n) else 0 for n in valid.sum(-1)],
             device=hidden.device,
         )
-        selected = expert_choice_select(logits, eligible, torch.minimum(k, eligible.sum(-1)))
+        k = torch.minimum(k, eligible.sum(-1))
+        selected = expert_choice_select(logits, eligible, k)
         losses: dict[str, torch.Tensor] = {}
         if eligible.any():
-            losses["aux"] = F.binary_cross_entropy_with_logits(
-                logits[eligible].float(), selected[eligible].float()
-            )
+            target = selected[eligible].float()
+            losses["aux"] = F.binary_cross_entropy_with_logits(logits[eligible].float(), target)
+            if str(r) in self.aux_nets:
+                # Detached input: this loss trains the auxiliary router and nothing else.
+                aux = self.aux_nets[str(r)](hidden.detach()).squeeze(-1)
+                losses["aux_router"] = F.binary_cross_entropy_with_logits(
+                    aux[eligible].float(), target
+                )
+            if self.training and cfg.ec_inference == "calibrated":
+                self._calibrate(r, logits, eligible, int(k.sum()))
         keep = torch.ones_like(selected) if force_depth is not None else selected
         return Decision(keep, gate_values(cfg, logits), memo, logits), losses
+
+    @torch.no_grad()
+    def _calibrate(self, r: int, logits: torch.Tensor, eligible: torch.Tensor, kept: int) -> None:
+        """τ_r ← m·τ_r + (1 − m)·(this batch's top-k cut-off): a threshold that keeps, on text
+        like the training batches, the fraction of tokens top-k keeps."""
+        cut = topk_cutoff(logits, eligible, kept)
+        if cut is None:
+            return
+        m = self.cfg.calibration_momentum if int(self.calibration_batches[r]) else 0.0
+        self.threshold[r] = m * self.threshold[r] + (1 - m) * cut.to(self.threshold.dtype)
+        self.calibration_batches[r] += 1
 
     def z_loss(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return scores[mask].float().pow(2).mean()
@@ -243,7 +314,7 @@ class TokenChoiceRouter(Router):
         if self.cfg.balancing == "loss":
             probs = dec.scores[valid].float().softmax(-1).mean(0)
             losses["balance"] = n_r * (counts / counts.sum() * probs).sum()
-        else:
+        elif self.training:  # never from an eval-time top-k pass
             self._load += counts
         return dec, losses
 

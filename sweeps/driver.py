@@ -141,6 +141,7 @@ def _evaluate(
         spec.eval.tasks,
         data_dir=spec.eval.data_dir,
         depths=spec.eval.depths,
+        topk=spec.eval.topk,
         limit=spec.eval.limit,
         batch_size=spec.eval.batch_size,
         tracking_uri=tracking_uri,

@@ -112,6 +112,10 @@ class EvalSpec(BaseModel):
     """lm-eval tasks run on every trained trial at every depth."""
     depths: list[str] | None = None
     """Points to evaluate ('1', '2', ..., 'router'); default every depth plus the router's."""
+    topk: bool = False
+    """Also evaluate expert-choice models with training's top-k over each sequence (point
+    'topk'): the paper's non-causal evaluation, beside the causal router's point so the report
+    shows each model's causality gap. Other models skip it."""
     data_dir: str | None = None
     """Folder with the paper's eval sets in their release formats (offline)."""
     limit: int | None = Field(None, ge=1)

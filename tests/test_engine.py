@@ -19,7 +19,14 @@ from mor.routing import Decision, Memo
 
 ROOT = Path(__file__).resolve().parents[1]
 # The same small models and combinations as the model's own tests.
-from test_model import COMBOS, KV_MODES, ROUTERS, make_model, small_config  # noqa: E402
+from test_model import (  # noqa: E402
+    COMBOS,
+    KV_MODES,
+    ROUTERS,
+    RULE_COMBOS,
+    make_model,
+    small_config,
+)
 
 
 def workload(vocab: int, n: int = 7, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -48,7 +55,17 @@ def run_engine(model: MoRModel, prompts: list, news: list, **kw) -> tuple:
 
 @pytest.mark.parametrize(("sharing", "router", "kv"), COMBOS)
 def test_engine_matches_step_by_step_decoding(sharing: str, router: str, kv: str) -> None:
-    model = make_model(small_config(sharing, router, kv))
+    check_engine_matches_step_by_step(make_model(small_config(sharing, router, kv)))
+
+
+@pytest.mark.parametrize(("kv", "rule"), RULE_COMBOS)
+def test_engine_matches_step_by_step_for_every_inference_rule(kv: str, rule: str) -> None:
+    cfg = small_config("middle_cycle", "expert_choice", kv, ec_inference=rule)
+    check_engine_matches_step_by_step(make_model(cfg))
+
+
+def check_engine_matches_step_by_step(model: MoRModel) -> None:
+    """Engine tokens, logits, depths and KV bytes equal plain step-by-step decoding's."""
     prompts, news = workload(model.cfg.vocab_size)
     # An eos the model really emits: request 0's third token, so it stops early.
     eos = reference(model, prompts[:1], news[:1], None)[0][2]

@@ -114,6 +114,19 @@ def test_loglikelihood_equals_direct_computation(router: str) -> None:
 
 
 @needs_shared
+def test_topk_routing_is_the_training_selection_and_cannot_generate() -> None:
+    model = random_model()
+    lm = MoRLM(model=model, tokenizer=str(SMOLLM), eos_id=SMOLLM_EOS, routing="topk")
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    lm.loglikelihood([req("loglikelihood", text, " again")], disable_tqdm=True)
+    assert lm.tally.active_fractions() == pytest.approx([1.0, 0.5], abs=0.03)
+    with pytest.raises(ValueError, match="cannot generate"):
+        lm.generate_until([req("generate_until", "Hi", {"until": ["."]})], disable_tqdm=True)
+    with pytest.raises(ValueError, match="routing"):
+        MoRLM(model=random_model("token_choice"), tokenizer=str(SMOLLM), eos_id=0, routing="topk")
+
+
+@needs_shared
 def test_generate_until_stops_and_rolling_windows() -> None:
     model = random_model()
     lm = MoRLM(model=model, tokenizer=str(SMOLLM), max_length=16, eos_id=SMOLLM_EOS)
@@ -257,12 +270,23 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
         parent_run_id=parent,
         work_dir=tmp_path / "work",
         batch_size=32,
+        topk=True,
     )
-    assert [p.label for p in report.points] == ["1", "2", "router"]
+    assert [p.label for p in report.points] == ["1", "2", "router", "topk"]
+    topk = report.points[-1]  # the non-causal point runs exactly the training capacities
+    assert topk.active_fractions == pytest.approx([1.0, 0.5], abs=0.02)
     fixed = [p.flops_per_token for p in report.points if p.depth is not None]
     assert fixed[0] < fixed[1]  # one point per depth, increasing FLOPs
-    router = report.points[-1]
+    router = report.points[-2]
     assert 1.0 <= router.mean_depth <= 2.0
+    # Routing on held-out text: drift per recursion, depth vs difficulty and frequency.
+    drift = report.routing["drift"]
+    assert drift["capacity"] == [1.0, 0.5] and drift["active"][0] == 1.0
+    assert 0.0 <= drift["active"][1] <= 1.0 and 0.0 <= drift["agreement"][1] <= 1.0
+    buckets = report.routing["by_frequency"]
+    assert [b["bucket"] for b in buckets] == ["most frequent", "frequent", "rare", "rarest"]
+    assert sum(b["tokens"] for b in buckets) == report.routing["tokens"] > 1000
+    assert all(1.0 <= b["mean_depth"] <= 2.0 for b in buckets)
     for p in report.points:
         for task in [*PAPER_TASKS, "mor_heldout_mc"]:
             assert "acc" in p.metrics[task] and "acc_stderr" in p.metrics[task], task
@@ -274,7 +298,10 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert "eval/d2/piqa/acc" in run.data.metrics
     steps = [m.step for m in client.get_metric_history(run_id, "eval/flops_per_token")]
-    assert steps == [0, 1, 2]
+    assert steps == [0, 1, 2, 3]
+    assert run.data.metrics["eval/drift/capacity_r2"] == 0.5
+    assert {"eval/drift/agree_r2", "eval/dtopk/piqa/acc"} <= run.data.metrics.keys()
+    assert "eval/routing/mean_depth_q4" in run.data.metrics
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {
         "results.csv",
@@ -283,6 +310,9 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
         "router_histogram.png",
         "depth_map.html",
         "depth_map.png",
+        "routing_drift.csv",
+        "routing_by_frequency.csv",
+        "depth_by_frequency.png",
     } <= files
     assert (out / "depth_curve.png").stat().st_size > 1000
 
@@ -322,6 +352,8 @@ def test_eval_cli_offline_json(
     assert "mlflow.parentRunId" not in run.data.tags and "eval/d1/piqa/acc" in run.data.metrics
     assert mor_main(["eval", str(trained_export), "--tasks", "nope"]) == 2
     assert "tasks: unknown task(s) ['nope']" in capsys.readouterr().err
+    assert mor_main(["eval", str(trained_export), "--depths", "1,deep"]) == 2
+    assert "depths: 'deep' is not a depth point of this model" in capsys.readouterr().err
     assert mor_main(["eval", str(tmp_path)]) != 0
 
 

@@ -74,6 +74,12 @@ def _combos() -> list[dict[str, Any]]:
             dict(sharing="middle_cycle", num_recursions=2, router=router, kv_cache=kv,
                  router_network="mlp")
         )  # fmt: skip
+    # The inference rules: the auxiliary router adds FLOPs, the plain threshold does not.
+    for rule in ("aux_router", "threshold"):
+        out.append(
+            dict(sharing="cycle", num_recursions=3, router="expert_choice",
+                 ec_inference=rule)
+        )  # fmt: skip
     return out
 
 

@@ -24,6 +24,7 @@ from sweeps.driver import run_sweep
 from sweeps.spec import SweepSpec, TrialPoint, grid_points, plan_sweep, trial_config
 
 VANILLA, MOR = TINY_VARIANTS
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def spec_dict(tmp: Path, name: str, **extra: object) -> dict:
@@ -103,6 +104,26 @@ def test_grid_and_skip_invalid(tmp_path: Path) -> None:
     plan = plan_sweep(spec.model_copy(update={"skip_invalid": True}))
     assert len(plan.points) == 4 and len(plan.dropped) == 4
     assert all("num_recursions=2" in p.label for p in plan.points)
+
+
+def test_inference_rule_is_a_search_axis() -> None:
+    """The shipped router-inference spec: 3 expert-choice models × 3 inference rules; with a
+    non-expert-choice variant the rules other than the default are dropped, not run."""
+    from mor.config import MoRConfig
+
+    spec = load_spec_file(ROOT / "sweeps" / "configs" / "router-inference.yaml")
+    plan = plan_sweep(spec)
+    assert len(plan.points) == 9 and spec.eval.topk
+    built = [trial_config(spec, p, {}, name="t", parent_run_id=None, tracking_uri="x")
+             for p in plan.points]  # fmt: skip
+    rules = sorted(c.mor_config().ec_inference for c in built)
+    assert rules == sorted(3 * ["threshold", "calibrated", "aux_router"])
+    tc = {"name": "tc", "model.router": "token_choice", "model.sharing": "cycle",
+          "model.num_recursions": 2}  # fmt: skip
+    mixed = spec.model_copy(update={"variants": [*spec.variants, tc], "skip_invalid": True})
+    plan = plan_sweep(mixed)
+    assert len(plan.points) == 10 and any("ec_inference" in r for r in plan.dropped)
+    assert MoRConfig.model_fields["ec_inference"].default == "calibrated"
 
 
 def test_trial_config_is_built_once_and_validated(tmp_path: Path) -> None:

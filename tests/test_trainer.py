@@ -231,6 +231,13 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path) ->
     expected = model.train()(x, labels=x).stats.to_metrics()
     assert {k for k in run.data.metrics if k.startswith("router/")} == expected.keys()
     assert {"router/frac_depth_2", "router/dead_frac", "router/active_r1"} <= expected.keys()
+    # Validation measured the expert-choice drift: eval-mode routing vs training's top-k.
+    drift = {k: v for k, v in run.data.metrics.items() if k.startswith("val/drift/")}
+    assert drift["val/drift/capacity_r2"] == pytest.approx(model.cfg.capacity_schedule[1])
+    assert 0.0 <= drift["val/drift/active_r2"] <= 1.0 and 0.0 <= drift["val/drift/agree_r2"] <= 1
+    assert drift["val/drift/topk_active_r2"] == pytest.approx(
+        drift["val/drift/capacity_r2"], abs=0.02
+    )
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
     assert {"model/config.json", "model/model.pt", "model/tokenizer.json"} <= artifacts
 
@@ -240,11 +247,11 @@ import json, sys, torch
 from pathlib import Path
 from mor.checkpoint import load_pretrained
 from trainers.data import PackedDataset
-from trainers.components import validation_loss
+from trainers.components import validation_metrics
 model, meta = load_pretrained({str(result.export_dir)!r})
 path = Path(sys.argv[1])
-losses = [validation_loss(model, PackedDataset(path, 64, r, 2), 4, 2, torch.device("cpu"))
-          for r in range(2)]
+losses = [validation_metrics(model, PackedDataset(path, 64, r, 2), 4, 2, torch.device("cpu"))
+          ["val/loss"] for r in range(2)]
 print(json.dumps({{"val": sum(losses) / 2, "deepspeed": "deepspeed" in sys.modules,
                   "ray": "ray" in sys.modules, "step": meta["step"]}}))
 """

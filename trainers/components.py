@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mor.analysis import RoutingDrift, drift_from_depths
 from mor.config import MoRConfig
 from mor.model import MoRModel
 from trainers.config import TrainConfig
@@ -181,17 +182,28 @@ def update_router_bias(module: MoRModel) -> None:
 
 
 @torch.no_grad()
-def validation_loss(
+def validation_metrics(
     model: MoRModel, val: PackedDataset, micro_batch: int, batches: int, device: torch.device
-) -> float:
-    """Mean next-token loss over the first ``batches`` val micro-batches, inference routing."""
+) -> dict[str, float]:
+    """Over the first ``batches`` val micro-batches, with the causal inference routing:
+    ``val/loss`` (mean next-token loss) and, for expert-choice, the routing drift
+    (``val/drift/*``: per recursion, capacity vs eval-mode active fraction and agreement with
+    training's top-k on the same batch, issue #14)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for b in range(batches):
-        idx = [(b * micro_batch + i) % len(val) for i in range(micro_batch)]
-        x = torch.stack([val[i] for i in idx]).to(device)
-        total += float(model(x, labels=x).lm_loss)
-        count += 1
+    total, count, drifts = 0.0, 0, []
+    with torch.no_grad():
+        for b in range(batches):
+            idx = [(b * micro_batch + i) % len(val) for i in range(micro_batch)]
+            x = torch.stack([val[i] for i in idx]).to(device)
+            out = model(x, labels=x)
+            total += float(out.lm_loss)
+            count += 1
+            if model.cfg.router == "expert_choice":
+                topk = model(x, topk_routing=True).depth
+                drifts.append(drift_from_depths(model, out.depth, topk, torch.ones_like(x).bool()))
     model.train(was_training)
-    return total / max(1, count)
+    metrics = {"val/loss": total / max(1, count)}
+    if drifts:
+        metrics.update(RoutingDrift.mean(drifts).to_metrics("val/drift/"))
+    return metrics

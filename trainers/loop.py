@@ -24,7 +24,7 @@ from trainers.components import (
     build_engine,
     lr_factor,
     optimizer_step,
-    validation_loss,
+    validation_metrics,
 )
 from trainers.config import TrainConfig
 from trainers.data import PackedDataset
@@ -91,16 +91,17 @@ class Trainer:
             reduced = totals.reduce(device, with_routing)
             metrics = self.meter.measure(step, reduced, step_time, progress)
             if step % cfg.eval.every_steps == 0 or last:
-                metrics["val/loss"] = self.validate()
+                metrics.update(self.validate())
             log.log(step, metrics)
             check_finite(metrics, step)
             self.checkpointer.after_step(self.engine, progress, metrics, last)
         log.close()
 
-    def validate(self) -> float:
-        """Held-out loss of this rank's validation batches, averaged over ranks."""
+    def validate(self) -> dict[str, float]:
+        """Held-out loss (and routing drift) of this rank's validation batches, averaged over
+        ranks."""
         cfg, device = self.cfg, self.worker.device
-        loss = validation_loss(
+        metrics = validation_metrics(
             self.engine.module, self.val_ds, cfg.batch.micro_batch_size, cfg.eval.batches, device
         )
-        return all_mean([loss], device)[0]
+        return dict(zip(metrics, all_mean(list(metrics.values()), device), strict=True))
