@@ -179,9 +179,12 @@ def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
 TABLE_COLUMNS = ["model", "point", "sharing", "router", "num_recursions", "kv_cache", COST]
 
 
-def interactive_html(points: pd.DataFrame, metric: str, path: Path) -> Path:
+def interactive_html(
+    points: pd.DataFrame, metric: str, path: Path, results: pd.DataFrame | None = None
+) -> Path:
     """The report page: the interactive Pareto plot (hover shows the configuration, front
-    highlighted, filters by sharing / router / N_r), then the table of its depth points.
+    highlighted, filters by sharing / router / N_r), the results table (one row per model:
+    its mean depth beside its routing drift), then the table of its depth points.
     Self-contained (plotly.js embedded): works offline."""
     title = f"MoR sweep report: {_metric_label(metric)} vs inference FLOPs per token"
     plot = _pareto_figure(points, metric).to_html(
@@ -191,12 +194,19 @@ def interactive_html(points: pd.DataFrame, metric: str, path: Path) -> Path:
     table = points.sort_values(["model", COST])[columns].to_html(
         index=False, float_format=lambda v: f"{v:.4g}", table_id="mor-points", border=0
     )
+    summary = ""
+    if results is not None and not results.empty:
+        shown = results.drop(columns=["run_id"], errors="ignore")
+        summary = "<h2>Results per model</h2>\n" + shown.to_html(
+            index=False, float_format=lambda v: f"{v:.4g}", table_id="mor-results", border=0
+        )
     page = f"""<!DOCTYPE html>
 <html lang="en">
 <head><meta charset="utf-8"><title>{html.escape(title)}</title></head>
 <body>
 <h1>{html.escape(title)}</h1>
 {plot}
+{summary}
 <h2>Every model at every test-time depth</h2>
 {table}
 </body>

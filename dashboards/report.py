@@ -136,7 +136,7 @@ def build_report(
         front.to_csv(out / "front.csv", index=False)
         files += [out / "points.csv", out / "front.csv"]
         files.append(pareto_png(points, metric, out / "pareto.png"))
-        files.append(interactive_html(points, metric, out / "report.html"))
+        files.append(interactive_html(points, metric, out / "report.html", table))
         hist = router_depths_png(causal, out / "router_depths.png")
         if hist is not None:
             files.append(hist)

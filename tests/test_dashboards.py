@@ -53,10 +53,15 @@ def test_report_from_a_real_sweep(tiny_sweep, tmp_path: Path) -> None:
     assert png.stat().st_size > 5000
     md = (tmp_path / "rep" / "results.md").read_text()
     assert md.count("\n") == 5 and "mor_heldout_mc" in md
-    assert not rep.front.empty
-    # The MoR model has 3 points (d1, d2, router), vanilla 1.
+    assert not rep.front.empty and "topk" not in set(rep.front["point"])
+    # The MoR model has 4 points (d1, d2, router and the non-causal topk), vanilla 1.
     points = pd.read_csv(tmp_path / "rep" / "points.csv")
-    assert sorted(points.groupby("model").size().tolist()) == [1, 3]
+    assert sorted(points.groupby("model").size().tolist()) == [1, 4]
+    # Beside its mean depth, the router's drift on held-out text and its causality gap.
+    mor = rep.table.set_index("model").loc["mor-ec"]
+    assert 0 <= mor["drift_max_gap"] <= 1 and 0 <= mor["drift_min_agree"] <= 1
+    assert -1 <= mor["causality_gap"] <= 1 and -1 <= mor["spearman_depth_loss"] <= 1
+    assert "drift_max_gap" in md and "causality_gap" in md
     assert (tmp_path / "rep" / "router_depths.png").is_file()
 
 
@@ -140,6 +145,9 @@ def test_html_report_renders_in_headless_chromium(tiny_sweep, tmp_path: Path) ->
         ("mor-ec", "router"),
         ("vanilla", "1"),
     ]
+    # The per-model results: mean depth beside the router's drift (issue #14).
+    results = re.search(r'<table[^>]*id="mor-results".*?</table>', dom, re.S).group(0)
+    assert "mean_depth" in results and "drift_max_gap" in results and "mor-ec" in results
     # Plotly drew the figure in the browser: its SVG, one marker per depth point, the legend.
     plot = dom[dom.index('id="mor-pareto"') :]
     assert 'class="main-svg"' in plot
