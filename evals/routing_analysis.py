@@ -103,13 +103,15 @@ def frequency_table(
 
 
 def analyse_routing(
-    model: MoRModel, tokenizer: Any, eos_id: int, windows: int = 16, seq_len: int = 256
+    model: MoRModel, tokenizer: Any, eos_id: int, seq_len: int = 256, tokens: int = 4096
 ) -> RoutingAnalysis | None:
-    """The analysis above for a routed model (None for a model without a router)."""
+    """The analysis above for a routed model (None for a model without a router), on about
+    ``tokens`` held-out tokens in windows of ``seq_len`` (use the training length)."""
     if model.cfg.router == "none":
         return None
     device = next(model.parameters()).device
-    x = heldout_windows(tokenizer, eos_id, min(seq_len, model.cfg.max_seq_len), windows)
+    seq_len = min(seq_len, model.cfg.max_seq_len)
+    x = heldout_windows(tokenizer, eos_id, seq_len, max(1, tokens // seq_len))
     ids, depth, loss, drifts = [], [], [], []
     for batch in x.split(4):
         batch = batch.to(device)

@@ -241,7 +241,9 @@ def evaluate_model(
         nll = heldout_nll(lm, nll_docs) if nll_docs > 0 else None
         points.append(depth_point(model, lm, label, depth, metrics, nll))
     report = EvalReport(name, list(tasks), limit, model.cfg.num_recursions, points, meta)
-    analysis = analyse_routing(model, lm.tokenizer, lm.eot_token_id)
+    # Windows as long as training's: positions past them were never trained (nor routed).
+    seq_len = int(meta.get("seq_len") or model.cfg.max_seq_len)
+    analysis = analyse_routing(model, lm.tokenizer, lm.eot_token_id, seq_len=seq_len)
     report.routing = analysis.to_dict() if analysis is not None else None
     return report
 

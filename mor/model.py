@@ -31,6 +31,9 @@ from mor.config import MoRConfig
 from mor.layers import DecoderLayer, KVSite, RMSNorm, Rotary, TokenBatch
 from mor.routing import Router, make_router
 
+AUX_ROUTER_LOSS_WEIGHT = 1e-3
+"""Weight of the auxiliary router's BCE loss (ec_inference='aux_router'); see the loss sum."""
+
 
 @dataclass
 class KVCache:
@@ -298,10 +301,12 @@ class MoRModel(nn.Module):
         cfg, logits, depth = self.cfg, out.logits, out.depth
         assert depth is not None
         router_loss = logits.new_zeros((), dtype=torch.float32)
-        # The auxiliary router sees detached inputs: its weight only sets its learning rate.
+        # The auxiliary router sees detached inputs, so its loss trains nothing else; Adam is
+        # blind to a loss's scale, so a small weight leaves its learning as it is while keeping
+        # its gradients out of the global-norm clipping the main model's updates go through.
         coefs = {
             "aux": cfg.aux_loss_coef,
-            "aux_router": 1.0,
+            "aux_router": AUX_ROUTER_LOSS_WEIGHT,
             "z": cfg.z_loss_coef,
             "balance": cfg.balancing_coef,
         }
