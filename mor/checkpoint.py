@@ -24,6 +24,7 @@ import torch
 
 from mor.config import MoRConfig
 from mor.model import MoRModel
+from mor.overrides import read_config_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
@@ -63,7 +64,7 @@ def load_config(export_dir: str | Path) -> tuple[MoRConfig, dict[str, Any]]:
     path = Path(export_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir}: not an exported MoR model (no {CONFIG_FILE})")
-    payload = json.loads(path.read_text())
+    payload = json.loads(read_config_text(path))  # bounded: refuses files over 1 MiB
     model = dict(payload["model"])
     # Exports from before ec_inference existed decided by logit > 0: keep their rule.
     if model.get("router") == "expert_choice":
@@ -74,13 +75,44 @@ def load_config(export_dir: str | Path) -> tuple[MoRConfig, dict[str, Any]]:
 def load_pretrained(
     export_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[MoRModel, dict[str, Any]]:
-    """Load an exported model in eval() mode; returns (model, training metadata)."""
+    """Load an exported model in eval() mode; returns (model, training metadata).
+
+    The config is checked against the weights before the model is allocated, so a tampered
+    config (``hidden_size=16384`` beside small weights) is a ValueError, not gigabytes of RAM.
+    """
     cfg, meta = load_config(export_dir)
+    path = Path(export_dir) / WEIGHTS_FILE
+    # mmap: the tensors stay on disk until copied into the model (no second full copy).
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    _check_weights(cfg, state, path)
     model = MoRModel(cfg)
-    state = torch.load(Path(export_dir) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), meta
+
+
+def _check_weights(cfg: MoRConfig, state: Any, path: Path) -> None:
+    """Raise ValueError naming the first tensor whose name or shape the config does not expect.
+
+    The expected names and shapes (buffers included) come from the model built on the meta
+    device, which allocates no memory.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state_dict (got {type(state).__name__})")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MoRModel(cfg).state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise ValueError(f"{path}: missing tensor {name!r} that config.json expects")
+        got = tuple(getattr(state[name], "shape", ()))
+        if got != shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {list(got)} but config.json expects "
+                f"{list(shape)}"
+            )
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensor {unexpected[0]!r} for this config.json")
 
 
 def tokenizer_file(export_dir: str | Path) -> Path | None:

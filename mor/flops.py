@@ -247,8 +247,8 @@ def steps_for_budget(
     convention: Convention = "exact",
 ) -> int:
     """Optimizer steps a FLOPs budget pays for: floor(budget / (tokens/step × FLOPs/token))."""
-    if not budget_flops > 0:
-        raise ValueError(f"budget_flops: must be positive, got {budget_flops!r}")
+    if not 0 < budget_flops < math.inf:
+        raise ValueError(f"budget_flops: must be positive and finite, got {budget_flops!r}")
     if not tokens_per_step > 0:
         raise ValueError(f"tokens_per_step: must be positive, got {tokens_per_step!r}")
     per_token = training_flops_per_token(cfg, seq_len, convention=convention)

@@ -3,6 +3,10 @@
 Every config in the platform (model, training, sweep) is a pydantic model; this module turns
 a file plus a list of ``a.b.c=value`` strings into the nested dict that the model validates.
 Values are parsed as YAML scalars, so ``lr=3e-3``, ``use_gpu=true`` and ``depths=[1,2]`` work.
+
+Inputs are bounded (``MAX_CONFIG_BYTES``, ``MAX_CONFIG_NODES``): YAML aliases are shared
+references, so a few hundred bytes of nested anchors ("billion laughs") expand into billions of
+nodes once copied or validated; such a file is refused before anything expands it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,24 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 __all__ = [
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_NODES",
     "ConfigError",
     "apply_overrides",
     "format_validation_error",
     "load_yaml",
     "parse_override",
+    "read_config_text",
     "validate",
 ]
 
 T = TypeVar("T", bound=BaseModel)
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (YAML here, an export's config.json in mor/checkpoint.py): 1 MiB."""
+MAX_CONFIG_NODES = 100_000
+"""Most values (mappings, lists and scalars) a config file or override may hold once its YAML
+aliases are expanded; real configs, sweep grids included, hold a few hundred."""
 
 
 class ConfigError(ValueError):
@@ -41,8 +54,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
+    _check_size(value, f"override {key!r}")
     return key.split("."), value
 
 
@@ -74,17 +88,58 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a non-mapping gives a ConfigError."""
+def _check_size(data: Any, source: str) -> None:
+    """Refuse ``data`` when it holds more than MAX_CONFIG_NODES values with aliases expanded.
+
+    Counted over the shared references (each object once, memoised by id), so the count of a
+    bomb costs its size on disk, not its expansion.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in sizes:
+            children = node.values() if isinstance(node, dict) else node
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return sizes[id(node)]
+
+    if size(data) > MAX_CONFIG_NODES:
+        raise ConfigError(
+            f"{source}: YAML aliases expand to more than {MAX_CONFIG_NODES} values; "
+            "write the values out instead of nesting anchors"
+        )
+
+
+def read_config_text(path: str | Path) -> str:
+    """A config file's text; a missing file or one over MAX_CONFIG_BYTES is a ConfigError."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    with p.open("rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is larger than 1 MiB; configs are small")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing, oversized or aliased-bomb file, or a non-mapping, gives a
+    ConfigError naming the file."""
+    p = Path(path)
+    text = read_config_text(p)
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} is nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    _check_size(data, f"config file {str(p)!r}")
     return data
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +26,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.keys import TAG_LABEL, eval_key
+from core.names import check_name
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
 from trainers.config import TrainConfig
 
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
 
 class Dimension(BaseModel):
@@ -131,7 +131,13 @@ class TrackingSpec(BaseModel):
     uri: str | None = None
     """MLflow URI; default env MLFLOW_TRACKING_URI, else sqlite under storage_path."""
     experiment: str = "mor-sweeps"
-    """MLflow experiment for the sweep's parent run and its trials."""
+    """MLflow experiment for the sweep's parent run and its trials (also its artifact folder):
+    letters, digits, '.', '_', '-'."""
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        return check_name(v)
 
 
 class SweepSpec(BaseModel):
@@ -173,19 +179,20 @@ class SweepSpec(BaseModel):
     """Folder for Tune/Train state, checkpoints, exports and the local MLflow store."""
     skip_invalid: bool = False
     """Drop grid points whose config is invalid (listed in the log) instead of failing."""
+    max_trials: int = Field(1000, ge=1)
+    """Most trials the sweep may run (see ``trial_count``); a larger sweep is refused before
+    any trial is built, so a typo in a grid cannot queue 100,000 trials. Raise it on purpose."""
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use letters, digits, '.', '_' or '-' (at most 80, no spaces)")
-        return v
+        return check_name(v, max_len=80)  # room for the trial suffixes of its run names
 
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: list[float]) -> list[float]:
-        if any(b <= 0 for b in v):
-            raise ValueError(f"every budget must be > 0 (got {v})")
+        if not all(0 < b < math.inf for b in v):  # NaN fails every comparison
+            raise ValueError(f"every budget must be a finite number > 0 (got {v})")
         return v
 
     @field_validator("variants")
@@ -208,9 +215,32 @@ class SweepSpec(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _bounded(self) -> SweepSpec:
+        n = trial_count(self)
+        if n > self.max_trials:
+            raise ValueError(
+                f"max_trials: this spec makes {n} trials, more than max_trials={self.max_trials}"
+                "; shrink the grid, budgets or num_samples, or raise max_trials on purpose"
+            )
+        return self
+
     @property
     def resolved_storage_path(self) -> str:
         return str(Path(self.storage_path).expanduser().resolve())
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """Trials the sweep runs, counted from the sizes alone (nothing is built): grid points
+    (variants × grid values × budgets), times num_samples for 'random'; 'optuna' runs
+    num_samples trials but still checks every grid point, so the larger of the two."""
+    points = max(1, len(spec.variants)) * max(1, len(spec.budgets))
+    for d in spec.space.values():
+        if d.kind == "grid":
+            points *= len(d.grid)
+    if spec.searcher == "random":
+        return points * spec.num_samples
+    return max(points, spec.num_samples) if spec.searcher == "optuna" else points
 
 
 def _variant_overrides(v: dict[str, Any]) -> dict[str, Any]:
@@ -341,6 +371,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             _check_point(spec, point)
         except ConfigError as exc:
             msg = f"trial {point.label!r}: {str(exc).replace('invalid config:', '').strip()}"
+            if point.budget is not None:  # the sweep's `budgets` set this trial's budget.flops
+                msg = msg.replace("budget.flops:", "budgets → budget.flops:")
             if not spec.skip_invalid:
                 raise ConfigError(
                     f"{msg}\n  (set skip_invalid: true to drop such trials)"

@@ -4,6 +4,7 @@ monotonicity / KV-cache properties."""
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import pytest
@@ -201,8 +202,9 @@ def test_breakdown_dict_and_validation() -> None:
         forward_flops_per_token(cfg, seq_len=0)
     with pytest.raises(ValueError, match="convention"):
         forward_flops_per_token(cfg, convention="chinchilla")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="budget_flops"):
-        steps_for_budget(cfg, 0, 1024)
+    for bad in (0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="budget_flops"):
+            steps_for_budget(cfg, bad, 1024)
     with pytest.raises(ValueError, match="tokens_per_step"):
         steps_for_budget(cfg, 1e18, -1)
     with pytest.raises(ValueError, match="stats"):

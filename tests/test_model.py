@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from mor.checkpoint import load_pretrained, save_pretrained
 from mor.config import MoRConfig, build_config
 from mor.generation import generate
 from mor.model import KVCache, MoRModel
-from mor.overrides import ConfigError
+from mor.overrides import MAX_CONFIG_BYTES, ConfigError, load_yaml
 
 SHARINGS = ["cycle", "sequence", "middle_cycle", "middle_sequence"]
 ROUTERS = ["none", "expert_choice", "token_choice"]
@@ -91,6 +97,38 @@ def test_overrides_and_unknown_preset() -> None:
     assert (cfg.sharing, cfg.num_recursions, cfg.gate_scale) == ("middle_cycle", 2, 0.5)
     with pytest.raises(ConfigError, match="preset"):
         build_config("no-such-preset")
+
+
+def _alias_bomb(levels: int) -> str:
+    """A "billion laughs" YAML: each anchor lists the previous one 9 times (9**levels nodes)."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_alias_bombs_and_huge_files_are_refused(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_alias_bomb(9))  # ~600 bytes that expand to 9**9 ≈ 387M nodes
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"bomb\.yaml.*alias"):
+        build_config("micro", path=bomb)
+    assert time.monotonic() - start < 2.0
+    flow = "[&a0 [" + ", ".join(["lol"] * 9) + "]"
+    flow += "".join(f", &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10))
+    with pytest.raises(ConfigError, match=r"gate_scale.*alias"):
+        build_config("micro", overrides=[f"gate_scale={flow}]"])
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=r"big\.yaml.*1 MiB"):
+        load_yaml(big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("x: " + "[" * 1000 + "]" * 1000)
+    with pytest.raises(ConfigError, match=r"deep\.yaml.*nested"):
+        load_yaml(deep)
+    small = tmp_path / "small.yaml"
+    small.write_text(_alias_bomb(3))  # aliases within the limit still work
+    assert len(load_yaml(small)["a3"]) == 9
 
 
 def test_every_field_has_a_docstring() -> None:
@@ -418,3 +456,48 @@ def test_inference_rule_does_not_change_the_main_models_init_or_training() -> No
     assert grads["calibrated"].keys() == grads["aux_router"].keys() - aux
     for name, g in grads["calibrated"].items():
         torch.testing.assert_close(grads["aux_router"][name], g, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- exports
+_PEAK_RSS = """
+import resource, sys, time
+from mor.checkpoint import load_pretrained
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.monotonic()
+try:
+    load_pretrained(sys.argv[1])
+    print("LOADED")
+except ValueError as exc:
+    print("ERROR", exc)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("GROWTH_MB", (peak - base) / 1024, "SECONDS", time.monotonic() - start)
+"""
+
+
+def test_export_config_is_checked_against_the_weights_before_allocating(tmp_path: Path) -> None:
+    cfg = small_config("cycle", "expert_choice", "recursion_wise")
+    export = save_pretrained(tmp_path / "export", cfg, MoRModel(cfg).state_dict())
+    model, _ = load_pretrained(export)  # an honest export loads
+    assert model.cfg == cfg and not model.training
+    payload = json.loads((export / "config.json").read_text())
+    payload["model"]["hidden_size"] = 4096  # ~200M parameters if it were allocated
+    (export / "config.json").write_text(json.dumps(payload))
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(export)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.splitlines()
+    assert line[0].startswith("ERROR") and "model.pt" in line[0] and "shape" in line[0], line
+    growth, seconds = float(line[1].split()[1]), float(line[1].split()[3])
+    assert growth < 200 and seconds < 5, line
+    # A missing tensor is named too.
+    state = MoRModel(cfg).state_dict()
+    state.pop("norm.weight")
+    torch.save(state, export / "model.pt")
+    payload["model"]["hidden_size"] = cfg.hidden_size
+    (export / "config.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"missing.*norm\.weight"):
+        load_pretrained(export)
+    (export / "config.json").write_text(" " * (MAX_CONFIG_BYTES + 1))
+    with pytest.raises(ValueError, match=r"config\.json.*1 MiB"):
+        load_pretrained(export)

@@ -63,6 +63,11 @@ def test_eval_keys_build_and_parse() -> None:
         ({"space": {"optim.lr": {"uniform": [1e-3, 1e-2]}}}, "searcher"),
         ({"searcher": "annealing"}, "searcher"),
         ({"budgets": [-1]}, "budgets"),
+        ({"budgets": [float("inf")]}, "budgets"),
+        ({"budgets": [float("nan")]}, "budgets"),
+        ({"budgets": [10.0]}, "budgets → budget.flops"),  # less than one optimizer step
+        ({"tracking": {"experiment": "../../x"}}, "tracking.experiment"),
+        ({"name": "sweep\n"}, "name"),
         ({"variants": [VANILLA, VANILLA]}, "variants"),
         (
             {
@@ -104,6 +109,23 @@ def test_grid_and_skip_invalid(tmp_path: Path) -> None:
     plan = plan_sweep(spec.model_copy(update={"skip_invalid": True}))
     assert len(plan.points) == 4 and len(plan.dropped) == 4
     assert all("num_recursions=2" in p.label for p in plan.points)
+
+
+def test_trial_count_is_bounded_before_any_trial_is_built(tmp_path: Path) -> None:
+    """2 variants × 400 × 400 grid values = 320,000 trials: refused at once, naming the
+    field that allows it; a bigger sweep runs when max_trials says so."""
+    space = {"optim.lr": {"grid": [1e-3 + i * 1e-6 for i in range(400)]}}
+    space["seed"] = {"grid": list(range(400))}
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"max_trials.*320000 trials.*1000"):
+        validate(SweepSpec, spec_dict(tmp_path, "huge", space=space))
+    assert time.monotonic() - start < 2.0
+    sampled = {"optim.lr": {"loguniform": [1e-3, 1e-2]}, "seed": {"grid": list(range(10))}}
+    data = spec_dict(tmp_path, "many", space=sampled, searcher="random", num_samples=60)
+    with pytest.raises(ConfigError, match=r"max_trials.*1200 trials"):
+        validate(SweepSpec, data)  # 2 variants × 10 grid points × 60 samples
+    plan = plan_sweep(validate(SweepSpec, {**data, "max_trials": 1200}))
+    assert len(plan.points) == 20
 
 
 def test_inference_rule_is_a_search_axis() -> None:

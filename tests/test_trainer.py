@@ -19,7 +19,7 @@ from mor.checkpoint import load_pretrained
 from mor.config import build_config
 from mor.flops import steps_for_budget
 from mor.model import MoRModel, RoutingStats
-from mor.overrides import ConfigError
+from mor.overrides import ConfigError, validate
 from trainers.components import lr_factor
 from trainers.config import FaultInjection, TrainConfig, load_train_config
 from trainers.faults import FaultInjector
@@ -78,12 +78,39 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
         (["name=has space"], "name"),
         (["data.val_fraction=0.9"], "val_fraction"),
+        (["tracking.experiment=../../x"], "tracking.experiment"),
+        (["tracking.experiment=a/b"], "tracking.experiment"),
+        (["budget.flops=inf"], "budget.flops"),
+        (["budget.flops=.nan"], "budget.flops"),
+        (["budget.flops=-1"], "budget.flops"),
     ],
 )
 def test_bad_config_names_the_field(items: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_train_config(None, items)
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["name", "experiment"])
+@pytest.mark.parametrize("bad", ["run\n", "../../x", "a/b", "-x", "", "x" * 101])
+def test_run_and_experiment_names_are_one_safe_word(field: str, bad: str) -> None:
+    data = {"name": bad} if field == "name" else {"tracking": {"experiment": bad}}
+    with pytest.raises(ConfigError) as err:
+        validate(TrainConfig, data)
+    msg = str(err.value)
+    assert ("tracking.experiment" if field == "experiment" else "name:") in msg
+    assert "letters, digits" in msg
+    assert validate(TrainConfig, {"name": "a.b_c-1", "tracking": {"experiment": "x" * 100}})
+
+
+def test_budget_too_small_for_one_step_is_refused_up_front() -> None:
+    """Refused by the config (no data, no MLflow), naming the field and the minimum."""
+    with pytest.raises(ConfigError, match=r"budget\.flops: .*at least [0-9.e+]+ FLOPs"):
+        load_train_config(None, ["budget.flops=1e6"])
+    with pytest.raises(ConfigError, match=r"budget\.tokens: .*at least 1024 tokens"):
+        load_train_config(None, ["budget.tokens=1000", "data.seq_len=128"])
+    assert load_train_config(None, ["budget.tokens=1024", "data.seq_len=128"]).budget.tokens
+    assert load_train_config(None, ["budget.flops=1e12"]).budget.flops == 1e12
 
 
 def test_cli_reports_config_errors_without_ray(capsys: pytest.CaptureFixture) -> None:

@@ -8,14 +8,15 @@ steps decaying.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.names import check_name
 from mor.config import MoRConfig, build_config
+from mor.flops import training_flops_per_token
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
 from trainers.data import DataConfig
 
@@ -67,7 +68,7 @@ class BatchConfig(BaseModel):
 
 class BudgetConfig(BaseModel):
     model_config = _STRICT
-    flops: float | None = Field(None, gt=0.0)
+    flops: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     """Training-FLOPs budget; converted to optimizer steps at the global batch (mor/flops.py)."""
     tokens: int | None = Field(None, gt=0)
     """Token budget (alternative to flops)."""
@@ -127,11 +128,16 @@ class TrackingConfig(BaseModel):
     """MLflow tracking URI; default: env MLFLOW_TRACKING_URI, else the `mor up` stack's server
     while it is up, else sqlite:///<storage>/mlflow.db."""
     experiment: str = "mor"
-    """MLflow experiment name."""
+    """MLflow experiment name (also its artifact folder): letters, digits, '.', '_', '-'."""
     parent_run_id: str | None = None
     """Log as a nested child of this run (used by sweeps)."""
     tags: dict[str, str] = Field(default_factory=dict)
     """Extra MLflow tags on the run (sweeps set 'mor.label' to the trial's point)."""
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        return check_name(v)
 
 
 class FaultInjection(BaseModel):
@@ -145,7 +151,9 @@ class FaultInjection(BaseModel):
 
 
 DEFAULT_PRESET = "tiny-mor"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_MIN_VOCAB = 257
+"""Smallest vocabulary a tokenizer can have here (256 bytes + end-of-text): the up-front budget
+check prices the output head at it, a lower bound until the tokenizer is known."""
 
 
 class TrainConfig(BaseModel):
@@ -192,9 +200,7 @@ class TrainConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use letters, digits, '.', '_' or '-' (at most 100, no spaces)")
-        return v
+        return check_name(v)
 
     @field_validator("model")
     @classmethod
@@ -202,6 +208,35 @@ class TrainConfig(BaseModel):
         v = {"preset": DEFAULT_PRESET, **v}
         mor_config_from(v)  # raises ConfigError naming model.<field>
         return v
+
+    @model_validator(mode="after")
+    def _budget_pays_for_a_step(self) -> TrainConfig:
+        """Refuse a budget below one optimizer step here, before data, MLflow or Ray.
+
+        FLOPs are priced with the model's vocab_size, else the smallest possible one, so the
+        minimum is a lower bound; plan_run checks again with the tokenizer's vocabulary.
+        """
+        b, seq = self.budget, self.data.seq_len
+        tokens_per_step = (
+            self.batch.micro_batch_size * self.batch.grad_accum_steps * self.scaling.num_workers
+        ) * seq
+        if b.tokens is not None and b.tokens < tokens_per_step:
+            raise ValueError(
+                f"budget.tokens: {b.tokens} pays for no optimizer step; one step is at least "
+                f"{tokens_per_step} tokens (batch × accumulation × workers × seq_len)"
+            )
+        if b.flops is not None:
+            model = {"vocab_size": _MIN_VOCAB, "max_seq_len": seq, **self.model}
+            per_token = training_flops_per_token(
+                mor_config_from(model), seq, convention=b.convention
+            )
+            minimum = per_token * tokens_per_step
+            if b.flops < minimum:
+                raise ValueError(
+                    f"budget.flops: {b.flops:.3g} pays for no optimizer step; one step of "
+                    f"{tokens_per_step} tokens costs at least {minimum:.3g} FLOPs"
+                )
+        return self
 
     def mor_config(self, vocab_size: int | None = None) -> MoRConfig:
         """The model config; vocab_size from the tokenizer unless the model section sets it."""

@@ -20,7 +20,7 @@ from core.keys import (
     TAG_ROUTER,
     TAG_SHARING,
 )
-from mor.flops import steps_for_budget
+from mor.flops import steps_for_budget, training_flops_per_token
 from mor.overrides import ConfigError
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import PackedDataset, prepare_data
@@ -124,10 +124,15 @@ def _total_steps(cfg: TrainConfig, mor_cfg: Any, tokens_per_step: int) -> int:
         total = b.tokens // tokens_per_step
     else:
         total = steps_for_budget(mor_cfg, b.flops, tokens_per_step, seq, convention=b.convention)
-    if total < 1:
+    if total < 1:  # TrainConfig refuses most such budgets; this check knows the tokenizer
+        if b.tokens is not None:
+            field, need = "budget.tokens", f"{tokens_per_step} tokens"
+        else:
+            per_token = training_flops_per_token(mor_cfg, seq, convention=b.convention)
+            field, need = "budget.flops", f"{per_token * tokens_per_step:.3g} FLOPs"
         raise ConfigError(
-            f"budget: gives {total} optimizer steps at {tokens_per_step} tokens per step; "
-            "raise the budget or lower batch.micro_batch_size / grad_accum_steps"
+            f"{field}: pays for no optimizer step; one step needs at least {need}; raise the "
+            "budget or lower batch.micro_batch_size / grad_accum_steps"
         )
     return total
 
