@@ -42,6 +42,11 @@ TAG_KV_CACHE = "mor.kv_cache"
 PARAM_EVAL_POINTS = "points"
 """On an eval run: its depth points in evaluation order, comma-separated (router last)."""
 
+# --- artifacts -------------------------------------------------------------------------------
+ARTIFACT_ITEMS = "items.json"
+"""On an eval run: {point: {task: [per-item primary score, in doc_id order]}} for every
+accuracy task, what ``dashboards.stats`` bootstraps into confidence intervals."""
+
 # --- metric keys -----------------------------------------------------------------------------
 ROUTER_POINT = "router"
 """The depth point where the router chooses each token's depth; the others are fixed depths

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +13,10 @@ from core.keys import ROUTER_POINT, TOPK_POINT
 from dashboards.pareto import pareto_front
 from dashboards.plots import COST, interactive_html, iso_flop_png, pareto_png, router_depths_png
 from dashboards.runs import SweepRuns, load_runs
+from dashboards.stats import Diff, mean_over_tasks_ci, paired_diff_ci
+
+DELTA = "Δ vs vanilla (95% CI)"
+SIGNIFICANT = "significant?"
 
 
 @dataclass
@@ -87,7 +93,84 @@ def results_table(runs: SweepRuns, metric: str = "average") -> pd.DataFrame:
             table[extra] = trials[extra]
     if not runs.points.empty and (runs.points["point"] == TOPK_POINT).any():
         table["causality_gap"] = table["run_id"].map(causality_gap(runs.points, metric))
+    table = with_uncertainty(table, runs)
     return table.sort_values(["sharing", "num_recursions", "router"], na_position="first")
+
+
+def native_items(runs: SweepRuns) -> dict[str, dict[str, list[float]]]:
+    """Per training run: the per-item scores (task → scores) at its native point."""
+    if runs.points.empty:
+        return {}
+    native = native_points(runs.points).set_index("run_id")["point"]
+    out = {}
+    for run_id, point in native.items():
+        items = runs.items.get(run_id, {}).get(str(point))
+        if items:
+            out[run_id] = items
+    return out
+
+
+def _label_part(label: object, key: str) -> str | None:
+    """``budget``/``seed`` of a sweep trial's label, e.g. 'mor-ec,budget=6e+09' → '6e+09'."""
+    match = re.search(rf"(?:^|,){key}=([^,]+)", label) if isinstance(label, str) else None
+    return match[1] if match else None
+
+
+def vanilla_of(trials: pd.DataFrame) -> dict[str, str]:
+    """Per non-vanilla training run: the vanilla run to compare with, one of the same
+    training budget (from the trial label; unlabelled runs pair with unlabelled ones),
+    preferring the same seed where labels carry one. Runs without one are left out."""
+    rows = trials.assign(
+        budget=trials["label"].map(lambda v: _label_part(v, "budget")),
+        seed=trials["label"].map(lambda v: _label_part(v, "seed")),
+        vanilla=trials["sharing"].isna() | (trials["sharing"] == "none"),
+    ).sort_values("run_id")
+    vanillas = rows[rows["vanilla"]]
+    out = {}
+    for row in rows[~rows["vanilla"]].itertuples():
+        same = vanillas[vanillas["budget"].fillna("") == (row.budget or "")]
+        seeded = same[same["seed"] == row.seed] if row.seed is not None else same.iloc[:0]
+        pick = seeded if not seeded.empty else same
+        if not pick.empty:
+            out[row.run_id] = pick["run_id"].iloc[0]
+    return out
+
+
+def with_uncertainty(table: pd.DataFrame, runs: SweepRuns) -> pd.DataFrame:
+    """``avg_ci_low``/``avg_ci_high`` (item bootstrap of each model's average accuracy at its
+    native point) beside ``average``, then every model's paired-bootstrap difference to the
+    vanilla model of its budget on the same items and whether it is significant at 95%
+    (``dashboards.stats``). Cells stay empty where items or a vanilla are missing."""
+    items = native_items(runs)
+    cis = {rid: mean_over_tasks_ci(v) for rid, v in items.items()}
+    diffs: dict[str, Diff] = {}
+    for rid, base in vanilla_of(runs.trials).items():
+        if rid in items and base in items:
+            try:
+                diff = paired_diff_ci(items[rid], items[base])
+            except ValueError:  # scored on other items (another limit): no paired test
+                continue
+            if not math.isnan(diff.mean):  # NaN: no task in common
+                diffs[rid] = diff
+    at = table.columns.get_loc("average") + 1 if "average" in table.columns else len(table.columns)
+    for offset, (col, part) in enumerate((("avg_ci_low", 1), ("avg_ci_high", 2))):
+        table.insert(at + offset, col, table["run_id"].map(lambda r, p=part: _ci_part(cis, r, p)))
+    table[DELTA] = table["run_id"].map(lambda r: _fmt_diff(diffs.get(r)))
+    table[SIGNIFICANT] = table["run_id"].map(
+        lambda r: "" if r not in diffs else ("yes" if diffs[r].significant else "no")
+    )
+    return table
+
+
+def _ci_part(cis: dict, run_id: str, part: int) -> float:
+    ci = cis.get(run_id)
+    return float(ci[part]) if ci is not None else math.nan
+
+
+def _fmt_diff(diff: Diff | None) -> str:
+    if diff is None or math.isnan(diff.mean):
+        return ""
+    return f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
 
 
 def _markdown(table: pd.DataFrame) -> str:

@@ -2,17 +2,24 @@
 
 Layout in MLflow (the keys and tags are ``core.keys``'): a sweep parent run → one training run
 per trial (params ``model.*``, metrics ``flops``/``tokens``/``val/loss``) → one eval run per
-trained model with ``eval/d<point>/<key>`` metrics per depth point.
+trained model with ``eval/d<point>/<key>`` metrics per depth point and, as the artifact
+``items.json``, every accuracy task's per-item scores per point (for the confidence intervals).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
 
 from core.keys import (
+    ARTIFACT_ITEMS,
     KIND_EVAL,
     KIND_SWEEP,
     TAG_KIND,
@@ -33,6 +40,9 @@ class SweepRuns:
     points: pd.DataFrame  # one row per (training run, depth point)
     parent_run_ids: list[str]  # the sweeps' parent runs (empty for a plain experiment)
     experiment_ids: list[str]
+    items: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    """Per training run id: its eval's ``items.json`` ({point: {task: per-item scores}});
+    runs evaluated before items were recorded have none."""
 
 
 def _experiments(client: MlflowClient) -> list[str]:
@@ -65,8 +75,9 @@ def resolve(client: MlflowClient, name: str) -> tuple[list[str], list[str]]:
     return [exp.experiment_id], []
 
 
-def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
-    """Trials and their per-depth evaluation points for one or more sweeps or experiments."""
+def load_runs(tracking_uri: str, names: list[str], items: bool = True) -> SweepRuns:
+    """Trials and their per-depth evaluation points for one or more sweeps or experiments;
+    ``items`` also reads each eval run's per-item scores (one small file per eval run)."""
     client = MlflowClient(tracking_uri)
     exp_ids: list[str] = []
     parents: list[str] = []
@@ -79,33 +90,16 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
         train_runs = [r for r in train_runs if r.data.tags.get("mlflow.parentRunId") in parents]
     eval_runs = _all_runs(client, exp_ids, f"tags.`{TAG_KIND}` = '{KIND_EVAL}'")
     eval_by_parent = {r.data.tags.get("mlflow.parentRunId"): r for r in eval_runs}
-    trial_rows, point_rows = [], []
+    trial_rows, point_rows, item_scores = [], [], {}
     for run in train_runs:
-        p, m, t = run.data.params, run.data.metrics, run.data.tags
-        row = {
-            "run_id": run.info.run_id,
-            "name": t.get("mlflow.runName", run.info.run_id),
-            "status": run.info.status,
-            "sharing": t.get(TAG_SHARING),
-            "router": t.get(TAG_ROUTER),
-            "num_recursions": int(t.get(TAG_NUM_RECURSIONS, 1)),
-            "kv_cache": t.get(TAG_KV_CACHE),
-            "preset": p.get("model.preset"),
-            "params_non_embedding": _num(p.get("model.params_non_embedding")),
-            "params_total": _num(p.get("model.params_total")),
-            "train_flops": m.get("flops"),
-            "tokens": m.get("tokens"),
-            "val_nll": m.get("val/loss"),
-            "train_loss": m.get("train/loss"),
-            "sweep": t.get("mlflow.parentRunId"),
-            "label": t.get(TAG_LABEL),
-        }
-        row["model"] = model_label(row)
+        row = trial_row(run)
         trial_rows.append(row)
         ev = eval_by_parent.get(run.info.run_id)
         if ev is None:
             continue
         row.update(routing_columns(ev.data.metrics))
+        if items and (scores := eval_items(client, ev.info.run_id)):
+            item_scores[run.info.run_id] = scores
         for point, values in eval_points(ev.data.metrics).items():
             point_rows.append(
                 {
@@ -123,7 +117,53 @@ def load_runs(tracking_uri: str, names: list[str]) -> SweepRuns:
                     **values,
                 }
             )
-    return SweepRuns(pd.DataFrame(trial_rows), pd.DataFrame(point_rows), parents, exp_ids)
+    trials, points = pd.DataFrame(trial_rows), pd.DataFrame(point_rows)
+    return SweepRuns(trials, points, parents, exp_ids, item_scores)
+
+
+def eval_items(client: MlflowClient, eval_run_id: str) -> dict[str, dict[str, list[float]]]:
+    """An eval run's ``items.json``; empty when it has none (logged before items were)."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as BAR
+    from mlflow.exceptions import MlflowException
+
+    saved = os.environ.get(BAR.name)
+    os.environ[BAR.name] = "false"  # no progress bar per eval run on the report's stderr
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(eval_run_id, ARTIFACT_ITEMS, tmp)
+            return json.loads(Path(path).read_text())
+    except (MlflowException, OSError):
+        return {}
+    finally:
+        if saved is None:
+            os.environ.pop(BAR.name, None)
+        else:
+            os.environ[BAR.name] = saved
+
+
+def trial_row(run: Any) -> dict[str, Any]:
+    """A training run's row: its MoR shape, sizes, training FLOPs and losses."""
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    row = {
+        "run_id": run.info.run_id,
+        "name": t.get("mlflow.runName", run.info.run_id),
+        "status": run.info.status,
+        "sharing": t.get(TAG_SHARING),
+        "router": t.get(TAG_ROUTER),
+        "num_recursions": int(t.get(TAG_NUM_RECURSIONS, 1)),
+        "kv_cache": t.get(TAG_KV_CACHE),
+        "preset": p.get("model.preset"),
+        "params_non_embedding": _num(p.get("model.params_non_embedding")),
+        "params_total": _num(p.get("model.params_total")),
+        "train_flops": m.get("flops"),
+        "tokens": m.get("tokens"),
+        "val_nll": m.get("val/loss"),
+        "train_loss": m.get("train/loss"),
+        "sweep": t.get("mlflow.parentRunId"),
+        "label": t.get(TAG_LABEL),
+    }
+    row["model"] = model_label(row)
+    return row
 
 
 def routing_columns(metrics: dict[str, float]) -> dict[str, float | None]:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from core.keys import (
+    ARTIFACT_ITEMS,
     KIND_EVAL,
     PARAM_EVAL_POINTS,
     TAG_EVAL_RUN_ID,
@@ -31,10 +32,11 @@ from mor.model import MoRModel
 
 def write_tables(report: EvalReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    csv, js = out / "results.csv", out / "results.json"
+    csv, js, items = out / "results.csv", out / "results.json", out / ARTIFACT_ITEMS
     pd.DataFrame(report.rows()).to_csv(csv, index=False)
     js.write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    return [csv, js]
+    items.write_text(json.dumps(report.items_dict()))
+    return [csv, js, items]
 
 
 def plot_depth_curve(report: EvalReport, path: Path) -> Path:

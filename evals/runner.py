@@ -4,7 +4,8 @@ For a model with N_r recursions the points are: depth d = 1..N_r (every token ru
 recursions, ``force_depth``) and ``router`` (the router's own causal choice, when the model has
 a router). Each point records the measured inference FLOPs per token (from the routing the
 model actually did on the evaluated text, ``mor/flops.py``), every task's metrics with standard
-errors, the average accuracy, and the held-out NLL.
+errors, the average accuracy, the held-out NLL, and each accuracy task's per-item scores (for
+the bootstrap intervals of ``dashboards.stats``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class DepthPoint:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     average: float | None = None  # mean primary accuracy over the accuracy tasks
     nll: float | None = None  # mean next-token NLL on held-out default-corpus text
+    items: dict[str, list[float]] = field(default_factory=dict)
+    """Per accuracy task, each item's primary score (acc_norm, else acc) in doc_id order:
+    what ``dashboards.stats`` resamples. Perplexity-type tasks have none."""
 
 
 @dataclass
@@ -56,7 +60,16 @@ class EvalReport:
     difficulty and token frequency."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything but the per-item scores (``items_dict``; items.json): results.json and
+        ``mor eval --json`` stay one screen per point whatever the task sizes."""
+        out = asdict(self)
+        for point in out["points"]:
+            point.pop("items", None)
+        return out
+
+    def items_dict(self) -> dict[str, dict[str, list[float]]]:
+        """Per point label, per accuracy task, the per-item scores in doc_id order."""
+        return {p.label: p.items for p in self.points}
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per (point, task, metric), for CSV/pandas."""
@@ -163,6 +176,26 @@ def _task_metrics(results: dict[str, Any], task: str) -> dict[str, float]:
     return out
 
 
+def task_items(results: dict[str, Any], task: str) -> list[float]:
+    """One task's per-item primary score from lm-eval's logged samples, sorted by doc_id;
+    empty for a task without an accuracy (e.g. bits per byte, whose per-item values are
+    (loglikelihood, length) pairs for a weighted aggregate)."""
+    samples = (results.get("samples") or {}).get(task) or []
+    if not samples:
+        return []
+    first_filter = samples[0].get("filter")
+    scored = []
+    for sample in samples:
+        if sample.get("filter") != first_filter:
+            continue
+        key = next((k for k in PRIMARY if k in sample), None)
+        value = sample.get(key) if key else None
+        if not isinstance(value, (bool, int, float)):
+            return []
+        scored.append((sample["doc_id"], float(value)))
+    return [v for _, v in sorted(scored, key=lambda s: s[0])]
+
+
 def load_tasks(tasks: list[str], data_dir: str | Path | None, work: Path) -> tuple[Any, list]:
     """(task manager, what ``simple_evaluate`` takes): the tasks are built, and their datasets
     read, once for all depth points; an unknown task is a clear error."""
@@ -199,8 +232,6 @@ def evaluate_model(
 
     ``eos_id`` defaults to the export's recorded one; an in-memory model needs it given.
     """
-    import lm_eval
-
     if isinstance(model_ref, MoRModel):
         model, meta, name = model_ref.eval(), {}, "in-memory"
     else:
@@ -223,29 +254,46 @@ def evaluate_model(
             eos_id=eos_id,
             routing="topk" if label == TOPK_POINT else "causal",
         )
-        torch.manual_seed(0)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=task_args,
-            task_manager=manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            bootstrap_iters=100,
-            log_samples=False,
-            random_seed=0,
-            numpy_random_seed=0,
-            torch_random_seed=0,
-            fewshot_random_seed=0,
-        )
-        metrics = {t: _task_metrics(results, t) for t in tasks}
+        metrics, items = score_tasks(lm, tasks, task_args, manager, limit, num_fewshot)
         nll = heldout_nll(lm, nll_docs) if nll_docs > 0 else None
         points.append(depth_point(model, lm, label, depth, metrics, nll))
+        points[-1].items = items
     report = EvalReport(name, list(tasks), limit, model.cfg.num_recursions, points, meta)
     # Windows as long as training's: positions past them were never trained (nor routed).
     seq_len = int(meta.get("seq_len") or model.cfg.max_seq_len)
     analysis = analyse_routing(model, lm.tokenizer, lm.eot_token_id, seq_len=seq_len)
     report.routing = analysis.to_dict() if analysis is not None else None
     return report
+
+
+def score_tasks(
+    lm: MoRLM,
+    tasks: list[str],
+    task_args: list,
+    manager: Any,
+    limit: int | None,
+    num_fewshot: int | None,
+) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
+    """One lm-eval pass at one depth point: (per task metrics, per accuracy task item
+    scores). The logged samples hold every document: they end with this call."""
+    import lm_eval
+
+    torch.manual_seed(0)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=task_args,
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        bootstrap_iters=100,
+        log_samples=True,  # per-item scores for the bootstrap; bounded by limit x tasks
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
+    metrics = {t: _task_metrics(results, t) for t in tasks}
+    return metrics, {t: v for t in tasks if (v := task_items(results, t))}
 
 
 def depth_point(

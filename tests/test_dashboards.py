@@ -12,7 +12,7 @@ import pytest
 
 from cli.main import main as mor_main
 from dashboards.pareto import pareto_front
-from dashboards.report import build_report
+from dashboards.report import DELTA, SIGNIFICANT, build_report
 
 
 def pts(rows: list[tuple[float, float]]) -> pd.DataFrame:
@@ -63,6 +63,21 @@ def test_report_from_a_real_sweep(tiny_sweep, tmp_path: Path) -> None:
     assert -1 <= mor["causality_gap"] <= 1 and -1 <= mor["spearman_depth_loss"] <= 1
     assert "drift_max_gap" in md and "causality_gap" in md
     assert (tmp_path / "rep" / "router_depths.png").is_file()
+    # Item-bootstrap CI of each model's average (from its eval's items.json), and MoR against
+    # the vanilla model of its budget by a paired bootstrap on the same 10 items (issue #15).
+    by_model = rep.table.set_index("model")
+    for model in ("vanilla", "mor-ec"):
+        row = by_model.loc[model]
+        assert 0 <= row["avg_ci_low"] <= row["average"] <= row["avg_ci_high"] <= 1, model
+    assert re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", mor[DELTA])
+    assert mor[SIGNIFICANT] in ("yes", "no")
+    low, high = (float(x) for x in re.findall(r"[+-]\d\.\d{3}", mor[DELTA])[1:])
+    assert (mor[SIGNIFICANT] == "yes") == (low > 0 or high < 0)
+    # Vanilla is the baseline; the diverged trial was never evaluated: empty cells.
+    for model in ("vanilla", "mor-tc-diverges"):
+        assert by_model.loc[model, DELTA] == by_model.loc[model, SIGNIFICANT] == "", model
+    assert by_model.loc["mor-tc-diverges", ["avg_ci_low", "avg_ci_high"]].isna().all()
+    assert f"| {DELTA} | {SIGNIFICANT} |" in md
 
 
 def test_report_cli_and_errors(tiny_sweep, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -20,7 +20,8 @@ from cli.main import main as mor_main
 from evals.default_tasks import mc_items, prepare_default_tasks
 from evals.lm_backend import MoRLM
 from evals.pipeline import evaluate_export, run_eval
-from evals.runner import heldout_nll
+from evals.reporting import write_artifacts
+from evals.runner import evaluate_model, heldout_nll, task_items
 from mor.checkpoint import save_pretrained
 from mor.config import build_config
 from mor.model import MoRModel
@@ -214,6 +215,50 @@ def test_default_mc_task_is_well_formed(tmp_path: Path) -> None:
     assert (out / "mor_heldout_mc.yaml").is_file() and (out / "mor_heldout_bpb.jsonl").is_file()
 
 
+@needs_shared
+def test_item_scores_per_point_and_items_json(tmp_path: Path) -> None:
+    """Each depth point keeps the accuracy task's per-item primary score (acc_norm) in doc_id
+    order: ``limit`` of them, 0/1 each, averaging to lm-eval's own acc_norm; items.json holds
+    them per point, results.json does not repeat them."""
+    report = evaluate_model(
+        random_model(),
+        ["mor_heldout_mc", "mor_heldout_bpb"],
+        depths=["1", "router"],
+        limit=10,
+        tokenizer=SMOLLM,
+        eos_id=SMOLLM_EOS,
+        nll_docs=0,
+        work_dir=tmp_path / "w",
+    )
+    assert [p.label for p in report.points] == ["1", "router"]
+    for p in report.points:
+        assert set(p.items) == {"mor_heldout_mc"}  # bits per byte has no per-item accuracy
+        scores = p.items["mor_heldout_mc"]
+        assert len(scores) == 10 and set(scores) <= {0.0, 1.0}
+        assert sum(scores) / 10 == pytest.approx(p.metrics["mor_heldout_mc"]["acc_norm"])
+    files = write_artifacts(report, tmp_path / "out")
+    assert tmp_path / "out" / "items.json" in files
+    items = json.loads((tmp_path / "out" / "items.json").read_text())
+    assert list(items) == ["1", "router"]
+    assert items["router"]["mor_heldout_mc"] == report.points[1].items["mor_heldout_mc"]
+    assert "items" not in json.loads((tmp_path / "out" / "results.json").read_text())["points"][0]
+
+
+def test_task_items_order_and_primary_metric() -> None:
+    """Sorted by doc_id, acc_norm over acc, the first filter only; none for a task whose
+    per-item values are not scores (bits per byte's (loglikelihood, bytes) pairs)."""
+    samples = [
+        {"doc_id": 2, "filter": "none", "acc": 1.0, "acc_norm": 0.0},
+        {"doc_id": 0, "filter": "none", "acc": 0.0, "acc_norm": 1.0},
+        {"doc_id": 1, "filter": "none", "acc": 1},
+        {"doc_id": 0, "filter": "other", "acc": 0.0, "acc_norm": 0.0},
+    ]
+    bpb = [{"doc_id": 0, "filter": "none", "bits_per_byte": (-12.0, 40)}]
+    results = {"samples": {"mc": samples, "bpb": bpb}}
+    assert task_items(results, "mc") == [1.0, 1.0, 0.0]
+    assert task_items(results, "bpb") == [] and task_items({}, "mc") == []
+
+
 @pytest.fixture(scope="module")
 def trained_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny MoR trained briefly on TinyShakespeare, exported like `mor train` does."""
@@ -292,6 +337,9 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
             assert "acc" in p.metrics[task] and "acc_stderr" in p.metrics[task], task
         assert "bits_per_byte" in p.metrics["mor_heldout_bpb"]
         assert p.nll is not None and 0 < p.nll < 11
+        # Per-item scores of every accuracy task (lambada's acc too), none for bits per byte.
+        assert set(p.items) == {*PAPER_TASKS, "mor_heldout_mc"}
+        assert all(len(v) == 20 and set(v) <= {0.0, 1.0} for v in p.items.values())
     assert "perplexity" in report.points[0].metrics["lambada_openai"]
     assert "acc_norm" in report.points[0].metrics["hellaswag"]
     run = client.get_run(run_id)
@@ -306,6 +354,7 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
     assert {
         "results.csv",
         "results.json",
+        "items.json",
         "depth_curve.png",
         "router_histogram.png",
         "depth_map.html",
