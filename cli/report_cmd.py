@@ -21,8 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: reports/<first name>)")
     p.add_argument(
         "--metric",
-        default="average",
-        help="accuracy to plot: 'average' or TASK/METRIC, e.g. piqa/acc_norm",
+        default=None,
+        help="what ranks the models: 'average' (accuracy), 'nll' or TASK/METRIC, e.g. "
+        "piqa/acc_norm or mor_heldout_bpb/bits_per_byte (default: the sweep's headline)",
     )
     p.add_argument(
         "--tracking-uri",

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from dashboards.pareto import pareto_front
+from dashboards.pareto import higher_is_better, pareto_front
 
 COST = "flops_per_token"
 
@@ -22,13 +22,39 @@ def _metric_label(metric: str) -> str:
 
 
 def pareto_png(points: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Every model's depth curve (fixed depths joined, router's choice as a star), front in red."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    """Every model's depth curve (fixed depths joined, router's choice as a star), front in
+    red; a second panel for average accuracy when the headline metric is another one."""
+    panels = [metric]
+    if metric != "average" and "average" in points and points["average"].notna().any():
+        panels.append("average")
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.5), squeeze=False)
+    for ax, m in zip(axes[0], panels, strict=True):
+        _pareto_axis(ax, points.dropna(subset=[m]), m)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pareto_axis(ax: Any, points: pd.DataFrame, metric: str) -> None:
     cmap = plt.get_cmap("tab10")
     for i, (model, grp) in enumerate(points.groupby("model", sort=True)):
         color = cmap(i % 10)
         fixed = grp[grp["fixed_depth"]].sort_values(COST)
         ax.plot(fixed[COST], fixed[metric], "o-", color=color, alpha=0.8, label=model)
+        if f"{metric}_ci_low" in grp:  # seeds: the 95% CI across them
+            ax.errorbar(
+                grp[COST],
+                grp[metric],
+                yerr=[
+                    grp[metric] - grp[f"{metric}_ci_low"],
+                    grp[f"{metric}_ci_high"] - grp[metric],
+                ],
+                fmt="none",
+                ecolor=color,
+                alpha=0.6,
+                capsize=3,
+            )
         for _, row in fixed.iterrows():
             ax.annotate(
                 f"d{row['point']}",
@@ -40,21 +66,18 @@ def pareto_png(points: pd.DataFrame, metric: str, path: Path) -> Path:
             )
         routed = grp[~grp["fixed_depth"]]
         ax.plot(routed[COST], routed[metric], "*", ms=13, color=color)
-    front = pareto_front(points, COST, metric)
+    front = pareto_front(points, COST, metric, higher_is_better(metric))
     ax.step(
         front[COST], front[metric], where="post", color="red", lw=2, alpha=0.6, label="Pareto front"
     )
     ax.scatter(front[COST], front[metric], s=120, facecolors="none", edgecolors="red", lw=1.5)
     ax.set_xscale("log")
     ax.set_xlabel("inference FLOPs per token (measured routing)")
-    ax.set_ylabel(_metric_label(metric))
-    ax.set_title("Accuracy per FLOP: every model at every test-time depth (★ = router's choice)")
+    better = "higher" if higher_is_better(metric) else "lower"
+    ax.set_ylabel(f"{_metric_label(metric)} ({better} is better)")
+    ax.set_title("Every model at every test-time depth (★ = router's choice)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def iso_flop_png(trials: pd.DataFrame, path: Path) -> Path:
@@ -152,7 +175,7 @@ def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
             )
         )
         meta.append({k: first[k] for k in ("sharing", "router", "num_recursions")})
-    front = pareto_front(points, COST, metric)
+    front = pareto_front(points, COST, metric, higher_is_better(metric))
     fig.add_trace(
         go.Scatter(
             x=front[COST],

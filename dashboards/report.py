@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from core.keys import ROUTER_POINT, TOPK_POINT
-from dashboards.pareto import pareto_front
+from dashboards.pareto import higher_is_better, pareto_front
 from dashboards.plots import COST, interactive_html, iso_flop_png, pareto_png, router_depths_png
+from dashboards.replicates import aggregate_points, by_config, has_replicates
 from dashboards.runs import SweepRuns, load_runs
 from dashboards.stats import Diff, mean_over_tasks_ci, paired_diff_ci
 
@@ -173,6 +174,17 @@ def _fmt_diff(diff: Diff | None) -> str:
     return f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
 
 
+def headline_of(tracking_uri: str, parent_run_ids: list[str]) -> str:
+    """The ``headline`` the sweeps were run with, if they agree; else 'average'."""
+    if not parent_run_ids:
+        return "average"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = {client.get_run(r).data.params.get("headline", "average") for r in parent_run_ids}
+    return found.pop() if len(found) == 1 else "average"
+
+
 def _markdown(table: pd.DataFrame) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):
@@ -190,13 +202,16 @@ def build_report(
     tracking_uri: str,
     names: list[str],
     out_dir: str | Path,
-    metric: str = "average",
+    metric: str | None = None,
     log_to_mlflow: bool = True,
 ) -> Report:
-    """Read the sweeps/experiments ``names`` and write plots and tables to ``out_dir``."""
+    """Read the sweeps/experiments ``names`` and write plots and tables to ``out_dir``.
+
+    ``metric`` ranks the models (default: the sweeps' ``headline``, else 'average')."""
     runs = load_runs(tracking_uri, names)
     if runs.trials.empty:
         raise ValueError(f"no training runs found for {names} at {tracking_uri}")
+    metric = metric or headline_of(tracking_uri, runs.parent_run_ids)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -204,22 +219,30 @@ def build_report(
     (out / "results.md").write_text(_markdown(table))
     table.to_csv(out / "results.csv", index=False)
     files += [out / "results.md", out / "results.csv"]
+    summary = table
+    if has_replicates(runs.trials):  # seeds: each configuration's mean and 95% CI
+        summary = by_config(table, runs.trials, metric)
+        (out / "results_by_config.md").write_text(_markdown(summary))
+        summary.to_csv(out / "results_by_config.csv", index=False)
+        files += [out / "results_by_config.md", out / "results_by_config.csv"]
     files.append(iso_flop_png(runs.trials, out / "iso_flop.png"))
     front = pd.DataFrame()
     if not runs.points.empty:
         if metric not in runs.points.columns:
             choices = sorted(
-                c for c in runs.points.columns if c == "average" or "/acc" in c or c == "nll"
+                c
+                for c in runs.points.columns
+                if c in ("average", "nll") or "/acc" in c or c.endswith("/bits_per_byte")
             )
             raise ValueError(f"--metric: {metric!r} was not logged; choose from {choices}")
         runs.points.to_csv(out / "points.csv", index=False)
         causal = runs.points[runs.points["causal"]]  # no non-causal top-k point on a front
-        points = causal.dropna(subset=[metric])
-        front = pareto_front(causal, COST, metric)
+        points = aggregate_points(causal.dropna(subset=[metric]), metric)
+        front = pareto_front(points, COST, metric, higher_is_better(metric))
         front.to_csv(out / "front.csv", index=False)
         files += [out / "points.csv", out / "front.csv"]
         files.append(pareto_png(points, metric, out / "pareto.png"))
-        files.append(interactive_html(points, metric, out / "report.html", table))
+        files.append(interactive_html(points, metric, out / "report.html", summary))
         hist = router_depths_png(causal, out / "router_depths.png")
         if hist is not None:
             files.append(hist)

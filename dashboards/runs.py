@@ -26,7 +26,9 @@ from core.keys import (
     TAG_KV_CACHE,
     TAG_LABEL,
     TAG_NUM_RECURSIONS,
+    TAG_REPLICATE_OF,
     TAG_ROUTER,
+    TAG_SEED,
     TAG_SHARING,
     TOPK_POINT,
     eval_key,
@@ -105,6 +107,7 @@ def load_runs(tracking_uri: str, names: list[str], items: bool = True) -> SweepR
                 {
                     "run_id": run.info.run_id,
                     "model": row["model"],
+                    "replicate_of": row["replicate_of"],
                     "sharing": row["sharing"],
                     "router": row["router"],
                     "num_recursions": row["num_recursions"],
@@ -161,7 +164,10 @@ def trial_row(run: Any) -> dict[str, Any]:
         "train_loss": m.get("train/loss"),
         "sweep": t.get("mlflow.parentRunId"),
         "label": t.get(TAG_LABEL),
+        "seed": t.get(TAG_SEED),
     }
+    # Runs of one configuration with different seeds share this (a plain run: itself).
+    row["replicate_of"] = t.get(TAG_REPLICATE_OF) or row["label"] or row["run_id"]
     row["model"] = model_label(row)
     return row
 

@@ -374,7 +374,7 @@ def summarise(
     try:  # the Pareto plots and results table, attached to the parent run
         from dashboards.report import build_report
 
-        report = build_report(uri, [spec.name], state_dir / "report")
+        report = build_report(uri, [spec.name], state_dir / "report", metric=spec.headline)
         artifacts = [f for f in report.files if f.suffix in (".png", ".html", ".md")]
     except Exception as exc:  # a report problem must not lose the sweep's results
         print(f"[mor] report not built: {exc}")

@@ -19,13 +19,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.keys import TAG_LABEL, eval_key
+from core.keys import TAG_LABEL, TAG_REPLICATE_OF, TAG_SEED, eval_key
 from core.names import check_name
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
 from trainers.config import TrainConfig
@@ -158,11 +159,22 @@ class SweepSpec(BaseModel):
     budgets: list[float] = Field(default_factory=list)
     """Training-FLOPs budgets; every trial of a budget gets the same compute (iso-FLOP).
     Empty = the base config's own budget."""
+    seeds: list[int] | None = None
+    """Replicates, e.g. [0, 1, 2]: every (variant, grid point, budget) trains once per seed,
+    which sets the initialisation and the data order (``seed`` of the training config) and
+    ends the trial's label (``,seed=1``). MLflow tags one configuration's runs with the same
+    ``mor.replicate_of``; the report gives each configuration's mean and 95% confidence
+    interval across seeds. Default: one run with the base config's seed."""
     searcher: Literal["grid", "random", "optuna"] = "grid"
     """grid: every grid point once; random: num_samples draws of the sampled axes per grid
     point; optuna: TPE over all axes (grid axes become categorical)."""
     num_samples: int = Field(1, ge=1)
     """Samples per grid point (random) or in total (optuna)."""
+    headline: str = "average"
+    """The metric the sweep's report ranks models by (its Pareto front; `mor report` of the
+    sweep uses it unless --metric says otherwise): 'average' (accuracy over the accuracy
+    tasks), 'nll' (held-out NLL) or TASK/METRIC, e.g. 'mor_heldout_bpb/bits_per_byte'. NLL,
+    bits per byte and perplexity count lower as better. Accuracy stays a second panel."""
     metric: str = eval_key("average")
     """What the searcher optimises."""
     mode: Literal["min", "max"] = "max"
@@ -193,6 +205,20 @@ class SweepSpec(BaseModel):
     def _budgets(cls, v: list[float]) -> list[float]:
         if not all(0 < b < math.inf for b in v):  # NaN fails every comparison
             raise ValueError(f"every budget must be a finite number > 0 (got {v})")
+        return v
+
+    @field_validator("headline")
+    @classmethod
+    def _headline(cls, v: str) -> str:
+        if v not in ("average", "nll") and not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise ValueError(f"use 'average', 'nll' or TASK/METRIC (got {v!r})")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or any(s < 0 for s in v)):
+            raise ValueError(f"give one or more distinct seeds ≥ 0 (got {v})")
         return v
 
     @field_validator("variants")
@@ -232,9 +258,9 @@ class SweepSpec(BaseModel):
 
 def trial_count(spec: SweepSpec) -> int:
     """Trials the sweep runs, counted from the sizes alone (nothing is built): grid points
-    (variants × grid values × budgets), times num_samples for 'random'; 'optuna' runs
+    (variants × grid values × budgets × seeds), times num_samples for 'random'; 'optuna' runs
     num_samples trials but still checks every grid point, so the larger of the two."""
-    points = max(1, len(spec.variants)) * max(1, len(spec.budgets))
+    points = max(1, len(spec.variants)) * max(1, len(spec.budgets)) * len(spec.seeds or [0])
     for d in spec.space.values():
         if d.kind == "grid":
             points *= len(d.grid)
@@ -258,13 +284,17 @@ class TrialPoint(BaseModel):
     """Dotted TrainConfig overrides: the variant's, then the grid axes' values."""
     budget: float | None = Field(None, gt=0)
     """Training FLOPs of this point (None = the base config's own budget)."""
+    replicate_of: str = ""
+    """The label without the seed: what this point's replicates have in common."""
 
 
 def grid_points(spec: SweepSpec) -> list[TrialPoint]:
-    """Every (variant, grid value..., budget) combination."""
+    """Every (variant, grid value..., budget, seed) combination; with ``seeds`` the label ends
+    in the seed and the seed overrides the base config's."""
     variants = spec.variants or [{"name": ""}]
     grid_axes = [(k, d.grid) for k, d in spec.space.items() if d.kind == "grid"]
     budgets = spec.budgets or [None]
+    seeds: list[int | None] = list(spec.seeds) if spec.seeds else [None]
     points = []
     for variant in variants:
         for values in itertools.product(*(vals for _, vals in grid_axes)):
@@ -275,9 +305,16 @@ def grid_points(spec: SweepSpec) -> list[TrialPoint]:
                 parts += [f"{k.split('.')[-1]}={v}" for (k, _), v in zip(grid_axes, values)]
                 if budget is not None:
                     parts.append(f"budget={budget:.3g}")
-                points.append(
-                    TrialPoint(label=",".join(parts) or "base", overrides=ov, budget=budget)
-                )
+                for seed in seeds:
+                    named = [] if seed is None else [f"seed={seed}"]
+                    points.append(
+                        TrialPoint(
+                            label=",".join(parts + named) or "base",
+                            overrides=ov if seed is None else {**ov, "seed": seed},
+                            budget=budget,
+                            replicate_of=",".join(parts) or "base",
+                        )
+                    )
     return points
 
 
@@ -312,7 +349,11 @@ def trial_config(
         "uri": tracking_uri,
         "experiment": spec.tracking.experiment,
         "parent_run_id": parent_run_id,
-        "tags": {TAG_LABEL: point.label},
+        "tags": {
+            TAG_LABEL: point.label,
+            TAG_REPLICATE_OF: point.replicate_of or point.label,
+            TAG_SEED: str(data.get("seed", 0)),
+        },
     }
     data["name"] = name
     data["storage_path"] = spec.resolved_storage_path

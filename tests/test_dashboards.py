@@ -169,3 +169,14 @@ def test_html_report_renders_in_headless_chromium(tiny_sweep, tmp_path: Path) ->
     assert len(re.findall(r'class="point"', plot)) == 4
     legend = re.findall(r'class="legendtext"[^>]*>([^<]*)<', plot)
     assert legend == ["mor-ec", "vanilla", "Pareto front"], legend
+
+
+def test_lower_is_better_metrics_make_a_minimising_front() -> None:
+    from dashboards.pareto import higher_is_better
+
+    assert higher_is_better("average") and higher_is_better("piqa/acc_norm")
+    for m in ("nll", "mor_heldout_bpb/bits_per_byte", "lambada_openai/perplexity"):
+        assert not higher_is_better(m)
+    df = pd.DataFrame({"id": [0, 1, 2], "cost": [1.0, 2.0, 3.0], "bpb": [2.0, 1.5, 1.8]})
+    front = pareto_front(df, "cost", "bpb", higher_is_better("bpb/bits_per_byte"))
+    assert front["id"].tolist() == [0, 1]  # 2 costs more and is worse (higher bpb) than 1

@@ -226,3 +226,39 @@ def test_report_reads_each_eval_runs_items_json_from_mlflow(tmp_path: Path) -> N
     assert (table.loc["mor", "avg_ci_low"], table.loc["mor", "avg_ci_high"]) == (ci.low, ci.high)
     assert table.loc["vanilla", DELTA] == ""
     assert "significant?" in (tmp_path / "rep" / "results.md").read_text()
+
+
+def test_seeds_become_one_row_per_configuration_with_a_t_interval(tmp_path: Path) -> None:
+    """Three seeds of two configurations through a real MLflow store: the report adds
+    results_by_config (mean and Student-t CI across seeds) and draws each configuration's
+    points once, averaged over its seeds, with the interval as error bars."""
+    from core.keys import TAG_REPLICATE_OF, TAG_SEED
+    from dashboards.replicates import aggregate_points
+    from dashboards.runs import load_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("seeds", artifact_location=(tmp_path / "art").as_uri())
+    accs = {"vanilla": [0.50, 0.52, 0.54], "mor": [0.60, 0.66, 0.63]}
+    for name, sharing in (("vanilla", "none"), ("mor", "middle_cycle")):
+        for seed, acc in enumerate(accs[name]):
+            tags = {TAG_SHARING: sharing, TAG_LABEL: f"{name},budget=1e+09,seed={seed}",
+                    TAG_REPLICATE_OF: f"{name},budget=1e+09", TAG_SEED: str(seed)}  # fmt: skip
+            parent = client.create_run(exp, run_name=name, tags=tags).info.run_id
+            client.log_metric(parent, "flops", 1e9)
+            point = DepthPoint("1", 1, 1.0, [0, 200], None, 10.0, 10.0, {"mc": {"acc": acc}}, acc)
+            log_to_mlflow(EvalReport("m", ["mc"], 200, 1, [point]), uri, parent_run_id=parent)
+    rep = build_report(uri, ["seeds"], tmp_path / "rep", log_to_mlflow=False)
+    assert len(rep.table) == 6  # results.md keeps one row per run
+    by = pd.read_csv(tmp_path / "rep" / "results_by_config.csv").set_index("model")
+    assert by.loc["mor", "seeds"] == 3
+    ci = seed_ci(accs["mor"])
+    assert by.loc["mor", "average"] == pytest.approx(0.63)
+    assert (by.loc["mor", "average_ci_low"], by.loc["mor", "average_ci_high"]) == pytest.approx(
+        (ci.low, ci.high)
+    )
+    points = aggregate_points(load_runs(uri, ["seeds"], items=False).points, "average")
+    assert len(points) == 2 and set(points["seeds"]) == {3}
+    mor = points.set_index("model").loc["mor"]
+    assert mor["average_ci_low"] < 0.63 < mor["average_ci_high"]
+    assert (tmp_path / "rep" / "pareto.png").stat().st_size > 5000

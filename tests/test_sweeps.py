@@ -128,6 +128,30 @@ def test_trial_count_is_bounded_before_any_trial_is_built(tmp_path: Path) -> Non
     assert len(plan.points) == 20
 
 
+def test_seeds_replicate_every_point_and_tag_their_group(tmp_path: Path) -> None:
+    """seeds: each (variant, budget) once per seed: the seed reaches the training config and
+    the label; replicates share mor.replicate_of. Without seeds nothing changes."""
+    spec = validate(SweepSpec, spec_dict(tmp_path, "s", seeds=[0, 1, 2], budgets=[1e9]))
+    plan = plan_sweep(spec)
+    assert len(plan.points) == 6 and plan.points[1].label == "vanilla,budget=1e+09,seed=1"
+    built = trial_config(spec, plan.points[1], {}, name="t", tracking_uri="x")
+    assert built.seed == 1
+    assert built.tracking.tags == {
+        "mor.label": "vanilla,budget=1e+09,seed=1",
+        "mor.replicate_of": "vanilla,budget=1e+09",
+        "mor.seed": "1",
+    }
+    plain = plan_sweep(validate(SweepSpec, spec_dict(tmp_path, "p", budgets=[1e9])))
+    assert [p.label for p in plain.points] == ["vanilla,budget=1e+09", "mor-ec,budget=1e+09"]
+    for bad in ([], [1, 1], [-1]):
+        with pytest.raises(ConfigError, match="seeds"):
+            validate(SweepSpec, spec_dict(tmp_path, "b", seeds=bad))
+    with pytest.raises(ConfigError, match="headline"):
+        validate(SweepSpec, spec_dict(tmp_path, "h", headline="bits per byte"))
+    quick = load_spec_file(ROOT / "sweeps" / "configs" / "quickstart.yaml")
+    assert quick.headline == "mor_heldout_bpb/bits_per_byte"
+
+
 def test_inference_rule_is_a_search_axis() -> None:
     """The shipped router-inference spec: 3 expert-choice models × 3 inference rules; with a
     non-expert-choice variant the rules other than the default are dropped, not run."""
