@@ -198,9 +198,8 @@ class MoRModel(nn.Module):
         fixed test-time depth of a compute-vs-accuracy curve. cache enables incremental
         decoding (inference only). Routing is the training routing in ``train()`` mode and the
         causal, per-token inference routing (``Router.decide``) in ``eval()`` mode.
-        topk_routing routes with training's sequence-wide top-k in ``eval()`` mode too: the
-        paper's evaluation, which sees future tokens (non-causal); it updates no router state.
-        """
+        topk_routing: training's sequence-wide top-k in ``eval()`` mode (the paper's
+        evaluation, non-causal; no router state changes)."""
         cfg = self.cfg
         if cache is not None and (self.training or topk_routing):
             raise ValueError(
