@@ -85,7 +85,8 @@ def results_table(runs: SweepRuns, metric: str = "average") -> pd.DataFrame:
                 per_task[task] = c
         for task, c in sorted(per_task.items()):
             table[task] = table["run_id"].map(native[c])
-        for extra in ("average", COST, "mean_depth"):
+        headline = [] if metric in ("average", *per_task.values()) else [metric]
+        for extra in (*headline, "average", COST, "mean_depth"):
             if extra in native.columns:
                 table[extra] = table["run_id"].map(native[extra])
     # Beside the mean depth: did the router run at inference what it trained for? (#14)

@@ -197,7 +197,11 @@ def test_trial_config_is_built_once_and_validated(tmp_path: Path) -> None:
         False,
     )
     assert cfg.tracking.parent_run_id == "parent" and cfg.tracking.experiment == "sweeps-test"
-    assert cfg.tracking.tags == {"mor.label": point.label}
+    assert cfg.tracking.tags == {
+        "mor.label": point.label,
+        "mor.replicate_of": point.label,  # no seeds: a point is its own replicate group
+        "mor.seed": "0",
+    }
     assert (
         cfg.budget.flops == 6e9 and cfg.optim.lr == 3e-3 and cfg.model["sharing"] == "middle_cycle"
     )
