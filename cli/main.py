@@ -10,8 +10,11 @@ A command that takes free ``key=value`` overrides after its options sets
 ``set_defaults(extra_dest="<dest>")``: bare words that argparse leaves over (e.g. overrides
 written after ``--json``) are appended to that list instead of being rejected.
 
-A ``ConfigError`` or ``ValueError`` raised by a command is a user error: it prints
-``error: <message>`` to stderr and exits with status 2, without a traceback.
+No exception reaches the user as a raw traceback (``cli.errors.report``): a user error
+(``ConfigError``, ``ValueError``, a path that cannot be read, ...) prints ``error: <message>``
+and exits 2; any other prints one line plus the log file holding the traceback and exits 1;
+Ctrl-C exits 130. ``mor --debug COMMAND`` (or ``MOR_DEBUG=1``) prints the traceback instead.
+Credentials in URLs are redacted from all of it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mor",
         description="Mixture-of-Recursions research platform (arXiv 2507.10524).",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of an error (also: MOR_DEBUG=1)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -49,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``mor`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args, extra = parser.parse_known_args(None if argv is None else list(argv))
+        args, extra = parser.parse_known_args(argv)
+        if "--debug" in extra:  # also accepted after the subcommand
+            extra.remove("--debug")
+            args.debug = True
         if extra:
             dest = getattr(args, "extra_dest", None)
             bad = [e for e in extra if e.startswith("-")]
@@ -65,13 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # includes mor.overrides.ConfigError
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except BrokenPipeError:  # e.g. `mor inspect ... --json | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except (Exception, KeyboardInterrupt) as exc:  # SystemExit passes: a command's own status
+        from cli.errors import debug_requested, report
+
+        return report(exc, argv, debug=debug_requested(args.debug))
 
 
 if __name__ == "__main__":

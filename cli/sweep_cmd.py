@@ -71,7 +71,9 @@ def _print_result(res) -> None:
     print(f"[mor] summary table: {res.summary_csv}")
     for extra in getattr(res, "artifacts", []):
         print(f"[mor] plot: {extra}")
-    uri = res.tracking_uri
+    from core.endpoints import strip_credentials
+
+    uri = strip_credentials(res.tracking_uri)
     if uri.startswith("sqlite:///"):
         print(f"[mor] browse: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, extra_dest="items")
 
 
+def describe_run(name: str, plan: Any) -> str:
+    """The line printed before training; the tracking URI without ``user:password@``."""
+    from core.endpoints import strip_credentials
+
+    return (
+        f"[mor] run {name!r}: {plan.total_steps} steps x {plan.tokens_per_step} tokens, "
+        f"MLflow run {plan.run_id} at {strip_credentials(plan.tracking_uri)}"
+        + (" (resumed)" if plan.resumed_run else "")
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    from core.endpoints import redact, strip_credentials
     from trainers.config import load_train_config
 
     path = None
@@ -43,19 +56,15 @@ def run(args: argparse.Namespace) -> int:
     from trainers.launcher import TrainingError, plan_run, run_training
 
     plan = plan_run(cfg)
-    print(
-        f"[mor] run {cfg.name!r}: {plan.total_steps} steps x {plan.tokens_per_step} tokens, "
-        f"MLflow run {plan.run_id} at {plan.tracking_uri}"
-        + (" (resumed)" if plan.resumed_run else "")
-    )
+    print(describe_run(cfg.name, plan))
     try:
         result = run_training(cfg, plan=plan)
     except TrainingError as exc:  # recorded in MLflow (FAILED, mor.failure); not a bug of ours
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 1
     summary = {
         "run_id": result.run_id,
-        "tracking_uri": result.tracking_uri,
+        "tracking_uri": strip_credentials(result.tracking_uri),
         "export_dir": str(result.export_dir),
         "steps": result.total_steps,
         "final": {

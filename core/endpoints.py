@@ -142,8 +142,12 @@ def check_mlflow_reachable(uri: str, timeout_s: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
+    # Without user:password@: urllib would take it for part of the host name, and /health
+    # needs no login (a 401 still proves the server answers).
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+        with urllib.request.urlopen(
+            strip_credentials(uri).rstrip("/") + "/health", timeout=timeout_s
+        ):
             return
     except urllib.error.HTTPError:
         return  # it answered (a proxy may not serve /health): reachable

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +66,27 @@ def load_config(export_dir: str | Path) -> tuple[MoRConfig, dict[str, Any]]:
     path = Path(export_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir}: not an exported MoR model (no {CONFIG_FILE})")
-    payload = json.loads(read_config_text(path))  # bounded: refuses files over 1 MiB
-    model = dict(payload["model"])
+    """(model config, training metadata) of an export; a config.json that is not JSON, has no
+    "model" mapping or invalid fields is a ValueError naming the file (a tampered export)."""
+    text = read_config_text(path)  # bounded: refuses files over 1 MiB
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}): a damaged or tampered export") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f'{path}: no "model" mapping: a damaged or tampered export')
+    meta = payload.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ValueError(f'{path}: "meta" is not a mapping: a damaged or tampered export')
+    model = dict(model)
     # Exports from before ec_inference existed decided by logit > 0: keep their rule.
     if model.get("router") == "expert_choice":
         model.setdefault("ec_inference", "threshold")
-    return MoRConfig.model_validate(model), payload.get("meta", {})
+    try:
+        return MoRConfig.model_validate(model), meta
+    except ValueError as exc:  # pydantic's ValidationError: one line per bad field
+        raise ValueError(f"{path}: invalid model config: {exc}") from None
 
 
 def load_pretrained(
@@ -82,13 +99,33 @@ def load_pretrained(
     """
     cfg, meta = load_config(export_dir)
     path = Path(export_dir) / WEIGHTS_FILE
-    # mmap: the tensors stay on disk until copied into the model (no second full copy).
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = _load_weights(path)
     _check_weights(cfg, state, path)
     model = MoRModel(cfg)
     model.load_state_dict(state)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), meta
+
+
+def _load_weights(path: Path) -> Any:
+    """The state_dict in ``path``, loaded weights-only: a pickled payload is refused, never run.
+    A file that is not torch.save's zip format, or holds objects other than tensors, is a
+    ValueError naming the file (a damaged or tampered export), not pickle's traceback."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (an export holds {WEIGHTS_FILE})")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a PyTorch weights file: a damaged or tampered export")
+    try:
+        # mmap: the tensors stay on disk until copied into the model (no second full copy).
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: holds objects other than tensors (refused: loading them could run code): "
+            "a tampered export"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: unreadable weights ({first}): a damaged export") from None
 
 
 def _check_weights(cfg: MoRConfig, state: Any, path: Path) -> None:

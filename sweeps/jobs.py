@@ -4,6 +4,12 @@ The spec is validated here, before anything reaches the cluster, then travels as
 job's environment; the project travels as the job's ``working_dir``. Relative storage paths and
 sqlite tracking URIs are made absolute first, so a local head writes where the user expects
 (on a real cluster, use a shared path or object store and an MLflow server).
+
+Nothing secret travels with the job: its entrypoint, environment and metadata are readable by
+anyone who can reach the Jobs API, and Ray writes them to its log files. A tracking URI's
+``user:password@`` is stripped (with a warning); the cluster provides MLflow's credentials itself
+(MLFLOW_TRACKING_USERNAME/PASSWORD in the environment Ray was started with, or
+``~/.mlflow/credentials`` for the user Ray runs as).
 """
 
 from __future__ import annotations
@@ -60,28 +66,45 @@ def portable_spec(spec: SweepSpec, job_server: str | None = None) -> SweepSpec:
     )
 
 
+def build_submission(spec: SweepSpec, address: str) -> dict[str, Any]:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` for ``spec``: what the Jobs
+    API will show. Credentials in the tracking URI are stripped here, with a warning."""
+    from core.endpoints import redact, strip_credentials
+
+    spec = portable_spec(spec, address)
+    uri = spec.tracking.uri or ""
+    if strip_credentials(uri) != uri:
+        print(
+            f"[mor] warning: tracking.uri {redact(uri)} carries credentials; they are not sent "
+            "with the job (the Jobs API and Ray's logs would show them). Provide them on the "
+            "cluster: MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD in Ray's environment or "
+            "~/.mlflow/credentials",
+            file=sys.stderr,
+        )
+        tracking = spec.tracking.model_copy(update={"uri": strip_credentials(uri)})
+        spec = spec.model_copy(update={"tracking": tracking})
+    return {
+        "entrypoint": f"{shlex.quote(sys.executable)} -m cli.main sweep run --spec-from-env",
+        "runtime_env": {
+            "working_dir": str(PROJECT_ROOT),
+            "excludes": UPLOAD_EXCLUDES,
+            "env_vars": {SPEC_ENV: spec.model_dump_json()},
+        },
+        "metadata": {"mor.sweep": spec.name},
+    }
+
+
 def submit(plan: SweepPlan, address: str) -> str:
     """Submit ``mor sweep run`` for an already validated sweep as a Ray Job; returns the job
     id. The job server must answer first: a clear error, not Ray's connection traceback."""
-    spec = portable_spec(plan.spec, address)
+    submission = build_submission(plan.spec, address)
     try:
         client = _client(address)
     except (ConnectionError, OSError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         msg = f"--address: the Ray job server at {address} does not answer: {first}"
         raise ValueError(msg) from None
-    entrypoint = f"{shlex.quote(sys.executable)} -m cli.main sweep run --spec-from-env"
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=None,
-        runtime_env={
-            "working_dir": str(PROJECT_ROOT),
-            "excludes": UPLOAD_EXCLUDES,
-            "env_vars": {SPEC_ENV: spec.model_dump_json()},
-        },
-        metadata={"mor.sweep": spec.name},
-    )
-    return job_id
+    return client.submit_job(submission_id=None, **submission)
 
 
 def spec_from_env() -> SweepSpec:

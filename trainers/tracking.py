@@ -63,9 +63,10 @@ def connect(
             artifact_root = (db.parent / "mlartifacts" / experiment).as_uri()
         return client, client.create_experiment(experiment, artifact_location=artifact_root)
     except MlflowException as exc:
-        raise ConfigError(f"tracking.uri: MLflow at {uri!r} is not usable: {exc}") from None
+        msg = f"tracking.uri: MLflow at {uri!r} is not usable: {exc}"
+        raise ConfigError(redact(msg)) from None
     except Exception as exc:  # connection errors surface as requests/urllib3 exceptions
-        raise ConfigError(f"tracking.uri: cannot reach MLflow at {uri!r}: {exc}") from None
+        raise ConfigError(redact(f"tracking.uri: cannot reach MLflow at {uri!r}: {exc}")) from None
 
 
 def find_or_create_run(
