@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
     "MAX_CONFIG_NODES",
     "ConfigError",
     "apply_overrides",
@@ -36,6 +37,8 @@ T = TypeVar("T", bound=BaseModel)
 MAX_CONFIG_BYTES = 1 << 20
 """Largest config file read (YAML here, an export's config.json in mor/checkpoint.py): 1 MiB."""
 MAX_CONFIG_NODES = 100_000
+MAX_CONFIG_DEPTH = 32
+"""Deepest nesting of lists/mappings a config may have (configs are a few levels deep)."""
 """Most values (mappings, lists and scalars) a config file or override may hold once its YAML
 aliases are expanded; real configs, sweep grids included, hold a few hundred."""
 
@@ -94,6 +97,7 @@ def _check_size(data: Any, source: str) -> None:
     Counted over the shared references (each object once, memoised by id), so the count of a
     bomb costs its size on disk, not its expansion.
     """
+    _check_depth(data, source)
     sizes: dict[int, int] = {}
 
     def size(node: Any) -> int:
@@ -109,6 +113,22 @@ def _check_size(data: Any, source: str) -> None:
             f"{source}: YAML aliases expand to more than {MAX_CONFIG_NODES} values; "
             "write the values out instead of nesting anchors"
         )
+
+
+def _check_depth(data: Any, source: str) -> None:
+    """Refuse nesting deeper than MAX_CONFIG_DEPTH, iteratively (never a RecursionError, whatever
+    the interpreter's recursion limit), visiting each shared object at most once per depth."""
+    deepest: dict[int, int] = {}
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)) or deepest.get(id(node), 0) >= depth:
+            continue
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source} is nested too deeply (over {MAX_CONFIG_DEPTH} levels)")
+        deepest[id(node)] = depth
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
 
 
 def read_config_text(path: str | Path) -> str:
