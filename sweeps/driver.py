@@ -28,6 +28,7 @@ from core.keys import (
 )
 from mor.overrides import ConfigError
 from sweeps.spec import SweepPlan, SweepSpec, TrialPoint, plan_sweep, trial_config
+from trainers.launcher import ResourceError, check_resources
 from trainers.tracking import connect, find_or_create_run, flatten
 
 # The per-trial driver only waits on its TorchTrainer: it reserves no CPU (a fractional CPU
@@ -256,6 +257,12 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         from core.endpoints import resolve_endpoints
 
         ray.init(address=resolve_endpoints(ray_address=address).ray_address)
+    res = spec.resources
+    try:  # a trial that can never be placed would make Tune wait forever
+        check_resources(res.num_workers, res.cpus_per_worker, res.gpus_per_worker, 0, "resources")
+    except ResourceError:
+        client.set_terminated(parent_run_id, status="FAILED")
+        raise
     # Tune's intermediate results come from training; the searcher's metric arrives at the end.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(

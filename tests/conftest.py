@@ -78,6 +78,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
     # working directory, not each Tune trial's.
     data = tiny_spec_dict(tmp, "tiny", variants=[*TINY_VARIANTS, DIVERGING])
     data["storage_path"] = "outputs"
+    data["budgets"] = [2e9]  # ~15 steps a trial: the pipeline, not the learning, is tested
     data["eval"]["topk"] = True  # the non-causal point too: kept off the front, gap reported
     spec = validate(SweepSpec, data)
     cwd = os.getcwd()

@@ -20,7 +20,7 @@ from test_trainer import needs_shared, overrides
 from mor.overrides import ConfigError, validate
 from sweeps.spec import SweepSpec, plan_sweep
 from trainers.config import load_train_config
-from trainers.launcher import TrainingError, plan_run, run_training
+from trainers.launcher import ResourceError, TrainingError, plan_run, run_training
 
 
 def items(tmp: Path, name: str, *extra: str) -> list[str]:
@@ -100,6 +100,32 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
     )
     ref = run_training(ref_cfg)
     assert result.metrics["train/loss"] == pytest.approx(ref.metrics["train/loss"], rel=0.02)
+
+
+# ------------------------------------------------------------------ unplaceable workers
+@needs_shared
+def test_workers_the_cluster_cannot_place_fail_in_seconds(ray_session, tmp_path: Path) -> None:
+    """4 workers, or a GPU, on this 2-CPU, GPU-less Ray: Ray would retry forever; the run
+    fails in seconds saying what is missing, and is FAILED in MLflow. A sweep whose trials
+    cannot be placed is refused before Tune starts."""
+    from conftest import tiny_spec_dict
+
+    from sweeps.driver import run_sweep
+
+    cases = [("scaling.num_workers=4", "the cluster has 2 CPUs, the run needs 4"),
+             ("scaling.use_gpu=true", "the cluster has 0 GPUs, the run needs 1")]  # fmt: skip
+    for i, (extra, needle) in enumerate(cases):
+        cfg = load_train_config(None, items(tmp_path, f"unplaceable-{i}", extra))
+        plan = plan_run(cfg)
+        start = time.monotonic()
+        with pytest.raises(ResourceError, match=needle):
+            run_training(cfg, plan=plan)
+        assert time.monotonic() - start < 20
+        run = MlflowClient(plan.tracking_uri).get_run(plan.run_id)
+        assert run.info.status == "FAILED" and needle in run.data.tags["mor.failure"]
+    spec = validate(SweepSpec, tiny_spec_dict(tmp_path, "too-big", resources={"num_workers": 3}))
+    with pytest.raises(ResourceError, match=r"resources: 3 worker\(s\).*needs 3"):
+        run_sweep(plan_sweep(spec))
 
 
 # ------------------------------------------------------------------ corrupt checkpoint

@@ -102,6 +102,9 @@ class ScalingConfigModel(BaseModel):
     """One GPU per worker; 'auto' uses GPUs when the Ray cluster has them."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
     """CPUs reserved per worker (also its torch thread count)."""
+    resource_wait_s: float = Field(0.0, ge=0.0, le=86400.0)
+    """How long to wait for the cluster to grow (an autoscaling cluster) when it has fewer
+    CPUs/GPUs than the workers need; 0 (default): fail at once, saying what is missing."""
 
 
 class CheckpointConfigModel(BaseModel):

@@ -7,6 +7,7 @@ cached here, once), the model/tokenizer vocabulary, the budget, and that MLflow 
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,14 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    sc = cfg.scaling
+    try:  # Ray would wait forever for workers that can never be placed
+        check_resources(
+            sc.num_workers, sc.cpus_per_worker, float(bool(use_gpu)), sc.resource_wait_s
+        )
+    except ResourceError as exc:
+        record_failure(plan, str(exc))
+        raise
     # The plan is frozen: a validated copy carries the settled GPU choice to the workers.
     plan = TrainPlan.model_validate(plan.model_dump() | {"use_gpu": bool(use_gpu)})
     _, state_dir = run_dirs(cfg)
@@ -248,6 +257,58 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> 
             callbacks=callbacks,
         ),
     )
+
+
+class ResourceError(ValueError):
+    """The Ray cluster cannot hold the requested workers (a user error: exit 2)."""
+
+
+def check_resources(
+    num_workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    wait_s: float = 0.0,
+    field: str = "scaling",
+) -> None:
+    """Fail in seconds, naming what is missing, when the cluster cannot place the workers:
+    too few CPUs or GPUs in total, or no node with one worker's share (Ray's own start-up
+    retries without bound). ``wait_s`` > 0 polls that long for an autoscaling cluster;
+    ``field`` is the config section the message names."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = _missing_resources(num_workers, cpus_per_worker, gpus_per_worker, ray.nodes())
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            gpu = f" + {gpus_per_worker:g} GPU" if gpus_per_worker else ""
+            hint = f"lower {field}.num_workers or {field}.cpus_per_worker"
+            if field == "scaling":
+                hint += ", or give scaling.resource_wait_s for an autoscaling cluster"
+            raise ResourceError(
+                f"{field}: {num_workers} worker(s) × {cpus_per_worker:g} CPU{gpu} cannot be "
+                f"placed: {'; '.join(missing)}; {hint}"
+            )
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+
+
+def _missing_resources(
+    num_workers: int, cpus: float, gpus: float, nodes: list[dict[str, Any]]
+) -> list[str]:
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    missing = []
+    for name, per_worker in (("CPU", cpus), ("GPU", gpus)):
+        if per_worker <= 0:
+            continue
+        have = [r.get(name, 0.0) for r in alive]
+        if sum(have) < num_workers * per_worker:
+            missing.append(
+                f"the cluster has {sum(have):g} {name}s, the run needs {num_workers * per_worker:g}"
+            )
+        elif max(have, default=0.0) < per_worker:
+            missing.append(f"no node has {per_worker:g} {name}s for one worker")
+    return missing
 
 
 def _torch_trainer_class() -> type:
