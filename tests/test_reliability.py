@@ -57,7 +57,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
         items(
             tmp_path,
             "killed",
-            "budget.steps=24",
+            "budget.steps=16",
             "checkpoint.every_steps=4",
             "checkpoint.max_failures=2",
             "report_every_steps=1",
@@ -80,7 +80,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
     result = run_training(cfg, plan=plan)
     thread.join(timeout=5)
     assert killed, "no worker process was found to kill"
-    assert steps_logged(client, plan.run_id) == list(range(1, 25))  # no gaps, no repeats
+    assert steps_logged(client, plan.run_id) == list(range(1, 17))  # no gaps, no repeats
     run = client.get_run(plan.run_id)
     # Resumed from a checkpoint taken before the kill (4 or 8: Ray registers a reported
     # checkpoint asynchronously), never from scratch.
@@ -93,7 +93,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
         items(
             tmp_path,
             "uninterrupted",
-            "budget.steps=24",
+            "budget.steps=16",
             "checkpoint.every_steps=100",
             "eval.every_steps=100",
         ),
