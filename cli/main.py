@@ -28,6 +28,7 @@ from collections.abc import Sequence
 # Subcommand modules, in the order ``mor --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "cli.inspect_cmd",
+    "cli.data_cmd",
     "cli.train_cmd",
     "cli.eval_cmd",
     "cli.sweep_cmd",

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +18,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import mor.corpus
 import trainers.data as data_mod
+import trainers.prepare as prep_mod
 import trainers.tokenizer as tok_mod
 from mor.overrides import ConfigError, validate
 from trainers.data import (
     DataConfig,
-    PackedDataset,
+    PreparedData,
     build_tokenizer,
     default_corpus_documents,
     load_documents,
@@ -27,6 +31,8 @@ from trainers.data import (
     split_documents,
     split_text,
 )
+from trainers.sources import SkipCounts
+from trainers.windows import TokenWindows
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM2 = SHARED / "tokenizers" / "smollm2" / "tokenizer.json"
@@ -97,21 +103,28 @@ def test_default_prepare(small_default: tuple[DataConfig, object]) -> None:
     assert prep.vocab_size == 512 and prep.eos_id == 0
     tok = Tokenizer.from_file(str(prep.tokenizer_path))
     assert tok.token_to_id("<|endoftext|>") == 0
-    train = np.load(prep.train_path)
+    train = _split_tokens(prep, "train")
     assert train.dtype == np.uint16
     assert len(train) == prep.num_train_tokens > 100_000
-    assert len(np.load(prep.val_path)) == prep.num_val_tokens > cfg.seq_len
+    assert len(_split_tokens(prep, "val")) == prep.num_val_tokens > cfg.seq_len
     assert int(train.max()) < prep.vocab_size
+    manifest = json.loads((prep.dir / "manifest.json").read_text())
+    assert manifest["pipeline_version"] == data_mod.PIPELINE_VERSION
+    assert manifest["tokenizer_sha256"] == tok_mod.file_sha256(prep.tokenizer_path)
 
 
-# --------------------------------------------------------------------------- packing
+# --------------------------------------------------------------------------- shards and windows
 
 
-def test_packed_dataset_matches_array(small_default: tuple[DataConfig, object]) -> None:
+def _split_tokens(prep: PreparedData, split: str) -> np.ndarray:
+    return np.concatenate([np.load(prep.dir / s["file"]) for s in prep.shards[split]])
+
+
+def test_windows_match_shards(small_default: tuple[DataConfig, object]) -> None:
     _, prep = small_default
-    arr = np.load(prep.train_path)
-    ds = PackedDataset(prep.train_path, seq_len=64)
-    assert len(ds) == len(arr) // 64
+    arr = _split_tokens(prep, "train")
+    ds = TokenWindows(prep.dir, "train", seq_len=64)
+    assert len(ds) == len(arr) // 64  # one shard here
     first, last = ds[0], ds[len(ds) - 1]
     assert first.dtype == torch.long and first.shape == (64,)
     assert torch.equal(first, torch.from_numpy(arr[:64].astype(np.int64)))
@@ -120,36 +133,91 @@ def test_packed_dataset_matches_array(small_default: tuple[DataConfig, object]) 
     assert torch.equal(ds[-1], last)
     with pytest.raises(IndexError):
         ds[len(ds)]
-    # Pickling (DataLoader workers under spawn) must not carry the array along.
+    # Pickling (DataLoader workers under spawn) must not carry the memory maps along.
+    ds.shuffled(0, 0, 5)
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._tokens is None and torch.equal(clone[3], ds[3])
+    assert clone._maps == {} and torch.equal(clone[3], ds[3])
 
 
 def test_eos_separates_documents(small_default: tuple[DataConfig, object]) -> None:
     cfg, prep = small_default
     train_docs, val_docs = split_documents(load_documents(cfg), cfg.val_fraction)
     tok = Tokenizer.from_file(str(prep.tokenizer_path))
-    for path, docs in ((prep.train_path, train_docs), (prep.val_path, val_docs)):
-        segments = _segments(np.load(path), prep.eos_id)
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        segments = _segments(_split_tokens(prep, split), prep.eos_id)
         assert len(segments) == len(docs)
         # Byte-level BPE round-trips exactly: each segment is one whole document, in order.
         for seg, doc in zip(segments[:50], docs[:50]):
             assert tok.decode(seg[:-1].tolist()) == doc
 
 
-def test_shards_are_disjoint_and_cover(small_default: tuple[DataConfig, object]) -> None:
-    _, prep = small_default
-    full = PackedDataset(prep.train_path, seq_len=64)
-    shards = [PackedDataset(prep.train_path, 64, rank=r, world_size=2) for r in range(2)]
-    assert sum(len(s) for s in shards) == len(full)
-    assert abs(len(shards[0]) - len(shards[1])) <= 1
-    for r, shard in enumerate(shards):
-        for i in (0, 1, len(shard) - 1):
-            assert torch.equal(shard[i], full[r + 2 * i])
-    even = [PackedDataset(prep.train_path, 64, r, 3, even=True) for r in range(3)]
-    assert len({len(s) for s in even}) == 1 and len(even[0]) == len(full) // 3
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory: pytest.TempPathFactory) -> PreparedData:
+    """A txt corpus cut into several units, each into several small shards."""
+    tmp = tmp_path_factory.mktemp("shards")
+    (tmp / "corpus.txt").write_text(_synthetic_text(3000))
+    cfg = DataConfig(
+        source=str(tmp / "corpus.txt"),
+        cache_dir=str(tmp / "c"),
+        vocab_size=300,
+        unit_bytes=1 << 17,
+        shard_tokens=4096,
+        prepare_workers=1,
+        seq_len=64,
+    )
+    return prepare_data(cfg)
+
+
+def test_units_and_shards_keep_the_corpus_order(many_shards: PreparedData) -> None:
+    prep = many_shards
+    assert len({s["file"].split("-")[0] for s in prep.shards["train"]}) > 2  # several units
+    assert sum(s["tokens"] == 4096 for s in prep.shards["train"]) > 10  # fixed-size shards
+    assert all(s["tokens"] <= 4096 for split in ("train", "val") for s in prep.shards[split])
+    # The shards, in manifest order, are the documents of the corpus in order.
+    cfg = DataConfig(source=str(prep.dir.parent.parent.parent / "corpus.txt"), unit_bytes=1 << 17)
+    train, _ = split_documents(load_documents(cfg), cfg.val_fraction)
+    tok = Tokenizer.from_file(str(prep.tokenizer_path))
+    segments = _segments(_split_tokens(prep, "train"), prep.eos_id)
+    assert len(segments) == len(train)
+    assert [tok.decode(s[:-1].tolist()) for s in segments[::97]] == train[::97]
+
+
+def test_ranks_share_an_epoch_disjointly(many_shards: PreparedData) -> None:
+    prep, seq = many_shards, 64
+    full = TokenWindows(prep.dir, "train", seq)
+    ranks = [TokenWindows(prep.dir, "train", seq, rank=r, world_size=3) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == full.num_windows // 3
+    for r, ds in enumerate(ranks):
+        assert torch.equal(ds[5], full[r + 3 * 5])
+    # One epoch: all ranks' shuffled sequences are distinct windows, and cover the corpus.
+    seen = {tuple(ds.shuffled(7, 0, i).tolist()) for ds in ranks for i in range(len(ds))}
+    assert len(seen) >= 0.99 * 3 * len(ranks[0])
+    order = [full.shuffled(7, 0, i) for i in range(len(full))]
+    assert {tuple(x.tolist()) for x in order} == {tuple(full[i].tolist()) for i in range(len(full))}
+    # The order depends on seed and epoch, walks shard by shard, and survives a reopen (resume).
+    assert not torch.equal(
+        torch.stack(order[:8]), torch.stack([full.shuffled(8, 0, i) for i in range(8)])
+    )
+    assert not torch.equal(
+        torch.stack(order[:8]), torch.stack([full.shuffled(7, 1, i) for i in range(8)])
+    )
+    reopened = TokenWindows(prep.dir, "train", seq)
+    assert all(torch.equal(reopened.shuffled(7, 0, i), order[i]) for i in range(0, len(full), 37))
     with pytest.raises(ValueError, match="rank"):
-        PackedDataset(prep.train_path, 64, rank=2, world_size=2)
+        TokenWindows(prep.dir, "train", seq, rank=2, world_size=2)
+
+
+def test_sampler_crosses_shards_and_resumes_exactly(many_shards: PreparedData) -> None:
+    from trainers.components import BatchSampler
+
+    ds = TokenWindows(many_shards.dir, "train", 64, rank=1, world_size=2)
+    steps = 2 * len(ds) // 4 + 3  # past an epoch boundary, through every shard
+    run = BatchSampler(ds, 4, seed=3)
+    straight = [run.batch(m) for m in range(steps)]
+    resumed = BatchSampler(TokenWindows(many_shards.dir, "train", 64, 1, 2), 4, seed=3)
+    assert all(torch.equal(resumed.batch(m), straight[m]) for m in range(steps // 2, steps))
+    epoch0 = torch.cat(straight[: len(ds) // 4])
+    assert len({tuple(r.tolist()) for r in epoch0}) >= 0.99 * len(epoch0)  # no repeats
 
 
 # --------------------------------------------------------------------------- split and cache
@@ -160,9 +228,9 @@ def test_split_is_deterministic_and_disjoint(
 ) -> None:
     cfg, prep = small_default
     again = prepare_data(cfg.model_copy(update={"cache_dir": str(tmp_path)}))
-    assert again.train_path != prep.train_path  # really recomputed in a fresh cache
-    for a, b in ((prep.train_path, again.train_path), (prep.val_path, again.val_path)):
-        assert np.array_equal(np.load(a), np.load(b))
+    assert again.dir != prep.dir  # really recomputed in a fresh cache
+    for split in ("train", "val"):
+        assert np.array_equal(_split_tokens(prep, split), _split_tokens(again, split))
     train, val = split_documents(load_documents(cfg), cfg.val_fraction)
     assert val and train
     assert not set(val) & set(train)
@@ -173,42 +241,55 @@ def test_cache_reuse_does_not_retokenize(
     small_default: tuple[DataConfig, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg, prep = small_default
-    files = [prep.train_path, prep.val_path, prep.tokenizer_path]
+    files = [prep.dir / "manifest.json", prep.tokenizer_path]
     mtimes = [f.stat().st_mtime_ns for f in files]
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("cache miss: this should not run")
 
-    monkeypatch.setattr(data_mod, "encode_documents", fail)
-    monkeypatch.setattr(data_mod, "load_documents", fail)
+    monkeypatch.setattr(prep_mod, "tokenize_unit", fail)
+    monkeypatch.setattr(data_mod, "iter_documents", fail)
     monkeypatch.setattr(tok_mod, "train_bpe", fail)
     assert prepare_data(cfg) == prep
     assert [f.stat().st_mtime_ns for f in files] == mtimes
-    tok, path = build_tokenizer(cfg)
-    assert path == prep.tokenizer_path and tok.get_vocab_size() == 512
+    tok, _ = build_tokenizer(cfg)
+    assert tok.get_vocab_size() == 512
+    # The prepared folder is itself a source: `mor data prepare` output, used as it is.
+    assert prepare_data(DataConfig(source=str(prep.dir), seq_len=64)) == prep
 
 
-def test_crash_leaves_no_complete_entry(
-    txt_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cfg = DataConfig(source=str(txt_corpus), cache_dir=str(tmp_path / "c"), vocab_size=300)
-    real = data_mod.encode_documents
-    calls = []
-
-    def crash_on_val(*args: object, **kwargs: object) -> np.ndarray:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # a crash between writing train.npy and val.npy
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(data_mod, "encode_documents", crash_on_val)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_data(cfg)
-    assert not list((tmp_path / "c" / "data").glob("*/meta.json"))
-    assert not list((tmp_path / "c" / "data").glob("*/.tmp-*"))
-    monkeypatch.setattr(data_mod, "encode_documents", real)
-    prep = prepare_data(cfg)
-    assert prep.num_val_tokens > 0 and prep.val_path.is_file()
+def test_killed_preparation_resumes_from_finished_units(tmp_path: Path) -> None:
+    """`mor data prepare` SIGKILLed mid-way: the rerun keeps every finished unit's shards
+    (same inode and mtime), leaves no half-written file visible, and ends equal to a clean
+    preparation."""
+    (tmp_path / "corpus.txt").write_text(_synthetic_text(4000))
+    args = [
+        str(tmp_path / "corpus.txt"),
+        "vocab_size=300",
+        "unit_bytes=65536",
+        "shard_tokens=2048",
+        "prepare_workers=1",
+        f"cache_dir={tmp_path / 'c'}",
+    ]
+    cmd = [sys.executable, "-m", "cli.main", "data", "prepare", *args, "--out"]
+    proc = subprocess.Popen([*cmd, str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # one progress line per finished unit
+        if "unit 2/" in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*.npy")}
+    assert before and not (tmp_path / "out" / "manifest.json").exists()
+    subprocess.run([*cmd, str(tmp_path / "out")], check=True, capture_output=True)
+    subprocess.run([*cmd, str(tmp_path / "clean")], check=True, capture_output=True)
+    for p, stamp in before.items():
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp  # never rewritten
+    resumed = PreparedData.load(tmp_path / "out")
+    clean = PreparedData.load(tmp_path / "clean")
+    assert resumed.shards == clean.shards and len(clean.shards["train"]) > 5
+    for split in ("train", "val"):
+        assert np.array_equal(_split_tokens(resumed, split), _split_tokens(clean, split))
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
 
 
 def test_changed_file_invalidates_cache(txt_corpus: Path, tmp_path: Path) -> None:
@@ -217,7 +298,7 @@ def test_changed_file_invalidates_cache(txt_corpus: Path, tmp_path: Path) -> Non
     with open(txt_corpus, "a") as f:
         f.write("\n" + _synthetic_text(50, seed=1))
     second = prepare_data(cfg)
-    assert second.train_path != first.train_path
+    assert second.dir != first.dir
     assert second.num_train_tokens + second.num_val_tokens > (
         first.num_train_tokens + first.num_val_tokens
     )
@@ -228,7 +309,18 @@ def test_cache_dir_defaults_to_env(
 ) -> None:
     monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "env-cache"))
     prep = prepare_data(DataConfig(source=str(txt_corpus), vocab_size=300))
-    assert prep.train_path.is_relative_to(tmp_path / "env-cache")
+    assert prep.dir.is_relative_to(tmp_path / "env-cache")
+
+
+def test_out_folder_of_other_inputs_is_refused(txt_corpus: Path, tmp_path: Path) -> None:
+    cfg = DataConfig(source=str(txt_corpus), cache_dir=str(tmp_path / "c"), vocab_size=300)
+    prepare_data(cfg, out=tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"out: .* different inputs"):
+        prepare_data(cfg.model_copy(update={"val_fraction": 0.1}), out=tmp_path / "out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"out: .* not empty"):
+        prepare_data(cfg, out=tmp_path / "full")
 
 
 # --------------------------------------------------------------------------- file formats
@@ -260,6 +352,56 @@ def test_jsonl_and_parquet(tmp_path: Path) -> None:
     assert load_documents(capped) == [r["body"] for r in rows[:4]]
 
 
+def test_compressed_jsonl_and_undecodable_input(tmp_path: Path) -> None:
+    import gzip
+
+    import pyarrow as pa
+
+    rows = [{"text": f"line {i} of a compressed corpus. " * 4} for i in range(30)]
+    body = "\n".join(json.dumps(r) for r in rows).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(body[: len(body) // 2]))
+    with pa.CompressedOutputStream(str(tmp_path / "b.jsonl.zst"), "zstd") as f:
+        f.write(body[len(body) // 2 :])
+    cfg = DataConfig(source=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    # The two files split one line in the middle: each half is undecodable JSON, skipped.
+    docs = load_documents(cfg)
+    assert docs[:3] == [r["text"] for r in rows[:3]] and len(docs) == len(rows) - 1
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n\xff\xfe{"text": 1}\n{"n": 2}\n')
+    one = DataConfig(source=str(tmp_path / "bad.jsonl"), cache_dir=str(tmp_path / "c"))
+    skips = SkipCounts()
+    assert list(data_mod.iter_documents(one, skips)) == ["fine"]
+    assert skips.undecodable == 1 and skips.missing_field == 1
+    with pytest.raises(ConfigError, match=r"decode_errors: .*bad\.jsonl line 2"):
+        load_documents(one.model_copy(update={"decode_errors": "fail"}))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
+    latin = DataConfig(source=str(tmp_path / "latin.txt"), decode_errors="fail")
+    with pytest.raises(ConfigError, match=r"latin\.txt is not UTF-8 near byte 3"):
+        load_documents(latin)
+
+
+def test_missing_text_column_names_the_columns(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"body": "x", "id": 1}\n{"body": "y", "id": 2}\n')
+    cfg = DataConfig(source=str(tmp_path / "a.jsonl"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match=r"text_field: 'text' .* columns: \['body', 'id'\]"):
+        prepare_data(cfg)
+
+
+def test_pathological_documents_cost_bounded_time(tmp_path: Path) -> None:
+    """No newline, no space: cut into bounded pieces, so the BPE and the hash split work."""
+    rng = random.Random(0)
+    blob = "".join(rng.choices("abcdefghij", k=1_000_000)).encode()  # 1 MB, one "word"
+    (tmp_path / "blob.txt").write_bytes(blob)
+    (tmp_path / "blob.jsonl").write_text(json.dumps({"text": blob.decode()}) + "\n")
+    for name in ("blob.txt", "blob.jsonl"):
+        cfg = DataConfig(source=str(tmp_path / name), max_document_chars=20_000)
+        docs = load_documents(cfg)
+        assert "".join(docs) == blob.decode() and max(map(len, docs)) <= 20_000
+    prep = prepare_data(
+        DataConfig(source=str(tmp_path / "blob.txt"), vocab_size=300, cache_dir=str(tmp_path))
+    )
+    assert prep.num_train_tokens > 0 and prep.num_val_tokens > 0
+
+
 # --------------------------------------------------------------------------- real corpora
 
 
@@ -269,7 +411,7 @@ def test_tinyshakespeare_smollm2(tmp_path: Path) -> None:
     cfg = DataConfig(source=str(source), tokenizer=str(SMOLLM2), cache_dir=str(tmp_path))
     prep = prepare_data(cfg)
     assert prep.vocab_size == 49152 and prep.eos_id == 0
-    train, val = np.load(prep.train_path), np.load(prep.val_path)
+    train, val = _split_tokens(prep, "train"), _split_tokens(prep, "val")
     assert train.dtype == np.uint16
     assert int(train.max()) < 49152 and int(val.max()) < 49152
     assert prep.num_train_tokens > 250_000 and prep.num_val_tokens > 1_000
@@ -284,8 +426,21 @@ def test_gutenberg_glob_and_directory(tmp_path: Path) -> None:
     # The folder also holds a README without extension: a directory source skips it.
     assert load_documents(glob_cfg.model_copy(update={"source": str(folder)})) == docs
     assert len(docs) > 500 and any("\ufffd" in d for d in docs)  # Latin-1 bytes replaced
-    prep = prepare_data(glob_cfg.model_copy(update={"cache_dir": str(tmp_path)}))
-    assert prep.vocab_size == 49152 and prep.num_train_tokens > 1_000_000
+
+
+def test_ray_data_stage_equals_one_process(tmp_path: Path) -> None:
+    """Several units on the Ray Data pipeline (one task per CPU) give the same shards, byte
+    for byte, as one process: a unit's shards depend on nothing but the unit."""
+    _need_shared()
+    source = str(CORPUS / "gutenberg_nltk" / "[bc]*.txt")
+    cfg = DataConfig(source=source, tokenizer=str(SMOLLM2), unit_bytes=1 << 19)
+    parallel = prepare_data(cfg, out=tmp_path / "ray")
+    inline = prepare_data(cfg.model_copy(update={"prepare_workers": 1}), out=tmp_path / "one")
+    assert parallel.vocab_size == 49152 and parallel.num_train_tokens > 250_000
+    assert len(parallel.shards["train"]) >= 3 and parallel.shards == inline.shards
+    for s in parallel.shards["train"] + parallel.shards["val"]:
+        assert (parallel.dir / s["file"]).read_bytes() == (inline.dir / s["file"]).read_bytes()
+    assert parallel.skipped == inline.skipped and parallel.skipped["undecodable"] > 0
 
 
 def test_gpt2_tokenizer(tmp_path: Path) -> None:
@@ -299,7 +454,7 @@ def test_gpt2_tokenizer(tmp_path: Path) -> None:
     )
     prep = prepare_data(cfg)
     assert prep.vocab_size == 50257 and prep.eos_id == 50256
-    assert np.load(prep.train_path)[-1] == 50256
+    assert _split_tokens(prep, "train")[-1] == 50256
 
 
 # --------------------------------------------------------------------------- errors
@@ -349,7 +504,7 @@ def test_unsupported_extension(tmp_path: Path) -> None:
     (tmp_path / "data.csv").write_text("text\nhello\n")
     (tmp_path / "notes.txt").write_text("hello\n")
     for source in (tmp_path / "data.csv", tmp_path / "*"):
-        with pytest.raises(ConfigError, match=r"source: unsupported file extension '\.csv'"):
+        with pytest.raises(ConfigError, match=r"source: unsupported file type '\.csv'"):
             load_documents(DataConfig(source=str(source), cache_dir=str(tmp_path)))
 
 

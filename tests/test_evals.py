@@ -25,7 +25,8 @@ from evals.runner import evaluate_model, heldout_nll, task_items
 from mor.checkpoint import save_pretrained
 from mor.config import build_config
 from mor.model import MoRModel
-from trainers.data import DataConfig, PackedDataset, prepare_data
+from trainers.data import DataConfig, prepare_data
+from trainers.windows import TokenWindows
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM = SHARED / "tokenizers" / "smollm2" / "tokenizer.json"
@@ -282,7 +283,7 @@ def trained_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     torch.manual_seed(0)
     model = MoRModel(cfg).train()
-    ds = PackedDataset(data.train_path, 64)
+    ds = TokenWindows(data.dir, "train", 64)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(40):
         x = torch.stack([ds[(step * 8 + i) % len(ds)] for i in range(8)])

@@ -58,6 +58,8 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
             tmp_path,
             "killed",
             "budget.steps=16",
+            # 32 sequences per shard: the run reads ~4 shards, the resume starts mid-way.
+            "data.shard_tokens=2048",
             "checkpoint.every_steps=4",
             "checkpoint.max_failures=2",
             "report_every_steps=1",
@@ -94,6 +96,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_session, tmp_path: Path) -> N
             tmp_path,
             "uninterrupted",
             "budget.steps=16",
+            "data.shard_tokens=2048",
             "checkpoint.every_steps=100",
             "eval.every_steps=100",
         ),

@@ -273,28 +273,28 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path) ->
 import json, sys, torch
 from pathlib import Path
 from mor.checkpoint import load_pretrained
-from trainers.data import PackedDataset
+from trainers.windows import TokenWindows
 from trainers.components import validation_metrics
 model, meta = load_pretrained({str(result.export_dir)!r})
 path = Path(sys.argv[1])
-losses = [validation_metrics(model, PackedDataset(path, 64, r, 2), 4, 2, torch.device("cpu"))
+losses = [validation_metrics(model, TokenWindows(path, "val", 64, r, 2), 4, 2, torch.device("cpu"))
           ["val/loss"] for r in range(2)]
 print(json.dumps({{"val": sum(losses) / 2, "deepspeed": "deepspeed" in sys.modules,
                   "ray": "ray" in sys.modules, "step": meta["step"]}}))
 """
-    val_path = plan_val_path(cfg)
+    data_dir = plan_data_dir(cfg)
     out = subprocess.run(
-        [sys.executable, "-c", script, val_path], capture_output=True, text=True, check=True
+        [sys.executable, "-c", script, data_dir], capture_output=True, text=True, check=True
     )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["step"] == 12 and not got["deepspeed"] and not got["ray"]
     assert math.isclose(got["val"], result.metrics["val/loss"], rel_tol=1e-5)
 
 
-def plan_val_path(cfg: TrainConfig) -> str:
+def plan_data_dir(cfg: TrainConfig) -> str:
     from trainers.data import prepare_data
 
-    return str(prepare_data(cfg.data).val_path)
+    return str(prepare_data(cfg.data).dir)
 
 
 @needs_shared

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -22,9 +21,9 @@ from mor.analysis import RoutingDrift, drift_from_depths
 from mor.config import MoRConfig
 from mor.model import MoRModel
 from trainers.config import TrainConfig
-from trainers.data import PackedDataset
 from trainers.faults import FaultInjector
 from trainers.step_metrics import MicroBatchTotals
+from trainers.windows import TokenWindows
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -46,24 +45,18 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 class BatchSampler:
-    """Micro-batch m of a rank: samples from a per-epoch permutation of the rank's shard."""
+    """Micro-batch m of a rank: its sequences m*mb .. (m+1)*mb - 1 of the shuffled epochs
+    (``TokenWindows.shuffled``); a pure function of (seed, m), so resume is exact."""
 
-    def __init__(self, dataset: PackedDataset, micro_batch: int, seed: int) -> None:
+    def __init__(self, dataset: TokenWindows, micro_batch: int, seed: int) -> None:
         self.ds, self.mb, self.seed = dataset, micro_batch, seed
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def _epoch_perm(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = (epoch, rng.permutation(len(self.ds)))
-        return self._perm[1]
 
     def batch(self, m: int) -> torch.Tensor:
         n = len(self.ds)
         rows = []
         for offset in range(m * self.mb, (m + 1) * self.mb):
             epoch, i = divmod(offset, n)
-            rows.append(self.ds[int(self._epoch_perm(epoch)[i])])
+            rows.append(self.ds.shuffled(self.seed, epoch, i))
         return torch.stack(rows)
 
 
@@ -183,7 +176,7 @@ def update_router_bias(module: MoRModel) -> None:
 
 @torch.no_grad()
 def validation_metrics(
-    model: MoRModel, val: PackedDataset, micro_batch: int, batches: int, device: torch.device
+    model: MoRModel, val: TokenWindows, micro_batch: int, batches: int, device: torch.device
 ) -> dict[str, float]:
     """Over the first ``batches`` val micro-batches, with the causal inference routing:
     ``val/loss`` (mean next-token loss) and, for expert-choice, the routing drift

@@ -1,44 +1,51 @@
-"""Training data: load a corpus, split it by document hash, tokenize, cache, and pack.
+"""Training data: stream a corpus, split it by document hash, tokenize it into token shards.
 
-``prepare_data(cfg)`` writes two flat token arrays (train, val: documents each followed by
-end-of-text) as cached .npy files; ``PackedDataset`` serves rank-sharded fixed-length windows.
-The default corpus needs no network or files: the documentation text shipped with Python.
+``prepare_data(cfg)`` plans the source into units (``trainers.sources``), takes the tokenizer
+(or trains a byte-level BPE on a bounded sample), and tokenizes every unit into fixed-size
+shards of uint16 (uint32 for vocabularies of 65,536 ids or more) under one folder:
+
+    manifest.json      written last: shard list, token counts, tokenizer hash, source
+                       fingerprint, pipeline version (its presence marks the folder complete)
+    tokenizer.json     the tokenizer the shards were made with
+    units/NNNNNN.json  one per finished unit: its shards and counts (what a restart skips)
+    train/NNNNNN-KKKK.npy, val/NNNNNN-KKKK.npy
+
+Units run as a Ray Data pipeline over the cluster's CPUs (a single unit, or one worker, runs
+in this process). Memory is bounded by ``encode_batch_chars`` and ``shard_tokens`` per task,
+never by the corpus. Every file appears under its final name only when complete (atomic
+rename), so a killed preparation continues from the units it finished. Training reads the
+shards memory-mapped (``trainers.windows``). The default corpus needs no network or files.
 """
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import hashlib
-import itertools
 import json
-import operator
 import os
-import re
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 from tokenizers import Tokenizer
 
-from mor.corpus import default_corpus_documents, split_documents
+from mor.corpus import _is_val, default_corpus_documents, split_documents
 from mor.overrides import ConfigError
-from trainers.tokenizer import (
-    atomic_write,
-    cache_key,
-    encode_documents,
-    file_sha256,
-    find_eos_id,
-    get_tokenizer,
+from trainers.sources import (
+    SkipCounts,
+    documents,
+    parse_hf,
+    plan_units,
+    resolve_files,
+    split_text,
 )
+from trainers.tokenizer import atomic_write, cache_key, file_sha256, find_eos_id, get_tokenizer
 
 __all__ = [
     "DataConfig",
-    "PackedDataset",
     "PreparedData",
     "build_tokenizer",
     "default_corpus_documents",
@@ -48,28 +55,27 @@ __all__ = [
     "split_text",
 ]
 
-PIPELINE_VERSION = 1
-"""Part of every cache key: bump it when loading, splitting or tokenizing changes."""
-SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_DOC_CHARS = 8000
-"""Target size of one .txt document: small enough that a single-file corpus (TinyShakespeare)
-still has many documents for the hash split, large enough to keep long-range context."""
+PIPELINE_VERSION = 2
+"""Part of every cache key and manifest: bump it when reading, splitting or tokenizing changes.
+(2: streamed units and token shards.)"""
+MANIFEST = "manifest.json"
 
 
 class DataConfig(BaseModel):
-    """Where the training text comes from, how it is tokenized, split and cached."""
+    """Where the training text comes from, how it is tokenized, split and sharded."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     source: str = "default"
-    """'default' (the embedded corpus: Python's own documentation text), a .txt/.jsonl/.parquet
-    file, a directory (searched recursively for those), a glob, or 'hf:NAME[:CONFIG]' for a
-    Hugging Face dataset (needs network)."""
+    """'default' (the embedded corpus: Python's own documentation text); a .txt/.jsonl/.parquet
+    file (.txt/.jsonl may be .gz or .zst compressed), a folder (searched recursively) or a glob
+    of them; 'hf:NAME[:CONFIG]' for a Hugging Face dataset (streamed; needs network); or a
+    folder written by `mor data prepare` (it holds manifest.json)."""
     text_field: str = "text"
     """Column holding the text in .jsonl/.parquet files and Hugging Face datasets."""
     tokenizer: str | None = None
     """A tokenizer.json file (or a folder holding one), or a Hugging Face tokenizer name (needs
-    network once). None trains a byte-level BPE of vocab_size on the train split (cached)."""
+    network once). None trains a byte-level BPE of vocab_size on a sample of the train split."""
     vocab_size: int = 4096
     """Vocabulary of the locally trained BPE; ignored when tokenizer is given."""
     seq_len: int = 128
@@ -78,12 +84,30 @@ class DataConfig(BaseModel):
     """Fraction of documents held out for validation, chosen by a hash of the document text
     (deterministic, and identical documents always land in the same split)."""
     cache_dir: str | None = None
-    """Where tokenizers and token arrays are cached; default $MOR_CACHE_DIR, else
+    """Where tokenizers and prepared shards are cached; default $MOR_CACHE_DIR, else
     ~/.cache/mor-platform."""
     max_documents: int | None = None
-    """Keep only the first N documents (before the split), for quick runs."""
-    streaming: bool = False
-    """Stream an 'hf:' dataset instead of downloading it whole (Hugging Face sources only)."""
+    """Keep only the first N documents (before the split), for quick runs; read in order by
+    one task."""
+    shard_tokens: int = 1 << 24
+    """Tokens per shard file (the last shard of each unit is shorter). 16M tokens = 32 MB at
+    uint16: large enough for sequential reads, small enough to stream from object storage."""
+    unit_bytes: int = 64 << 20
+    """Source bytes per preparation task: large files are cut into units of about this size
+    (at line ends), the grain of parallelism and of resume."""
+    encode_batch_chars: int = 4 << 20
+    """Characters tokenized per batch in each task: with shard_tokens, bounds its memory."""
+    bpe_sample_chars: int = 64 << 20
+    """The locally trained BPE learns from the first this-many characters of the train split."""
+    max_document_chars: int = 100_000
+    """Longer documents are cut (at paragraph, line or word ends) into pieces of at most this
+    size: a pathological document costs what its length costs, once."""
+    decode_errors: Literal["skip", "fail"] = "skip"
+    """Undecodable input (invalid UTF-8, a JSON line that does not parse): 'skip' drops it and
+    counts it in the manifest; 'fail' stops with the file and line."""
+    prepare_workers: int = 0
+    """Parallel preparation tasks: 0 = one Ray Data task per free CPU of the cluster, 1 = in
+    this process, N = at most N Ray Data tasks."""
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -106,161 +130,53 @@ def _check_config(cfg: DataConfig) -> None:
         )
     if cfg.max_documents is not None and cfg.max_documents < 1:
         raise ConfigError(f"max_documents: must be >= 1 or null (got {cfg.max_documents})")
-    if cfg.streaming and not cfg.source.startswith("hf:"):
-        raise ConfigError("streaming: only applies to 'hf:' sources; set it to false")
+    for name, low in (
+        ("shard_tokens", 1024),
+        ("unit_bytes", 1 << 16),
+        ("encode_batch_chars", 1024),
+        ("bpe_sample_chars", 1024),
+        ("max_document_chars", 256),
+    ):
+        if getattr(cfg, name) < low:
+            raise ConfigError(f"{name}: must be >= {low} (got {getattr(cfg, name)})")
+    if cfg.prepare_workers < 0:
+        raise ConfigError(f"prepare_workers: must be >= 0 (got {cfg.prepare_workers})")
 
 
 @dataclass
 class PreparedData:
-    """Paths and sizes of a tokenized, split corpus (see ``prepare_data``)."""
+    """A prepared folder (see the module docstring), as read from its manifest."""
 
-    train_path: Path
-    val_path: Path
+    dir: Path
     tokenizer_path: Path
     vocab_size: int
     eos_id: int
     num_train_tokens: int
     num_val_tokens: int
+    shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per split, the shards in corpus order: {"file": path relative to dir, "tokens": n}."""
+    skipped: dict[str, int] = field(default_factory=dict)
 
-
-# --------------------------------------------------------------------------- documents
-
-
-def split_text(text: str, doc_chars: int = TXT_DOC_CHARS) -> list[str]:
-    """Cut plain text into documents of about ``doc_chars``: blank-line separated paragraphs
-    are grouped, and a paragraph longer than that is cut at line ends."""
-    text = text.replace("\r\n", "\n")
-    paragraphs: list[str] = []
-    for para in re.split(r"\n(?:[ \t]*\n)+", text):
-        para = para.strip("\n")  # keep indentation (verse, code), drop stray line ends
-        if not para.strip():
-            continue
-        if len(para) <= doc_chars:
-            paragraphs.append(para)
-        else:
-            paragraphs.extend(_group(para.split("\n"), doc_chars, "\n"))
-    return _group(paragraphs, doc_chars, "\n\n")
-
-
-def _group(pieces: list[str], limit: int, sep: str) -> list[str]:
-    out: list[str] = []
-    cur: list[str] = []
-    size = 0
-    for piece in pieces:
-        if cur and size + len(piece) > limit:
-            out.append(sep.join(cur))
-            cur, size = [], 0
-        cur.append(piece)
-        size += len(piece) + len(sep)
-    if cur:
-        out.append(sep.join(cur))
-    return out
-
-
-def _resolve_files(source: str) -> list[Path]:
-    path = Path(source).expanduser()
-    if any(c in source for c in "*?["):
-        files = [Path(m) for m in glob.glob(str(path), recursive=True) if Path(m).is_file()]
-    elif path.is_dir():
-        # A folder may hold READMEs and licences next to the data: take only known types.
-        files = [
-            f
-            for f in path.rglob("*")
-            if f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith(".")
-        ]
-    else:
-        files = [path] if path.is_file() else []
-    if not files:
-        raise ConfigError(
-            f"source: {source!r} matches no files; give 'default', an existing file, a folder "
-            f"or glob of {'/'.join(SUFFIXES)} files, or 'hf:NAME[:CONFIG]'"
+    @classmethod
+    def load(cls, folder: Path) -> PreparedData:
+        m = json.loads((folder / MANIFEST).read_text())
+        return cls(
+            dir=folder,
+            tokenizer_path=folder / "tokenizer.json",
+            vocab_size=int(m["vocab_size"]),
+            eos_id=int(m["eos_id"]),
+            num_train_tokens=int(m["tokens"]["train"]),
+            num_val_tokens=int(m["tokens"]["val"]),
+            shards=m["shards"],
+            skipped=m.get("skipped", {}),
         )
-    for f in files:
-        if f.suffix.lower() not in SUFFIXES:
-            raise ConfigError(
-                f"source: unsupported file extension {f.suffix or '(none)'!r} of {str(f)!r}; "
-                f"allowed: {', '.join(SUFFIXES)}"
-            )
-    return sorted(f.resolve() for f in files)
+
+    def windows(self, split: str, seq_len: int) -> int:
+        """Sequences of ``seq_len`` in ``split`` (each shard's short tail is dropped)."""
+        return sum(s["tokens"] // seq_len for s in self.shards[split])
 
 
-def _parse_hf(source: str) -> tuple[str, str | None]:
-    name, _, config = source[len("hf:") :].partition(":")
-    if not name:
-        raise ConfigError(f"source: {source!r} names no dataset; use 'hf:NAME' or 'hf:NAME:CONFIG'")
-    return name, config or None
-
-
-def _rows_text(
-    rows: Iterable[dict[str, Any]], field: str, what: str, limit: int | None
-) -> list[str]:
-    texts: list[str] = []
-    for row in rows:
-        if field not in row:
-            raise ConfigError(
-                f"text_field: {field!r} is not a column of {what}; columns: {sorted(row)}"
-            )
-        value = row[field]
-        if isinstance(value, str) and value.strip():
-            texts.append(value)
-            if limit is not None and len(texts) >= limit:
-                break
-    return texts
-
-
-def _table_documents(suffix: str, files: list[Path], cfg: DataConfig) -> list[str]:
-    import datasets  # slow import; only table and hub sources need it
-
-    builder = "json" if suffix == ".jsonl" else "parquet"
-    ds = datasets.load_dataset(
-        builder,
-        data_files=[str(f) for f in files],
-        split="train",
-        cache_dir=str(_cache_root(cfg) / "hf-datasets"),
-    )
-    if cfg.text_field not in ds.column_names:
-        raise ConfigError(
-            f"text_field: {cfg.text_field!r} is not a column of {[f.name for f in files][:3]}; "
-            f"columns: {ds.column_names}"
-        )
-    return [t for t in ds[cfg.text_field] if isinstance(t, str)]
-
-
-def load_documents(cfg: DataConfig) -> list[str]:
-    """The raw, non-empty documents of ``cfg.source`` in a deterministic order, capped at
-    ``max_documents``. Raises ConfigError for missing/unsupported sources or an empty corpus."""
-    _check_config(cfg)
-    cap = cfg.max_documents
-    if cfg.source == "default":
-        docs = default_corpus_documents()
-    elif cfg.source.startswith("hf:"):
-        import datasets
-
-        name, config = _parse_hf(cfg.source)
-        ds = datasets.load_dataset(name, config, split="train", streaming=cfg.streaming)
-        docs = _rows_text(ds, cfg.text_field, f"dataset {name!r}", cap)
-    else:
-        docs = []
-        files = _resolve_files(cfg.source)
-        # Consecutive files of one type go to datasets together; the order stays sorted.
-        for suffix, run in itertools.groupby(files, key=lambda f: f.suffix.lower()):
-            group = list(run)
-            if suffix == ".txt":
-                for f in group:
-                    docs.extend(split_text(f.read_bytes().decode("utf-8", errors="replace")))
-            else:
-                docs.extend(_table_documents(suffix, group, cfg))
-            if cap is not None and len(docs) >= cap:
-                break
-    # Lone surrogates (possible in docstrings and JSON escapes) would crash the Rust tokenizer.
-    docs = [d.encode("utf-8", "replace").decode("utf-8") for d in docs if d.strip()]
-    docs = docs[:cap] if cap is not None else docs
-    if not docs:
-        raise ConfigError(f"source: empty corpus: {cfg.source!r} yields no non-empty documents")
-    return docs
-
-
-# --------------------------------------------------------------------------- caching
+# --------------------------------------------------------------------------- keys
 
 
 def _cache_root(cfg: DataConfig) -> Path:
@@ -274,143 +190,229 @@ def _source_fingerprint(cfg: DataConfig) -> str:
         return f"default|{sys.version}"
     if cfg.source.startswith("hf:"):
         # A hub dataset has no cheap version check; its name stands for its content.
-        return "|".join(map(str, _parse_hf(cfg.source)))
-    files = _resolve_files(cfg.source)
-    return json.dumps([[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+        return "|".join(map(str, parse_hf(cfg.source)))
+    digest = hashlib.blake2b(digest_size=16)
+    for f in resolve_files(cfg.source):
+        st = f.stat()
+        digest.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
-def build_tokenizer(cfg: DataConfig, documents: list[str] | None = None) -> tuple[Tokenizer, Path]:
-    """The tokenizer of ``cfg`` and its tokenizer.json path.
-
-    With ``cfg.tokenizer`` set, that file (or hub tokenizer) is loaded. Otherwise a byte-level
-    BPE is trained on ``documents`` (default: the train split of ``cfg``'s corpus) and cached
-    under a key of the corpus fingerprint and vocab_size, so later calls load it.
-    """
-    _check_config(cfg)
-    if documents is None:
-        corpus, docs = _corpus_fingerprint(cfg), lambda: _splits(cfg)[0]
-    else:
-        digest = hashlib.blake2b(digest_size=16)
-        for d in documents:
-            digest.update(d.encode("utf-8", "replace") + b"\0")
-        corpus, docs = "docs|" + digest.hexdigest(), lambda: list(documents)
-    return get_tokenizer(cfg.tokenizer, cfg.vocab_size, _cache_root(cfg), corpus, docs)
-
-
-def _corpus_fingerprint(cfg: DataConfig) -> str:
-    # Everything that decides which documents form the train split.
+def _corpus_key(cfg: DataConfig) -> str:
+    # Everything that decides which documents form each split.
     return cache_key(
         PIPELINE_VERSION,
         _source_fingerprint(cfg),
         cfg.text_field,
         cfg.max_documents,
         cfg.val_fraction,
+        cfg.unit_bytes,
+        cfg.max_document_chars,
+        cfg.decode_errors,
     )
 
 
-def _splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    return split_documents(load_documents(cfg), cfg.val_fraction)
+def _is_prepared(source: str) -> bool:
+    return (Path(source).expanduser() / MANIFEST).is_file()
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Load, split, tokenize and cache ``cfg``'s corpus; return where the arrays are.
+# --------------------------------------------------------------------------- documents
 
-    The arrays are keyed by the source fingerprint (paths, sizes, mtimes), the tokenizer file's
-    hash, val_fraction, max_documents and text_field; a second call with the same inputs reads
-    only the small meta.json. seq_len is not part of the key (packing happens at load time).
+
+def iter_documents(cfg: DataConfig, skips: SkipCounts | None = None) -> Iterator[str]:
+    """All documents of ``cfg.source`` in corpus order, streamed (before the split)."""
+    _check_config(cfg)
+    skips = skips if skips is not None else SkipCounts()
+    units = plan_units(cfg.source, cfg.unit_bytes, capped=cfg.max_documents is not None)
+    for unit in units:
+        yield from documents(
+            unit,
+            cfg.text_field,
+            cfg.decode_errors,
+            cfg.max_document_chars,
+            skips,
+            cfg.max_documents,
+        )
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """The documents of ``cfg.source`` as a list: for small corpora and tests only (training
+    never materialises a corpus). Raises ConfigError for an empty corpus."""
+    skips = SkipCounts()
+    docs = list(iter_documents(cfg, skips))
+    if not docs:
+        raise _empty_corpus(cfg, skips)
+    return docs
+
+
+def _empty_corpus(cfg: DataConfig, skips: SkipCounts) -> ConfigError:
+    if skips.missing_field and skips.columns:
+        return ConfigError(
+            f"text_field: {cfg.text_field!r} is not a column of {cfg.source!r}; columns: "
+            f"{skips.columns}"
+        )
+    extra = f" ({skips.undecodable} undecodable lines/blocks skipped)" if skips.undecodable else ""
+    return ConfigError(f"source: empty corpus: {cfg.source!r} yields no non-empty documents{extra}")
+
+
+def _bpe_sample(cfg: DataConfig) -> Iterator[str]:
+    """The train split's first ``bpe_sample_chars`` characters: what a local BPE learns from."""
+    left = cfg.bpe_sample_chars
+    skips = SkipCounts()
+    found = False
+    for doc in iter_documents(cfg, skips):
+        if _is_val(doc, cfg.val_fraction):
+            continue
+        found = True
+        yield doc[:left]
+        left -= len(doc)
+        if left <= 0:
+            return
+    if not found:
+        raise _empty_corpus(cfg, skips)
+
+
+def build_tokenizer(cfg: DataConfig) -> tuple[Tokenizer, Path]:
+    """The tokenizer of ``cfg`` and its tokenizer.json path.
+
+    With ``cfg.tokenizer`` set, that file (or hub tokenizer) is loaded. Otherwise a byte-level
+    BPE is trained on a bounded sample of the train split and cached under a key of the corpus
+    and vocab_size, so later calls load it.
     """
     _check_config(cfg)
-    corpus = _corpus_fingerprint(cfg)
-    memo: list[tuple[list[str], list[str]]] = []
-
-    def splits() -> tuple[list[str], list[str]]:
-        if not memo:  # load the corpus at most once, and only on a cache miss
-            memo.append(_splits(cfg))
-        return memo[0]
-
-    tok, tok_path = get_tokenizer(
-        cfg.tokenizer, cfg.vocab_size, _cache_root(cfg), corpus, lambda: splits()[0]
+    key = cache_key(_corpus_key(cfg), cfg.bpe_sample_chars)
+    return get_tokenizer(
+        cfg.tokenizer, cfg.vocab_size, _cache_root(cfg), key, lambda: _bpe_sample(cfg)
     )
-    eos_id, vocab_size = find_eos_id(tok), tok.get_vocab_size()
-    key = cache_key(corpus, file_sha256(tok_path))
-    out = _cache_root(cfg) / "data" / key
-    meta_path = out / "meta.json"
-    files_ok = (out / "train.npy").is_file() and (out / "val.npy").is_file()
-    if meta_path.is_file() and files_ok:
-        meta = json.loads(meta_path.read_text())
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def prepare_data(
+    cfg: DataConfig, out: str | Path | None = None, address: str | None = None
+) -> PreparedData:
+    """Prepare ``cfg``'s corpus into ``out`` (default: a cache folder keyed by every input)
+    and return it. A complete folder is reused; a partial one is continued. ``address`` is the
+    Ray cluster for the parallel stage when Ray is not connected yet."""
+    _check_config(cfg)
+    if _is_prepared(cfg.source):
+        data = _check_prepared(cfg)
     else:
-        train_docs, val_docs = splits()
-        meta = {"source": cfg.source, "tokenizer": str(tok_path), "vocab_size": vocab_size}
-        for name, docs in (("train", train_docs), ("val", val_docs)):
-            ids = encode_documents(tok, docs, eos_id, vocab_size)
-            atomic_write(out / f"{name}.npy", lambda f, ids=ids: np.save(f, ids))
-            meta[f"num_{name}_tokens"] = len(ids)
-            meta[f"num_{name}_documents"] = len(docs)
-        # meta.json goes last: its presence marks the entry complete.
-        atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    data = PreparedData(
-        train_path=out / "train.npy",
-        val_path=out / "val.npy",
-        tokenizer_path=tok_path,
-        vocab_size=vocab_size,
-        eos_id=eos_id,
-        num_train_tokens=int(meta["num_train_tokens"]),
-        num_val_tokens=int(meta["num_val_tokens"]),
-    )
-    for split, n in (("train", data.num_train_tokens), ("val", data.num_val_tokens)):
-        if n < cfg.seq_len + 1:
+        tok, tok_path = build_tokenizer(cfg)
+        key = cache_key(_corpus_key(cfg), file_sha256(tok_path), cfg.shard_tokens)
+        folder = Path(out).expanduser() if out else _cache_root(cfg) / "data" / key
+        if (folder / MANIFEST).is_file() and _manifest_key(folder) == key:
+            data = PreparedData.load(folder)
+        else:
+            data = _prepare(cfg, tok, tok_path, key, folder, address)
+    _check_sizes(cfg, data)
+    return data
+
+
+def _manifest_key(folder: Path) -> str | None:
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        return json.loads((folder / MANIFEST).read_text())["key"]
+    return None
+
+
+def _check_prepared(cfg: DataConfig) -> PreparedData:
+    data = PreparedData.load(Path(cfg.source).expanduser().resolve())
+    if cfg.tokenizer is not None:
+        _, tok_path = build_tokenizer(cfg)
+        if file_sha256(tok_path) != file_sha256(data.tokenizer_path):
             raise ConfigError(
-                f"source: corpus too small: the {split} split holds {n} tokens, fewer than "
-                f"seq_len + 1 = {cfg.seq_len + 1}; use a larger source or max_documents, a "
-                f"smaller seq_len, or a different val_fraction (now {cfg.val_fraction})"
+                f"tokenizer: {cfg.tokenizer!r} is not the tokenizer {cfg.source!r} was prepared "
+                "with; leave data.tokenizer unset to use the folder's own"
             )
     return data
 
 
-# --------------------------------------------------------------------------- packing
+def _check_sizes(cfg: DataConfig, data: PreparedData) -> None:
+    for split, n in (("train", data.num_train_tokens), ("val", data.num_val_tokens)):
+        if data.windows(split, cfg.seq_len) < 1:
+            raise ConfigError(
+                f"source: corpus too small: the {split} split holds {n} tokens, not one "
+                f"sequence of seq_len = {cfg.seq_len}; use a larger source or max_documents, "
+                f"a smaller seq_len, or a different val_fraction (now {cfg.val_fraction})"
+            )
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """Non-overlapping windows ``tokens[j*seq_len : (j+1)*seq_len]`` of a token .npy (the short
-    tail is dropped), as LongTensors [seq_len] that serve as inputs and labels (the model shifts
-    internally). Rank r of world_size gets windows r, r+world_size, ...; ``even=True`` gives
-    every rank windows // world_size of them so that DDP ranks take equal step counts."""
+def _prepare(
+    cfg: DataConfig, tok: Tokenizer, tok_path: Path, key: str, folder: Path, address: str | None
+) -> PreparedData:
+    from trainers.prepare import run_units  # the executor: inline or Ray Data
 
-    def __init__(
-        self, path: Path, seq_len: int, rank: int = 0, world_size: int = 1, even: bool = False
-    ) -> None:
-        if seq_len < 2:
-            raise ConfigError(f"seq_len: must be >= 2 (got {seq_len})")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must lie in [0, world_size), got {rank} of {world_size}")
-        self.path, self.seq_len = Path(path), seq_len
-        self.rank, self.world_size = rank, world_size
-        self._tokens: np.ndarray | None = np.load(self.path, mmap_mode="r")
-        if self._tokens.ndim != 1:
-            raise ValueError(f"{self.path} must hold a 1-D token array")
-        self.num_windows = len(self._tokens) // seq_len  # over all ranks together
-        if even:
-            self._len = self.num_windows // world_size
-        else:
-            self._len = len(range(rank, self.num_windows, world_size))
+    units = plan_units(cfg.source, cfg.unit_bytes, capped=cfg.max_documents is not None)
+    _claim_folder(folder, key, cfg)
+    if not (folder / "tokenizer.json").is_file():
+        atomic_write(folder / "tokenizer.json", lambda f: f.write(tok_path.read_bytes()))
+    vocab = tok.get_vocab_size()
+    job = {
+        "out": str(folder),
+        "tokenizer": tok.to_str(),
+        "eos_id": find_eos_id(tok),
+        "vocab_size": vocab,
+        "dtype": "uint16" if vocab < 2**16 else "uint32",
+        "shard_tokens": cfg.shard_tokens,
+        "val_fraction": cfg.val_fraction,
+        "text_field": cfg.text_field,
+        "decode_errors": cfg.decode_errors,
+        "max_document_chars": cfg.max_document_chars,
+        "encode_batch_chars": cfg.encode_batch_chars,
+        "max_documents": cfg.max_documents,
+    }
+    markers = run_units(job, units, cfg.prepare_workers, address)
+    return _write_manifest(cfg, folder, key, job, markers)
 
-    def __len__(self) -> int:
-        return self._len
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        i = operator.index(i)
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError(f"index {i} out of range for {self._len} sequences")
-        if self._tokens is None:  # reopened lazily after pickling into a worker
-            self._tokens = np.load(self.path, mmap_mode="r")
-        start = (self.rank + i * self.world_size) * self.seq_len
-        window = self._tokens[start : start + self.seq_len]
-        return torch.from_numpy(window.astype(np.int64))
+def _claim_folder(folder: Path, key: str, cfg: DataConfig) -> None:
+    """A folder holds one preparation: continue our own, refuse to mix in another's."""
+    job_file = folder / "job.json"
+    if job_file.is_file():
+        if json.loads(job_file.read_text()).get("key") != key:
+            raise ConfigError(
+                f"out: {str(folder)!r} holds a preparation of different inputs (source, "
+                "tokenizer or data settings); choose an empty folder"
+            )
+        return
+    # Dot-files are another process's temp files, racing to claim the same cache folder.
+    if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+        raise ConfigError(f"out: {str(folder)!r} is not empty and not a preparation folder")
+    record = {"key": key, "source": cfg.source, "pipeline_version": PIPELINE_VERSION}
+    atomic_write(job_file, lambda f: f.write(json.dumps(record).encode()))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # A pickled memmap would copy the whole array into every DataLoader worker.
-        state = dict(self.__dict__)
-        state["_tokens"] = None
-        return state
+
+def _write_manifest(
+    cfg: DataConfig, folder: Path, key: str, job: dict[str, Any], markers: list[dict[str, Any]]
+) -> PreparedData:
+    skips = SkipCounts()
+    shards: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    docs = {"train": 0, "val": 0}
+    for marker in markers:  # in unit order: the corpus order
+        for split in shards:
+            shards[split].extend(marker["shards"][split])
+            docs[split] += marker["documents"][split]
+        skips.undecodable += marker["skipped"]["undecodable"]
+        skips.missing_field += marker["skipped"]["missing_field"]
+        skips.columns = skips.columns or marker.get("columns", [])
+    if docs["train"] + docs["val"] == 0:
+        raise _empty_corpus(cfg, skips)
+    manifest = {
+        "key": key,
+        "pipeline_version": PIPELINE_VERSION,
+        "source": cfg.source,
+        "source_fingerprint": _source_fingerprint(cfg),
+        "tokenizer_sha256": file_sha256(folder / "tokenizer.json"),
+        "vocab_size": job["vocab_size"],
+        "eos_id": job["eos_id"],
+        "dtype": job["dtype"],
+        "units": len(markers),
+        "documents": docs,
+        "tokens": {s: sum(x["tokens"] for x in shards[s]) for s in shards},
+        "skipped": skips.to_dict(),
+        "shards": shards,
+    }
+    # manifest.json goes last: its presence marks the folder complete.
+    atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    return PreparedData.load(folder)

@@ -24,7 +24,7 @@ from core.keys import (
 from mor.flops import steps_for_budget, training_flops_per_token
 from mor.overrides import ConfigError
 from trainers.config import TrainConfig, default_tracking_uri
-from trainers.data import PackedDataset, prepare_data
+from trainers.data import prepare_data
 from trainers.plan import TrainPlan
 from trainers.run_log import SPOOL_FILE
 from trainers.tracking import connect, find_or_create_run, flatten, sync_spool
@@ -61,7 +61,7 @@ def run_dirs(cfg: TrainConfig) -> tuple[str, Path]:
 
 def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
     """Validate and prepare everything that does not need Ray (data, budget, MLflow run)."""
-    prepared = prepare_data(cfg.data)
+    prepared = prepare_data(cfg.data, address=cfg.address)
     mor_cfg = cfg.mor_config(prepared.vocab_size)
     world = world_size or cfg.scaling.num_workers
     seq = cfg.data.seq_len
@@ -97,8 +97,7 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
         model=mor_cfg,
         total_steps=total,
         tokens_per_step=tokens_per_step,
-        train_path=str(prepared.train_path),
-        val_path=str(prepared.val_path),
+        data_dir=str(prepared.dir),
         tokenizer_path=str(prepared.tokenizer_path),
         tracking_uri=uri,
         experiment_id=exp_id,
@@ -139,16 +138,15 @@ def _total_steps(cfg: TrainConfig, mor_cfg: Any, tokens_per_step: int) -> int:
 
 
 def _check_shards(cfg: TrainConfig, prepared: Any, world: int) -> None:
-    """Every worker's shard holds a micro-batch of training and a held-out sequence."""
+    """Every worker's share holds a micro-batch of training and a held-out sequence."""
     seq = cfg.data.seq_len
-    shard = PackedDataset(prepared.train_path, seq, 0, world)
-    if len(shard) < cfg.batch.micro_batch_size:
+    share = prepared.windows("train", seq) // world
+    if share < cfg.batch.micro_batch_size:
         raise ConfigError(
-            f"data: each of {world} workers gets {len(shard)} training sequences of "
+            f"data: each of {world} workers gets {share} training sequences of "
             f"{seq} tokens, fewer than batch.micro_batch_size={cfg.batch.micro_batch_size}"
         )
-    val_shard = PackedDataset(prepared.val_path, seq, 0, world)
-    if len(val_shard) < 1:
+    if prepared.windows("val", seq) // world < 1:
         raise ConfigError("data.val_fraction: the held-out split is too small for one sequence")
 
 

@@ -27,7 +27,6 @@ from trainers.components import (
     validation_metrics,
 )
 from trainers.config import TrainConfig
-from trainers.data import PackedDataset
 from trainers.faults import FaultInjector
 from trainers.plan import TrainPlan
 from trainers.run_log import RunLog
@@ -38,6 +37,7 @@ from trainers.step_metrics import (
     check_finite,
     peak_flops,
 )
+from trainers.windows import TokenWindows
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -56,9 +56,10 @@ class Trainer:
         self.worker = w = Worker.start(cfg, plan.use_gpu, state_dir)
         self.engine = build_engine(cfg, plan.model, plan.total_steps, w.device)
         seq, mb = cfg.data.seq_len, cfg.batch.micro_batch_size
-        train_ds = PackedDataset(Path(plan.train_path), seq, w.rank, w.world)
-        self.val_ds = PackedDataset(Path(plan.val_path), seq, w.rank, w.world)
-        self.sampler = BatchSampler(train_ds, mb, cfg.seed + 1000 * w.rank)
+        train_ds = TokenWindows(plan.data_dir, "train", seq, w.rank, w.world)
+        self.val_ds = TokenWindows(plan.data_dir, "val", seq, w.rank, w.world)
+        # One seed for all ranks: they share the epoch's order, each taking its positions.
+        self.sampler = BatchSampler(train_ds, mb, cfg.seed)
         self.faults = FaultInjector(cfg.fault_injection, state_dir, w.rank)
         self.meter = StepMeter(
             cfg,

@@ -28,10 +28,9 @@ class TrainPlan(BaseModel):
     """Optimizer steps of the whole run (the budget converted at the global batch)."""
     tokens_per_step: int = Field(ge=1)
     """Tokens per optimizer step over all workers (micro-batch × accumulation × world × seq)."""
-    train_path: str
-    """The packed training split (token ids), sharded by rank in the worker."""
-    val_path: str
-    """The packed held-out split, for the periodic validation loss."""
+    data_dir: str
+    """The prepared data folder (manifest and token shards; ``trainers.data``): workers read
+    their share of its train split and its held-out split memory-mapped."""
     tokenizer_path: str
     """The tokenizer file, copied into the export."""
     tracking_uri: str

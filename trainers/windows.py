@@ -1,0 +1,106 @@
+"""Training sequences from token shards: memory-mapped, rank-sharded, shuffled shard by shard.
+
+A split's sequences are the non-overlapping windows ``shard[j*seq_len : (j+1)*seq_len]`` of
+each shard (each shard's short tail is dropped). An epoch orders them by a permutation of the
+shards, then a permutation of each shard's windows, both drawn from (seed, epoch): the state is
+one shard's permutation, so memory does not grow with the corpus, and consecutive steps read
+one shard at a time (sequential reads, local or streamed). Position p of that order belongs to
+rank p mod world_size; all ranks together consume positions 0, 1, 2, ... So the batch of step
+m is a pure function of (seed, m): resuming at step m continues at the exact next sequence.
+"""
+
+from __future__ import annotations
+
+import bisect
+import operator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainers.data import PreparedData
+
+__all__ = ["TokenWindows"]
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Rank ``rank``'s sequences of one split of a prepared folder, as LongTensors [seq_len]
+    that serve as inputs and labels (the model shifts internally).
+
+    ``ds[i]`` is the rank's i-th sequence in corpus order (validation); ``ds.shuffled(seed,
+    epoch, i)`` its i-th in the epoch's shuffled order (training). Every rank gets
+    ``windows // world_size`` sequences, so DDP ranks take equal step counts."""
+
+    def __init__(
+        self, folder: str | Path, split: str, seq_len: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2 (got {seq_len})")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size), got {rank} of {world_size}")
+        data = PreparedData.load(Path(folder))
+        self.folder, self.seq_len = Path(folder), seq_len
+        self.rank, self.world_size = rank, world_size
+        self.files = [s["file"] for s in data.shards[split]]
+        self.counts = np.array([s["tokens"] // seq_len for s in data.shards[split]], np.int64)
+        self.ends = np.cumsum(self.counts)
+        self.num_windows = int(self.ends[-1]) if len(self.ends) else 0  # all ranks together
+        self._len = self.num_windows // world_size
+        self._maps: dict[int, np.ndarray] = {}
+        self._order: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+        self._perm: tuple[tuple[int, int, int], np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _check(self, i: int) -> int:
+        i = operator.index(i)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"index {i} out of range for {self._len} sequences")
+        return i
+
+    def _window(self, shard: int, j: int) -> torch.Tensor:
+        tokens = self._maps.get(shard)
+        if tokens is None:
+            if len(self._maps) >= 4:  # keep a few open: the order walks shard by shard
+                self._maps.pop(next(iter(self._maps)))
+            tokens = np.load(self.folder / self.files[shard], mmap_mode="r")
+            self._maps[shard] = tokens
+        window = tokens[j * self.seq_len : (j + 1) * self.seq_len]
+        return torch.from_numpy(window.astype(np.int64))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        pos = self.rank + self._check(i) * self.world_size
+        shard = int(np.searchsorted(self.ends, pos, side="right"))
+        return self._window(shard, pos - (int(self.ends[shard - 1]) if shard else 0))
+
+    def shuffled(self, seed: int, epoch: int, i: int) -> torch.Tensor:
+        """The rank's i-th sequence of ``epoch`` in the (seed, epoch) order."""
+        pos = self.rank + self._check(i) * self.world_size
+        shards, ends = self._epoch_order(seed, epoch)
+        k = bisect.bisect_right(ends, pos)
+        shard = int(shards[k])
+        j = pos - (int(ends[k - 1]) if k else 0)
+        return self._window(shard, int(self._shard_perm(seed, epoch, shard)[j]))
+
+    def _epoch_order(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._order is None or self._order[0] != (seed, epoch):
+            shards = np.random.default_rng([seed, epoch]).permutation(len(self.counts))
+            self._order = ((seed, epoch), shards, np.cumsum(self.counts[shards]))
+        return self._order[1], self._order[2]
+
+    def _shard_perm(self, seed: int, epoch: int, shard: int) -> np.ndarray:
+        key = (seed, epoch, shard)
+        if self._perm is None or self._perm[0] != key:
+            rng = np.random.default_rng([seed, epoch, shard, 1])
+            self._perm = (key, rng.permutation(int(self.counts[shard])))
+        return self._perm[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled memmaps would copy whole shards into every DataLoader worker.
+        state = dict(self.__dict__)
+        state["_maps"] = {}
+        return state
