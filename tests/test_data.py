@@ -41,6 +41,7 @@ CORPUS = SHARED / "corpus"
 
 # Small enough to train the default-corpus BPE in about a second.
 SMALL = {"vocab_size": 512, "max_documents": 200}
+MOR = str(Path(sys.executable).with_name("mor"))
 
 
 def _need_shared() -> None:
@@ -271,7 +272,7 @@ def test_killed_preparation_resumes_from_finished_units(tmp_path: Path) -> None:
         "prepare_workers=1",
         f"cache_dir={tmp_path / 'c'}",
     ]
-    cmd = [sys.executable, "-m", "cli.main", "data", "prepare", *args, "--out"]
+    cmd = [MOR, "data", "prepare", *args, "--out"]
     proc = subprocess.Popen([*cmd, str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:  # one progress line per finished unit
         if "unit 2/" in line:
@@ -433,8 +434,20 @@ def test_ray_data_stage_equals_one_process(tmp_path: Path) -> None:
     for byte, as one process: a unit's shards depend on nothing but the unit."""
     _need_shared()
     source = str(CORPUS / "gutenberg_nltk" / "[bc]*.txt")
+    # As the README types it (on Ray: a fresh local cluster, one task per CPU).
+    args = [
+        source,
+        "--tokenizer",
+        str(SMOLLM2),
+        "--out",
+        str(tmp_path / "ray"),
+        "unit_bytes=524288",
+    ]
+    done = subprocess.run([MOR, "data", "prepare", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"mor train data.source={tmp_path / 'ray'}" in done.stdout
+    parallel = PreparedData.load(tmp_path / "ray")
     cfg = DataConfig(source=source, tokenizer=str(SMOLLM2), unit_bytes=1 << 19)
-    parallel = prepare_data(cfg, out=tmp_path / "ray")
     inline = prepare_data(cfg.model_copy(update={"prepare_workers": 1}), out=tmp_path / "one")
     assert parallel.vocab_size == 49152 and parallel.num_train_tokens > 250_000
     assert len(parallel.shards["train"]) >= 3 and parallel.shards == inline.shards

@@ -228,11 +228,15 @@ def test_budget_becomes_steps(workdir: Path) -> None:
 # ------------------------------------------------------------------ end to end on Ray
 @needs_shared
 def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path) -> None:
+    # The corpus as a folder of parquet shards (documents in rows, several row groups): the
+    # data stage streams them through Ray Data, as it would a web-scale corpus.
+    shards = shakespeare_parquet(workdir / "parquet", files=3)
     cfg = load_train_config(
         None,
         overrides(
             workdir,
             "two-workers",
+            f"data.source={shards}",
             "scaling.num_workers=2",
             "deepspeed.zero_stage=2",
             "budget.steps=12",
@@ -289,6 +293,21 @@ print(json.dumps({{"val": sum(losses) / 2, "deepspeed": "deepspeed" in sys.modul
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["step"] == 12 and not got["deepspeed"] and not got["ray"]
     assert math.isclose(got["val"], result.metrics["val/loss"], rel_tol=1e-5)
+
+
+def shakespeare_parquet(folder: Path, files: int) -> Path:
+    """TinyShakespeare's documents as ``files`` parquet files of 64-row row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainers.sources import split_text
+
+    docs = split_text(SHAKESPEARE.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        table = pa.table({"text": docs[i::files], "id": list(range(len(docs)))[i::files]})
+        pq.write_table(table, folder / f"part-{i:05d}.parquet", row_group_size=64)
+    return folder
 
 
 def plan_data_dir(cfg: TrainConfig) -> str:
