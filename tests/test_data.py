@@ -447,7 +447,7 @@ def test_ray_data_stage_equals_one_process(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert f"mor train data.source={tmp_path / 'ray'}" in done.stdout
     parallel = PreparedData.load(tmp_path / "ray")
-    cfg = DataConfig(source=source, tokenizer=str(SMOLLM2), unit_bytes=1 << 19)
+    cfg = DataConfig(source=source, tokenizer=str(SMOLLM2))
     inline = prepare_data(cfg.model_copy(update={"prepare_workers": 1}), out=tmp_path / "one")
     assert parallel.vocab_size == 49152 and parallel.num_train_tokens > 250_000
     assert len(parallel.shards["train"]) >= 3 and parallel.shards == inline.shards

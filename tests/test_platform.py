@@ -458,7 +458,21 @@ def test_train_with_the_stack_up(stack: Stack, tmp_path: Path) -> None:
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"name": "on-stack", "storage_path": str(tmp_path)}))
-    run = _mor(["train", str(config), *TINY_TRAIN], stack.env, tmp_path)
+    # The README's `mor data prepare` on the stack's Ray (a Ray Data task per file), then
+    # `mor train ... data.source=PREPARED`.
+    from mor.corpus import default_corpus_documents
+
+    docs = default_corpus_documents()[:120]
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"part{i}.txt").write_text("\n\n".join(docs[i::3]))
+    prepared = tmp_path / "prepared"
+    args = ["data", "prepare", str(tmp_path / "corpus"), "--out", str(prepared), "vocab_size=512"]
+    prep = _mor(args, stack.env, tmp_path)
+    assert prep.returncode == 0, (prep.stdout + prep.stderr)[-4000:]
+    assert f"mor train data.source={prepared}" in prep.stdout
+    assert len(json.loads((prepared / "manifest.json").read_text())["shards"]["train"]) == 3
+    run = _mor(["train", str(config), *TINY_TRAIN, f"data.source={prepared}"], stack.env, tmp_path)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert f"at {stack.mlflow}" in run.stdout  # tracked on the stack with no flag
     run_id = re.search(r"done: MLflow run (\w+)", run.stdout).group(1)

@@ -95,7 +95,7 @@ class DataConfig(BaseModel):
     unit_bytes: int = 64 << 20
     """Source bytes per preparation task: large files are cut into units of about this size
     (at line ends), the grain of parallelism and of resume."""
-    encode_batch_chars: int = 4 << 20
+    encode_batch_chars: int = 1 << 20
     """Characters tokenized per batch in each task: with shard_tokens, bounds its memory."""
     bpe_sample_chars: int = 64 << 20
     """The locally trained BPE learns from the first this-many characters of the train split."""
