@@ -195,8 +195,13 @@ def main() -> None:
             rows.append({"scale": f"{scale}x", "method": f"mor data prepare, {cpus} CPU", **row})
             print(json.dumps(rows[-1]), flush=True)
         if scale == 1 and not args.skip_datasets:
-            rows.append({"scale": "1x", "method": "datasets.map num_proc=2",
-                         **datasets_map(source, args.work)})
+            rows.append(
+                {
+                    "scale": "1x",
+                    "method": "datasets.map num_proc=2",
+                    **datasets_map(source, args.work),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     raw = raw_encode_rate(docs * 4, 20e6)
     write(args.out, rows, raw)
@@ -224,7 +229,8 @@ def write(out: Path, rows: list[dict[str, Any]], raw: float) -> None:
     lines = [
         f"Data preparation, {record['date']}, {record['machine']}; SmolLM2 tokenizer.",
         "",
-        "| scale | method | tokens | s | tokens/s | driver peak MB | worker peak MB | bytes/token |",
+        "| scale | method | tokens | s | tokens/s | driver peak MB | worker peak MB "
+        "| bytes/token |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:

@@ -109,16 +109,16 @@ def test_default_prepare(small_default: tuple[DataConfig, object]) -> None:
     assert len(train) == prep.num_train_tokens > 100_000
     assert len(_split_tokens(prep, "val")) == prep.num_val_tokens > cfg.seq_len
     assert int(train.max()) < prep.vocab_size
-    manifest = json.loads((prep.dir / "manifest.json").read_text())
+    manifest = json.loads((Path(prep.dir) / "manifest.json").read_text())
     assert manifest["pipeline_version"] == data_mod.PIPELINE_VERSION
-    assert manifest["tokenizer_sha256"] == tok_mod.file_sha256(prep.tokenizer_path)
+    assert manifest["tokenizer_sha256"] == tok_mod.file_sha256(Path(prep.tokenizer_path))
 
 
 # --------------------------------------------------------------------------- shards and windows
 
 
 def _split_tokens(prep: PreparedData, split: str) -> np.ndarray:
-    return np.concatenate([np.load(prep.dir / s["file"]) for s in prep.shards[split]])
+    return np.concatenate([np.load(Path(prep.dir) / s["file"]) for s in prep.shards[split]])
 
 
 def test_windows_match_shards(small_default: tuple[DataConfig, object]) -> None:
@@ -175,7 +175,8 @@ def test_units_and_shards_keep_the_corpus_order(many_shards: PreparedData) -> No
     assert sum(s["tokens"] == 4096 for s in prep.shards["train"]) > 10  # fixed-size shards
     assert all(s["tokens"] <= 4096 for split in ("train", "val") for s in prep.shards[split])
     # The shards, in manifest order, are the documents of the corpus in order.
-    cfg = DataConfig(source=str(prep.dir.parent.parent.parent / "corpus.txt"), unit_bytes=1 << 17)
+    corpus = Path(prep.dir).parent.parent.parent / "corpus.txt"
+    cfg = DataConfig(source=str(corpus), unit_bytes=1 << 17)
     train, _ = split_documents(load_documents(cfg), cfg.val_fraction)
     tok = Tokenizer.from_file(str(prep.tokenizer_path))
     segments = _segments(_split_tokens(prep, "train"), prep.eos_id)
@@ -242,7 +243,7 @@ def test_cache_reuse_does_not_retokenize(
     small_default: tuple[DataConfig, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg, prep = small_default
-    files = [prep.dir / "manifest.json", prep.tokenizer_path]
+    files = [Path(prep.dir) / "manifest.json", Path(prep.tokenizer_path)]
     mtimes = [f.stat().st_mtime_ns for f in files]
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -310,7 +311,7 @@ def test_cache_dir_defaults_to_env(
 ) -> None:
     monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "env-cache"))
     prep = prepare_data(DataConfig(source=str(txt_corpus), vocab_size=300))
-    assert prep.dir.is_relative_to(tmp_path / "env-cache")
+    assert Path(prep.dir).is_relative_to(tmp_path / "env-cache")
 
 
 def test_out_folder_of_other_inputs_is_refused(txt_corpus: Path, tmp_path: Path) -> None:
@@ -452,7 +453,8 @@ def test_ray_data_stage_equals_one_process(tmp_path: Path) -> None:
     assert parallel.vocab_size == 49152 and parallel.num_train_tokens > 250_000
     assert len(parallel.shards["train"]) >= 3 and parallel.shards == inline.shards
     for s in parallel.shards["train"] + parallel.shards["val"]:
-        assert (parallel.dir / s["file"]).read_bytes() == (inline.dir / s["file"]).read_bytes()
+        a, b = Path(parallel.dir) / s["file"], Path(inline.dir) / s["file"]
+        assert a.read_bytes() == b.read_bytes()
     assert parallel.skipped == inline.skipped and parallel.skipped["undecodable"] > 0
 
 

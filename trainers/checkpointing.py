@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from core.storage import Location
 from trainers.config import TrainConfig
 from trainers.plan import TrainPlan
 from trainers.step_metrics import Progress, all_mean
@@ -57,9 +58,11 @@ class Checkpointer:
             "train_flops": progress.flops,
             "val_loss": metrics.get("val/loss"),
         }
-        save_pretrained(
-            path, self.plan.model, state, meta=meta, tokenizer_path=self.plan.tokenizer_path
+        # The tokenizer lives beside the data, which may be in an object store.
+        tokenizer = Location.parse(self.plan.tokenizer_path).local_copy(
+            Path(tempfile.gettempdir()) / "mor-tokenizers"
         )
+        save_pretrained(path, self.plan.model, state, meta=meta, tokenizer_path=tokenizer)
 
 
 def resume(engine: Any, device: torch.device, rank: int) -> Progress | None:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 from tokenizers import Tokenizer
 
+from core.storage import Location
 from mor.corpus import _is_val, default_corpus_documents, split_documents
 from mor.overrides import ConfigError
 from trainers.sources import (
@@ -42,7 +43,7 @@ from trainers.sources import (
     resolve_files,
     split_text,
 )
-from trainers.tokenizer import atomic_write, cache_key, file_sha256, find_eos_id, get_tokenizer
+from trainers.tokenizer import cache_key, file_sha256, find_eos_id, get_tokenizer
 
 __all__ = [
     "DataConfig",
@@ -147,8 +148,10 @@ def _check_config(cfg: DataConfig) -> None:
 class PreparedData:
     """A prepared folder (see the module docstring), as read from its manifest."""
 
-    dir: Path
-    tokenizer_path: Path
+    dir: str
+    """The folder: an absolute local path or an object-store URI (``core.storage``)."""
+    tokenizer_path: str
+    """Its tokenizer.json (same kind of location)."""
     vocab_size: int
     eos_id: int
     num_train_tokens: int
@@ -158,11 +161,12 @@ class PreparedData:
     skipped: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, folder: Path) -> PreparedData:
-        m = json.loads((folder / MANIFEST).read_text())
+    def load(cls, folder: str | Path | Location) -> PreparedData:
+        loc = folder if isinstance(folder, Location) else Location.parse(folder)
+        m = json.loads(loc.child(MANIFEST).read_text())
         return cls(
-            dir=folder,
-            tokenizer_path=folder / "tokenizer.json",
+            dir=loc.uri,
+            tokenizer_path=loc.child("tokenizer.json").uri,
             vocab_size=int(m["vocab_size"]),
             eos_id=int(m["eos_id"]),
             num_train_tokens=int(m["tokens"]["train"]),
@@ -213,7 +217,10 @@ def _corpus_key(cfg: DataConfig) -> str:
 
 
 def _is_prepared(source: str) -> bool:
-    return (Path(source).expanduser() / MANIFEST).is_file()
+    """A folder (local or object store) holding a finished preparation."""
+    if source == "default" or source.startswith("hf:") or any(c in source for c in "*?["):
+        return False
+    return Location.parse(source).child(MANIFEST).is_file()
 
 
 # --------------------------------------------------------------------------- documents
@@ -301,8 +308,8 @@ def prepare_data(
     else:
         tok, tok_path = build_tokenizer(cfg)
         key = cache_key(_corpus_key(cfg), file_sha256(tok_path), cfg.shard_tokens)
-        folder = Path(out).expanduser() if out else _cache_root(cfg) / "data" / key
-        if (folder / MANIFEST).is_file() and _manifest_key(folder) == key:
+        folder = Location.parse(out if out else _cache_root(cfg) / "data" / key)
+        if _manifest_key(folder) == key:
             data = PreparedData.load(folder)
         else:
             data = _prepare(cfg, tok, tok_path, key, folder, address)
@@ -310,17 +317,19 @@ def prepare_data(
     return data
 
 
-def _manifest_key(folder: Path) -> str | None:
+def _manifest_key(folder: Location) -> str | None:
     with contextlib.suppress(OSError, ValueError, KeyError):
-        return json.loads((folder / MANIFEST).read_text())["key"]
+        return json.loads(folder.child(MANIFEST).read_text())["key"]
     return None
 
 
 def _check_prepared(cfg: DataConfig) -> PreparedData:
-    data = PreparedData.load(Path(cfg.source).expanduser().resolve())
+    loc = Location.parse(cfg.source)
+    data = PreparedData.load(loc)
     if cfg.tokenizer is not None:
         _, tok_path = build_tokenizer(cfg)
-        if file_sha256(tok_path) != file_sha256(data.tokenizer_path):
+        manifest = json.loads(loc.child(MANIFEST).read_text())
+        if file_sha256(tok_path) != manifest["tokenizer_sha256"]:
             raise ConfigError(
                 f"tokenizer: {cfg.tokenizer!r} is not the tokenizer {cfg.source!r} was prepared "
                 "with; leave data.tokenizer unset to use the folder's own"
@@ -339,17 +348,22 @@ def _check_sizes(cfg: DataConfig, data: PreparedData) -> None:
 
 
 def _prepare(
-    cfg: DataConfig, tok: Tokenizer, tok_path: Path, key: str, folder: Path, address: str | None
+    cfg: DataConfig,
+    tok: Tokenizer,
+    tok_path: Path,
+    key: str,
+    folder: Location,
+    address: str | None,
 ) -> PreparedData:
     from trainers.prepare import run_units  # the executor: inline or Ray Data
 
     units = plan_units(cfg.source, cfg.unit_bytes, capped=cfg.max_documents is not None)
     _claim_folder(folder, key, cfg)
-    if not (folder / "tokenizer.json").is_file():
-        atomic_write(folder / "tokenizer.json", lambda f: f.write(tok_path.read_bytes()))
+    if not folder.child("tokenizer.json").is_file():
+        folder.child("tokenizer.json").write_bytes(tok_path.read_bytes())
     vocab = tok.get_vocab_size()
     job = {
-        "out": str(folder),
+        "out": folder.uri,
         "tokenizer": tok.to_str(),
         "eos_id": find_eos_id(tok),
         "vocab_size": vocab,
@@ -363,12 +377,12 @@ def _prepare(
         "max_documents": cfg.max_documents,
     }
     markers = run_units(job, units, cfg.prepare_workers, address)
-    return _write_manifest(cfg, folder, key, job, markers)
+    return _write_manifest(cfg, folder, key, job, markers, file_sha256(tok_path))
 
 
-def _claim_folder(folder: Path, key: str, cfg: DataConfig) -> None:
+def _claim_folder(folder: Location, key: str, cfg: DataConfig) -> None:
     """A folder holds one preparation: continue our own, refuse to mix in another's."""
-    job_file = folder / "job.json"
+    job_file = folder.child("job.json")
     if job_file.is_file():
         if json.loads(job_file.read_text()).get("key") != key:
             raise ConfigError(
@@ -377,14 +391,19 @@ def _claim_folder(folder: Path, key: str, cfg: DataConfig) -> None:
             )
         return
     # Dot-files are another process's temp files, racing to claim the same cache folder.
-    if folder.is_dir() and any(not p.name.startswith(".") for p in folder.iterdir()):
+    if any(not name.startswith(".") for name in folder.names()):
         raise ConfigError(f"out: {str(folder)!r} is not empty and not a preparation folder")
     record = {"key": key, "source": cfg.source, "pipeline_version": PIPELINE_VERSION}
-    atomic_write(job_file, lambda f: f.write(json.dumps(record).encode()))
+    job_file.write_text(json.dumps(record))
 
 
 def _write_manifest(
-    cfg: DataConfig, folder: Path, key: str, job: dict[str, Any], markers: list[dict[str, Any]]
+    cfg: DataConfig,
+    folder: Location,
+    key: str,
+    job: dict[str, Any],
+    markers: list[dict[str, Any]],
+    tokenizer_sha256: str,
 ) -> PreparedData:
     skips = SkipCounts()
     shards: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
@@ -403,7 +422,7 @@ def _write_manifest(
         "pipeline_version": PIPELINE_VERSION,
         "source": cfg.source,
         "source_fingerprint": _source_fingerprint(cfg),
-        "tokenizer_sha256": file_sha256(folder / "tokenizer.json"),
+        "tokenizer_sha256": tokenizer_sha256,
         "vocab_size": job["vocab_size"],
         "eos_id": job["eos_id"],
         "dtype": job["dtype"],
@@ -414,5 +433,5 @@ def _write_manifest(
         "shards": shards,
     }
     # manifest.json goes last: its presence marks the folder complete.
-    atomic_write(folder / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    folder.child(MANIFEST).write_text(json.dumps(manifest, indent=1))
     return PreparedData.load(folder)

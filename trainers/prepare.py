@@ -18,16 +18,15 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from core.storage import Location
 from mor.corpus import _is_val
 from mor.overrides import ConfigError
 from trainers.sources import SkipCounts, Unit, documents
-from trainers.tokenizer import atomic_write
 
 __all__ = ["ShardWriter", "run_units", "tokenize_unit"]
 
@@ -37,7 +36,7 @@ SPLITS = ("train", "val")
 class ShardWriter:
     """Fills fixed-size token shards of one split of one unit; holds one shard in memory."""
 
-    def __init__(self, out: Path, split: str, unit: int, size: int, dtype: np.dtype) -> None:
+    def __init__(self, out: Location, split: str, unit: int, size: int, dtype: np.dtype) -> None:
         self.out, self.split, self.unit = out, split, unit
         self.buf = np.empty(size, dtype=dtype)  # untouched pages cost nothing
         self.n = 0
@@ -56,10 +55,10 @@ class ShardWriter:
         if self.n == 0:
             return
         name = f"{self.split}/{self.unit:06d}-{len(self.shards):04d}.npy"
-        path = self.out / name
-        if not path.is_file():  # a finished shard is never rewritten (same bytes anyway)
+        target = self.out.child(name)
+        if not target.is_file():  # a finished shard is never rewritten (same bytes anyway)
             tokens = self.buf[: self.n]
-            atomic_write(path, lambda f: np.save(f, tokens))
+            target.write(lambda f: np.save(f, tokens))
         self.shards.append({"file": name, "tokens": int(self.n)})
         self.n = 0
 
@@ -79,7 +78,7 @@ def _encode(tok: Tokenizer, docs: list[str], eos: np.ndarray, vocab: int) -> np.
 
 def tokenize_unit(job: dict[str, Any], index: int, unit: dict[str, Any]) -> dict[str, Any]:
     """Tokenize unit ``index`` into shards under ``job["out"]``; write and return its marker."""
-    out, u = Path(job["out"]), Unit(**unit)
+    out, u = Location.parse(job["out"]), Unit(**unit)
     tok = Tokenizer.from_str(job["tokenizer"])
     eos = np.array([job["eos_id"]], dtype=np.uint32)
     writers = {
@@ -117,15 +116,13 @@ def tokenize_unit(job: dict[str, Any], index: int, unit: dict[str, Any]) -> dict
         "skipped": skips.to_dict(),
         "columns": skips.columns,
     }
-    path = out / "units" / f"{index:06d}.json"
-    atomic_write(path, lambda f: f.write(json.dumps(marker).encode()))  # last: unit done
+    out.child("units", f"{index:06d}.json").write_text(json.dumps(marker))  # last: unit done
     return marker
 
 
-def _finished(out: Path, index: int, unit: Unit) -> dict[str, Any] | None:
-    path = out / "units" / f"{index:06d}.json"
+def _finished(out: Location, index: int, unit: Unit) -> dict[str, Any] | None:
     with contextlib.suppress(OSError, ValueError):
-        marker = json.loads(path.read_text())
+        marker = json.loads(out.child("units", f"{index:06d}.json").read_text())
         if marker.get("unit") == asdict(unit):
             return marker
     return None
@@ -135,7 +132,7 @@ def run_units(
     job: dict[str, Any], units: list[Unit], workers: int, address: str | None
 ) -> list[dict[str, Any]]:
     """Every unit's marker, in unit order, tokenizing the units not finished yet."""
-    out = Path(job["out"])
+    out = Location.parse(job["out"])
     markers = {i: m for i, u in enumerate(units) if (m := _finished(out, i, u)) is not None}
     todo = [(i, units[i]) for i in range(len(units)) if i not in markers]
     if todo and (workers == 1 or len(todo) == 1 or _inside_ray_task()):

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers import trainers as tk_trainers
 
+from core.storage import atomic_write
 from mor.overrides import ConfigError
 
 __all__ = [
@@ -137,22 +136,6 @@ def train_bpe(documents: Iterable[str], vocab_size: int) -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
     """Write ``tok`` to ``path`` atomically."""
     atomic_write(path, lambda f: f.write(tok.to_str(pretty=True).encode("utf-8")))
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temp file in the same folder, then rename it onto ``path``."""
-    # A crash leaves only a .tmp- file behind, never a truncated file under the final name.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def cache_key(*parts: Any) -> str:

@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import bisect
 import operator
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from core.storage import Location
 from trainers.data import PreparedData
 
 __all__ = ["TokenWindows"]
+
+
+def _shard_cache() -> Path:
+    """Where shards streamed from object storage land: $MOR_CACHE_DIR/shards, else a temp dir."""
+    root = os.environ.get("MOR_CACHE_DIR") or tempfile.gettempdir()
+    return Path(root).expanduser() / "mor-shards"
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -39,8 +48,9 @@ class TokenWindows(torch.utils.data.Dataset):
             raise ValueError(f"seq_len must be >= 2 (got {seq_len})")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size), got {rank} of {world_size}")
-        data = PreparedData.load(Path(folder))
-        self.folder, self.seq_len = Path(folder), seq_len
+        self.folder = Location.parse(folder)
+        data = PreparedData.load(self.folder)
+        self.seq_len, self.split = seq_len, split
         self.rank, self.world_size = rank, world_size
         self.files = [s["file"] for s in data.shards[split]]
         self.counts = np.array([s["tokens"] // seq_len for s in data.shards[split]], np.int64)
@@ -67,10 +77,26 @@ class TokenWindows(torch.utils.data.Dataset):
         if tokens is None:
             if len(self._maps) >= 4:  # keep a few open: the order walks shard by shard
                 self._maps.pop(next(iter(self._maps)))
-            tokens = np.load(self.folder / self.files[shard], mmap_mode="r")
+            tokens = np.load(self._local(shard), mmap_mode="r")
             self._maps[shard] = tokens
         window = tokens[j * self.seq_len : (j + 1) * self.seq_len]
         return torch.from_numpy(window.astype(np.int64))
+
+    def _local(self, shard: int) -> Path:
+        """A shard on local disk: itself, or a download from object storage (one shard is
+        read at a time; copies of shards left behind are removed, so disk use is bounded)."""
+        loc = self.folder.child(self.files[shard])
+        if loc.is_local:
+            return Path(loc.path)
+        cache = _shard_cache() / f"{self.split}-rank{self.rank}"
+        path = loc.local_copy(cache)
+        for old in cache.glob("*.npy"):
+            if old != path and old.name.split("-", 1)[1] not in self._open_names():
+                old.unlink(missing_ok=True)  # an open memory map keeps its pages
+        return path
+
+    def _open_names(self) -> set[str]:
+        return {self.files[k].rsplit("/", 1)[-1] for k in self._maps}
 
     def __getitem__(self, i: int) -> torch.Tensor:
         pos = self.rank + self._check(i) * self.world_size
