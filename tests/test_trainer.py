@@ -22,6 +22,7 @@ from mor.model import MoRModel, RoutingStats
 from mor.overrides import ConfigError, validate
 from trainers.components import lr_factor
 from trainers.config import FaultInjection, TrainConfig, load_train_config
+from trainers.data import DataConfig, prepare_data
 from trainers.faults import FaultInjector
 from trainers.launcher import TrainingError, plan_run, run_training
 from trainers.plan import TrainPlan
@@ -53,7 +54,9 @@ def overrides(tmp: Path, name: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(s3: str):
+    """Ray for this module, started after the S3 server: like a cluster whose nodes hold the
+    object store's credentials in their environment, its workers inherit the AWS_* variables."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=True, configure_logging=False)
@@ -227,16 +230,19 @@ def test_budget_becomes_steps(workdir: Path) -> None:
 
 # ------------------------------------------------------------------ end to end on Ray
 @needs_shared
-def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path) -> None:
-    # The corpus as a folder of parquet shards (documents in rows, several row groups): the
-    # data stage streams them through Ray Data, as it would a web-scale corpus.
-    shards = shakespeare_parquet(workdir / "parquet", files=3)
+def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path, s3: str) -> None:
+    # The corpus as a folder of parquet files (documents in rows, several row groups), put
+    # through the Ray Data stage into an S3 bucket; the workers stream their shards and the
+    # tokenizer from there: no disk is shared between the driver and the workers' data.
+    parquet = shakespeare_parquet(workdir / "parquet", files=3)
+    data = DataConfig(source=str(parquet), tokenizer=str(SMOLLM), seq_len=64)
+    prepared = prepare_data(data, out=f"{s3}/shakespeare")
     cfg = load_train_config(
         None,
         overrides(
             workdir,
             "two-workers",
-            f"data.source={shards}",
+            f"data.source={prepared.dir}",
             "scaling.num_workers=2",
             "deepspeed.zero_stage=2",
             "budget.steps=12",
@@ -275,12 +281,11 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path) ->
     # The export loads in a fresh process without Ray or DeepSpeed and reproduces val loss.
     script = f"""
 import json, sys, torch
-from pathlib import Path
 from mor.checkpoint import load_pretrained
 from trainers.windows import TokenWindows
 from trainers.components import validation_metrics
 model, meta = load_pretrained({str(result.export_dir)!r})
-path = Path(sys.argv[1])
+path = sys.argv[1]  # an s3:// URI: never a Path
 losses = [validation_metrics(model, TokenWindows(path, "val", 64, r, 2), 4, 2, torch.device("cpu"))
           ["val/loss"] for r in range(2)]
 print(json.dumps({{"val": sum(losses) / 2, "deepspeed": "deepspeed" in sys.modules,

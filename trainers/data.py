@@ -43,7 +43,13 @@ from trainers.sources import (
     resolve_files,
     split_text,
 )
-from trainers.tokenizer import cache_key, file_sha256, find_eos_id, get_tokenizer
+from trainers.tokenizer import (
+    cache_key,
+    file_sha256,
+    find_eos_id,
+    get_tokenizer,
+    resolve_tokenizer_file,
+)
 
 __all__ = [
     "DataConfig",
@@ -327,7 +333,7 @@ def _check_prepared(cfg: DataConfig) -> PreparedData:
     loc = Location.parse(cfg.source)
     data = PreparedData.load(loc)
     if cfg.tokenizer is not None:
-        _, tok_path = build_tokenizer(cfg)
+        tok_path = resolve_tokenizer_file(cfg.tokenizer, _cache_root(cfg))
         manifest = json.loads(loc.child(MANIFEST).read_text())
         if file_sha256(tok_path) != manifest["tokenizer_sha256"]:
             raise ConfigError(
