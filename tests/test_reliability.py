@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -129,8 +131,42 @@ def test_workers_the_cluster_cannot_place_fail_in_seconds(ray_session, tmp_path:
 
 
 # ------------------------------------------------------------------ corrupt checkpoint
+class _Payload:
+    """Pickles to ``exec(code)``: runs ``code`` when unpickled without weights_only."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def _plant_payload(ckpt: Path, marker: Path) -> None:
+    """An attacker's edit: a code-running object in the model states, the manifest rewritten
+    to match (someone who can write the file can write the manifest next to it)."""
+    import hashlib
+
+    import torch
+
+    states = next(ckpt.rglob("mp_rank_00_model_states.pt"))
+    data = torch.load(states, weights_only=False)  # our own file, trusted here
+    data["x"] = _Payload(f"open({str(marker)!r}, 'w').write('ran')")
+    torch.save(data, states)
+    rel = states.relative_to(ckpt).as_posix()
+    for manifest in ckpt.glob("mor_manifest_rank*.json"):
+        m = json.loads(manifest.read_text())
+        if rel in m["sha256"]:
+            m["sha256"][rel] = hashlib.sha256(states.read_bytes()).hexdigest()
+            manifest.write_text(json.dumps(m))
+
+
 @needs_shared
-def test_corrupt_latest_checkpoint_falls_back(ray_session, tmp_path: Path) -> None:
+def test_corrupt_tampered_or_lost_checkpoints_fall_back(ray_session, tmp_path: Path) -> None:
+    """A torn file (caught by the manifest), a code-running payload with a matching manifest
+    (refused by the weights-only load: it never runs), a torn Ray snapshot with the newest
+    folder deleted: each rerun resumes from the newest intact checkpoint, logs nothing twice,
+    and a finished run stays FINISHED. Leaked staging folders and folders beyond
+    ``checkpoint.keep`` are removed on start."""
     cfg = load_train_config(
         None,
         items(
@@ -145,15 +181,128 @@ def test_corrupt_latest_checkpoint_falls_back(ray_session, tmp_path: Path) -> No
     )
     with pytest.raises(TrainingError):
         run_training(cfg)
-    ckpts = sorted(p for p in (tmp_path / "ray" / "corrupt").glob("checkpoint_*") if p.is_dir())
+    run_dir = tmp_path / "ray" / "corrupt"
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 3 and 6
     states = next(ckpts[-1].rglob("mp_rank_00_model_states.pt"))
-    states.write_bytes(states.read_bytes()[:100])  # a torn write of the latest checkpoint
+    intact = states.read_bytes()
+    states.write_bytes(intact[:100])  # a torn write of the latest checkpoint
     result = run_training(cfg)
     client = MlflowClient(result.tracking_uri)
     # Resumed from step 3, not from the torn step-6 checkpoint; nothing logged twice.
     assert client.get_run(result.run_id).data.tags["mor.resumed_from_step"] == "3"
     assert steps_logged(client, result.run_id) == list(range(1, 10))
+
+    # A payload in the final checkpoint, its manifest made to match: never runs.
+    states.write_bytes(intact)  # step 6 intact again
+    final = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    marker = tmp_path / "payload_ran"
+    _plant_payload(final, marker)
+    result = run_training(cfg)
+    assert not marker.exists(), "a tampered checkpoint ran code on resume"
+    run = client.get_run(result.run_id)
+    assert run.data.tags["mor.resumed_from_step"] == "6" and run.info.status == "FINISHED"
+    assert steps_logged(client, result.run_id) == list(range(1, 10))
+
+    # Ray's snapshot torn, the newest folder deleted, a leaked staging folder of a dead
+    # worker, two stale folders beyond keep=3: the rerun recovers, the run stays FINISHED.
+    folders = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    shutil.rmtree(folders[-1])
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    snapshot.write_text(snapshot.read_text()[:50])
+    for old in ("checkpoint_2000-01-01_00-00-00.000001", "checkpoint_2000-01-01_00-00-00.000002"):
+        shutil.copytree(folders[0], run_dir / old)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leaked = Path(tempfile.gettempdir()) / f"mor-ckpt-{dead.pid}-leak"
+    leaked.mkdir(exist_ok=True)
+    result = run_training(cfg)
+    assert not leaked.exists()
+    assert not (run_dir / "checkpoint_2000-01-01_00-00-00.000001").exists()
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= 3
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert steps_logged(client, result.run_id) == list(range(1, 10))
+
+
+def test_checkpoint_manifest_names_the_offending_file(tmp_path: Path) -> None:
+    from trainers.checkpointing import CheckpointIntegrityError, verify_manifest, write_manifest
+
+    (tmp_path / "step1").mkdir()
+    (tmp_path / "step1" / "a.pt").write_bytes(b"weights")
+    (tmp_path / "latest").write_text("step1")
+    with pytest.raises(CheckpointIntegrityError, match="no mor_manifest"):
+        verify_manifest(tmp_path)
+    write_manifest(tmp_path, rank=0)
+    verify_manifest(tmp_path)  # intact
+    (tmp_path / "step1" / "a.pt").write_bytes(b"weightz")
+    with pytest.raises(CheckpointIntegrityError, match=r"step1/a\.pt: does not match its SHA"):
+        verify_manifest(tmp_path)
+    (tmp_path / "step1" / "a.pt").write_bytes(b"weights")
+    (tmp_path / "step1" / "evil.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointIntegrityError, match=r"evil\.pt: not in the checkpoint"):
+        verify_manifest(tmp_path)
+
+
+# ------------------------------------------------------------------ one writer, storage
+@needs_shared
+def test_one_writer_per_name_and_killed_writers_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live second writer of a run or sweep name is refused, naming the holder; once the
+    holder is dead its lock is stale: the run it left RUNNING is marked interrupted (KILLED),
+    and the name can be written again. A storage path that cannot be written, or is too full
+    for the checkpoints, fails in seconds before any MLflow run exists."""
+    from conftest import tiny_spec_dict
+
+    from sweeps.driver import run_sweep
+    from trainers.writer_lock import LOCK_FILE, release
+
+    cfg = load_train_config(None, items(tmp_path, "writer", "budget.steps=2"))
+    other = load_train_config(None, items(tmp_path, "other", "budget.steps=2"))
+    plan, other_plan = plan_run(cfg), plan_run(other)
+    locks = [Path(p.state_dir) / LOCK_FILE for p in (plan, other_plan)]
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        for lock in locks:  # as if another live process held them
+            lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(
+            ConfigError, match=rf"name: run 'writer' is being written by pid {holder.pid}"
+        ):
+            plan_run(cfg)
+        sweep = validate(SweepSpec, tiny_spec_dict(tmp_path, "locked-sweep"))
+        sweep_lock = tmp_path / "sweeps" / "locked-sweep" / LOCK_FILE
+        sweep_lock.parent.mkdir(parents=True)
+        sweep_lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        with pytest.raises(
+            ConfigError, match=rf"sweep 'locked-sweep' is being written by pid {holder.pid}"
+        ):
+            run_sweep(plan_sweep(sweep))
+    finally:
+        holder.kill()
+        holder.wait()
+    again = plan_run(cfg)  # the holder is dead: both runs were left RUNNING by a "kill"
+    client = MlflowClient(plan.tracking_uri)
+    assert again.run_id == plan.run_id and again.resumed_run
+    assert client.get_run(plan.run_id).data.tags.get("mor.interrupted") == "true"
+    killed = client.get_run(other_plan.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["mor.interrupted"] == "true"
+    assert not locks[1].exists()
+    release(Path(plan.state_dir))
+    assert not locks[0].exists()
+
+    bad = load_train_config(None, items(tmp_path, "ro", f"storage_path={locks[1].parent / 'x'}"))
+    (locks[1].parent / "x").write_text("a file, not a folder")
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"storage_path: .* is not writable"):
+        plan_run(bad)
+    import types
+
+    full_disk = types.SimpleNamespace(total=2**30, used=2**30 - 2**20, free=2**20)
+    monkeypatch.setattr("trainers.launcher.shutil.disk_usage", lambda path: full_disk)
+    with pytest.raises(ConfigError, match=r"storage_path: .* has 1 MiB free"):
+        plan_run(load_train_config(None, items(tmp_path, "full")))
+    assert time.monotonic() - start < 20
+    assert not (tmp_path / "runs" / "full").exists()  # no MLflow run was created
 
 
 # ------------------------------------------------------------------ divergence
