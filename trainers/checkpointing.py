@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -160,7 +161,7 @@ def restore_latest_good(engine: Any, candidates: list[Path], device: torch.devic
             if load_path is None or not state or "step" not in state:
                 raise RuntimeError("no loadable DeepSpeed checkpoint (missing 'latest' tag?)")
         except Exception as exc:
-            error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            error = _reason(exc)
         ok = all_mean([0.0 if error else 1.0], device)[0] == 1.0
         if ok:
             return state
@@ -171,6 +172,17 @@ def restore_latest_good(engine: Any, candidates: list[Path], device: torch.devic
         )
         print(f"[mor] WARNING: checkpoint {path.name} unusable: {error or 'on another rank'}")
     return None
+
+
+def _reason(exc: Exception) -> str:
+    """One line; PyTorch's weights-only refusal (whose first line suggests loading the file
+    unsafely) becomes what it means here."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        found = re.search(r"GLOBAL (\S+)", text)
+        what = found.group(1) if found else "a non-tensor object"
+        return f"refused to unpickle {what} (not weights; the checkpoint may be tampered)"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 # ------------------------------------------------------------------ integrity
@@ -273,10 +285,10 @@ def clean_leaked_temp_dirs() -> list[Path]:
     return removed
 
 
-def prepare_run_dir(run_dir: Path | None, keep: int) -> None:
-    """Before Ray starts: set aside a torn Ray snapshot (or one naming a deleted checkpoint
-    folder; Ray would fail on it) so the workers fall back to the newest intact folder
-    themselves, and keep at most ``keep`` checkpoint folders across restarts."""
+def tidy_run_dir(run_dir: Path | None, keep: int) -> None:
+    """Before Ray starts (and after it ends): set aside a torn Ray snapshot (or one naming a
+    deleted checkpoint folder; Ray would fail on it) so the workers fall back to the newest
+    intact folder themselves, and keep at most ``keep`` checkpoint folders across restarts."""
     if run_dir is None or not run_dir.is_dir():
         return
     snapshot = run_dir / SNAPSHOT

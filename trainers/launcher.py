@@ -24,7 +24,7 @@ from core.keys import (
 )
 from mor.flops import steps_for_budget, training_flops_per_token
 from mor.overrides import ConfigError
-from trainers.checkpointing import RAY_SUBDIR, prepare_run_dir, ray_run_dir
+from trainers.checkpointing import RAY_SUBDIR, ray_run_dir, tidy_run_dir
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import PackedDataset, prepare_data
 from trainers.plan import TrainPlan
@@ -270,7 +270,7 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
     plan = TrainPlan.model_validate(plan.model_dump() | {"use_gpu": bool(use_gpu)})
     _, state_dir = run_dirs(cfg)
     state_dir.mkdir(parents=True, exist_ok=True)
-    prepare_run_dir(ray_run_dir(cfg), cfg.checkpoint.keep)  # torn Ray state, `keep` on restart
+    tidy_run_dir(ray_run_dir(cfg), cfg.checkpoint.keep)  # torn Ray state, `keep` on restart
     trainer = _trainer(cfg, plan, callbacks)
     spool = state_dir / SPOOL_FILE
     try:
@@ -281,6 +281,8 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
             reason = "training diverged: " + reason.split("training diverged:", 1)[1][:500]
         record_failure(plan, reason, spool)
         raise TrainingError(f"training run {cfg.name!r} failed: {reason}") from exc
+    finally:  # Ray deletes only the checkpoints it knows of: `keep` bounds the others too
+        tidy_run_dir(ray_run_dir(cfg), cfg.checkpoint.keep)
     sync_spool(plan.tracking_uri, plan.run_id, spool)
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
