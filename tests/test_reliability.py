@@ -305,6 +305,24 @@ def test_one_writer_per_name_and_killed_writers_marked(
     assert not (tmp_path / "runs" / "full").exists()  # no MLflow run was created
 
 
+def test_concurrent_first_runs_create_the_mlflow_store_once(tmp_path: Path) -> None:
+    """Three first runs at once on a fresh sqlite store: before the creation lock, two of
+    them failed in MLflow's schema migration (alembic CommandError, 'table … already exists')."""
+    import sys
+
+    code = (
+        f"from trainers.tracking import connect; connect('sqlite:///{tmp_path}/mlflow.db', 'race')"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    ids = {MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_experiment_by_name("race")}
+    assert None not in ids
+
+
 # ------------------------------------------------------------------ divergence
 @needs_shared
 def test_nan_loss_stops_the_run_with_a_reason(ray_session, tmp_path: Path) -> None:
