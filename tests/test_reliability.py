@@ -255,12 +255,12 @@ def test_one_writer_per_name_and_killed_writers_marked(
     from conftest import tiny_spec_dict
 
     from sweeps.driver import run_sweep
-    from trainers.writer_lock import LOCK_FILE, release
 
+    lock_file = "writer.lock"  # trainers.writer_lock.LOCK_FILE
     cfg = load_train_config(None, items(tmp_path, "writer", "budget.steps=2"))
     other = load_train_config(None, items(tmp_path, "other", "budget.steps=2"))
     plan, other_plan = plan_run(cfg), plan_run(other)
-    locks = [Path(p.state_dir) / LOCK_FILE for p in (plan, other_plan)]
+    locks = [Path(p.state_dir) / lock_file for p in (plan, other_plan)]
     holder = subprocess.Popen(["sleep", "60"])
     try:
         for lock in locks:  # as if another live process held them
@@ -270,7 +270,7 @@ def test_one_writer_per_name_and_killed_writers_marked(
         ):
             plan_run(cfg)
         sweep = validate(SweepSpec, tiny_spec_dict(tmp_path, "locked-sweep"))
-        sweep_lock = tmp_path / "sweeps" / "locked-sweep" / LOCK_FILE
+        sweep_lock = tmp_path / "sweeps" / "locked-sweep" / lock_file
         sweep_lock.parent.mkdir(parents=True)
         sweep_lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
         with pytest.raises(
@@ -287,6 +287,8 @@ def test_one_writer_per_name_and_killed_writers_marked(
     killed = client.get_run(other_plan.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["mor.interrupted"] == "true"
     assert not locks[1].exists()
+    from trainers.writer_lock import release
+
     release(Path(plan.state_dir))
     assert not locks[0].exists()
 
