@@ -199,7 +199,8 @@ def _files(folder: Path) -> dict[str, Path]:
     return {
         p.relative_to(folder).as_posix(): p
         for p in folder.rglob("*")
-        if (p.is_file() or p.is_symlink()) and not p.name.startswith(MANIFEST_PREFIX)
+        if (p.is_file() or p.is_symlink())
+        and not (p.parent == folder and p.match(f"{MANIFEST_PREFIX}*.json"))
     }
 
 
