@@ -291,6 +291,11 @@ def test_one_writer_per_name_and_killed_writers_marked(
 
     release(Path(plan.state_dir))
     assert not locks[0].exists()
+    from trainers.launcher import record_failure
+
+    client.set_terminated(plan.run_id, status="FINISHED")
+    record_failure(again, "a failed rerun")  # a finished run is never flipped to FAILED
+    assert client.get_run(plan.run_id).info.status == "FINISHED"
 
     bad = load_train_config(None, items(tmp_path, "ro", f"storage_path={locks[1].parent / 'x'}"))
     (locks[1].parent / "x").write_text("a file, not a folder")
