@@ -162,11 +162,11 @@ def _plant_payload(ckpt: Path, marker: Path) -> None:
 
 @needs_shared
 def test_corrupt_tampered_or_lost_checkpoints_fall_back(ray_session, tmp_path: Path) -> None:
-    """A torn file (caught by the manifest), a code-running payload with a matching manifest
-    (refused by the weights-only load: it never runs), a torn Ray snapshot with the newest
-    folder deleted: each rerun resumes from the newest intact checkpoint, logs nothing twice,
-    and a finished run stays FINISHED. Leaked staging folders and folders beyond
-    ``checkpoint.keep`` are removed on start."""
+    """A torn file (caught by the manifest); then a code-running payload with a matching
+    manifest (refused by the weights-only load: it never runs) and the newest folder deleted:
+    each rerun resumes from the newest intact checkpoint, logs nothing twice, and a finished
+    run stays FINISHED. Leaked staging folders and folders beyond ``checkpoint.keep`` are
+    removed on start."""
     cfg = load_train_config(
         None,
         items(
@@ -193,35 +193,44 @@ def test_corrupt_tampered_or_lost_checkpoints_fall_back(ray_session, tmp_path: P
     assert client.get_run(result.run_id).data.tags["mor.resumed_from_step"] == "3"
     assert steps_logged(client, result.run_id) == list(range(1, 10))
 
-    # A payload in the final checkpoint, its manifest made to match: never runs.
-    states.write_bytes(intact)  # step 6 intact again
-    final = max((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    # A payload in the step-6 checkpoint with its manifest made to match (it never runs),
+    # the newest folder deleted (Ray's record still names it), a leaked staging folder of a
+    # dead worker, two stale folders beyond keep=3: the rerun resumes from step 3.
+    states.write_bytes(intact)
     marker = tmp_path / "payload_ran"
-    _plant_payload(final, marker)
-    result = run_training(cfg)
-    assert not marker.exists(), "a tampered checkpoint ran code on resume"
-    run = client.get_run(result.run_id)
-    assert run.data.tags["mor.resumed_from_step"] == "6" and run.info.status == "FINISHED"
-    assert steps_logged(client, result.run_id) == list(range(1, 10))
-
-    # Ray's snapshot torn, the newest folder deleted, a leaked staging folder of a dead
-    # worker, two stale folders beyond keep=3: the rerun recovers, the run stays FINISHED.
-    folders = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
-    shutil.rmtree(folders[-1])
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    snapshot.write_text(snapshot.read_text()[:50])
+    _plant_payload(ckpts[-1], marker)
+    shutil.rmtree(max(run_dir.glob("checkpoint_*"), key=lambda p: p.name))  # step 9
     for old in ("checkpoint_2000-01-01_00-00-00.000001", "checkpoint_2000-01-01_00-00-00.000002"):
-        shutil.copytree(folders[0], run_dir / old)
+        shutil.copytree(ckpts[0], run_dir / old)
     dead = subprocess.Popen(["true"])
     dead.wait()
     leaked = Path(tempfile.gettempdir()) / f"mor-ckpt-{dead.pid}-leak"
     leaked.mkdir(exist_ok=True)
     result = run_training(cfg)
-    assert not leaked.exists()
-    assert not (run_dir / "checkpoint_2000-01-01_00-00-00.000001").exists()
-    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= 3
-    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert not marker.exists(), "a tampered checkpoint ran code on resume"
+    run = client.get_run(result.run_id)
+    assert run.data.tags["mor.resumed_from_step"] == "3" and run.info.status == "FINISHED"
     assert steps_logged(client, result.run_id) == list(range(1, 10))
+    assert not leaked.exists()
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= 3
+    assert not any(run_dir.glob("checkpoint_2000-*"))
+
+
+def test_torn_ray_checkpoint_record_is_set_aside(tmp_path: Path) -> None:
+    """A torn ``checkpoint_manager_snapshot.json`` made Ray's controller fail (a 144-line
+    traceback, the run unrecoverable): it is set aside before Ray starts, and folders beyond
+    ``keep`` go."""
+    from trainers.checkpointing import SNAPSHOT, tidy_run_dir
+
+    for i in range(4):
+        (tmp_path / f"checkpoint_2026-01-0{i + 1}").mkdir()
+    (tmp_path / SNAPSHOT).write_text('{"checkpoint_results": [{"checkpoint_dir_name": "chec')
+    tidy_run_dir(tmp_path, keep=2)
+    assert not (tmp_path / SNAPSHOT).exists() and any(tmp_path.glob(f"{SNAPSHOT}.unusable-*"))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_2026-01-03",
+        "checkpoint_2026-01-04",
+    ]
 
 
 def test_checkpoint_manifest_names_the_offending_file(tmp_path: Path) -> None:
