@@ -199,7 +199,8 @@ def test_corrupt_tampered_or_lost_checkpoints_fall_back(ray_session, tmp_path: P
     states.write_bytes(intact)
     marker = tmp_path / "payload_ran"
     _plant_payload(ckpts[-1], marker)
-    shutil.rmtree(max(run_dir.glob("checkpoint_*"), key=lambda p: p.name))  # step 9
+    folders = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
+    shutil.rmtree(max(folders, key=lambda p: p.name))  # step 9
     for old in ("checkpoint_2000-01-01_00-00-00.000001", "checkpoint_2000-01-01_00-00-00.000002"):
         shutil.copytree(ckpts[0], run_dir / old)
     dead = subprocess.Popen(["true"])
