@@ -20,7 +20,6 @@ from core.keys import (
     KIND_SWEEP,
     PARAM_EVAL_POINTS,
     TAG_EVAL_RUN_ID,
-    TAG_INTERRUPTED,
     TAG_KIND,
     eval_key,
     eval_point_key,
@@ -29,7 +28,8 @@ from core.keys import (
 from mor.overrides import ConfigError
 from sweeps.spec import SweepPlan, SweepSpec, TrialPoint, plan_sweep, trial_config
 from trainers.launcher import ResourceError, check_resources
-from trainers.tracking import connect, find_or_create_run, flatten
+from trainers.tracking import connect, find_or_create_run, flatten, mark_interrupted_run
+from trainers.writer_lock import acquire, release
 
 # The per-trial driver only waits on its TorchTrainer: it reserves no CPU (a fractional CPU
 # would leave e.g. 1.98 of 2 CPUs, and a second trial's 1-CPU worker would never start), only
@@ -110,7 +110,8 @@ def trial_fn(
         parent_run_id=parent_run_id,
         tracking_uri=tracking_uri,
     )
-    result = run_training(cfg, callbacks=[TuneReportCallback()])
+    # lock=False: trials run under their sweep's writer lock (taken by its driver).
+    result = run_training(cfg, callbacks=[TuneReportCallback()], lock=False)
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if k in _TRIAL_TRAIN_KEYS}
     final["train_run_id"] = result.run_id
     final["label"] = point.label
@@ -225,9 +226,12 @@ def run_sweep(
     if isinstance(plan, SweepSpec):
         plan = plan_sweep(plan)
     started_ray = not ray.is_initialized()
+    _, state_dir = sweep_dirs(plan.spec)
+    acquire(state_dir, f"sweep {plan.spec.name!r}")  # one driver per sweep name
     try:
         return _run_sweep(plan, resume, address)
     finally:
+        release(state_dir)
         if started_ray and ray.is_initialized():  # a Ray this call started, not the caller's
             ray.shutdown()
 
@@ -331,8 +335,7 @@ def mark_interrupted(client: Any, parent_run_id: str) -> list[str]:
         children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
         for r in [run, *children]:
             if r.info.status == "RUNNING":
-                client.set_tag(r.info.run_id, TAG_INTERRUPTED, "true")
-                client.set_terminated(r.info.run_id, status="KILLED")
+                mark_interrupted_run(client, r.info.run_id)
                 marked.append(r.info.run_id)
     return marked
 

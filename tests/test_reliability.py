@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -132,8 +134,42 @@ def test_workers_the_cluster_cannot_place_fail_in_seconds(ray_session, tmp_path:
 
 
 # ------------------------------------------------------------------ corrupt checkpoint
+class _Payload:
+    """Pickles to ``exec(code)``: runs ``code`` when unpickled without weights_only."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def _plant_payload(ckpt: Path, marker: Path) -> None:
+    """An attacker's edit: a code-running object in the model states, the manifest rewritten
+    to match (someone who can write the file can write the manifest next to it)."""
+    import hashlib
+
+    import torch
+
+    states = next(ckpt.rglob("mp_rank_00_model_states.pt"))
+    data = torch.load(states, weights_only=False)  # our own file, trusted here
+    data["x"] = _Payload(f"open({str(marker)!r}, 'w').write('ran')")
+    torch.save(data, states)
+    rel = states.relative_to(ckpt).as_posix()
+    for manifest in ckpt.glob("mor_manifest_rank*.json"):
+        m = json.loads(manifest.read_text())
+        if rel in m["sha256"]:
+            m["sha256"][rel] = hashlib.sha256(states.read_bytes()).hexdigest()
+            manifest.write_text(json.dumps(m))
+
+
 @needs_shared
-def test_corrupt_latest_checkpoint_falls_back(ray_session, tmp_path: Path) -> None:
+def test_corrupt_tampered_or_lost_checkpoints_fall_back(ray_session, tmp_path: Path) -> None:
+    """A torn file (caught by the manifest); then a code-running payload with a matching
+    manifest (refused by the weights-only load: it never runs) and the newest folder deleted:
+    each rerun resumes from the newest intact checkpoint, logs nothing twice, and a finished
+    run stays FINISHED. Leaked staging folders and folders beyond ``checkpoint.keep`` are
+    removed on start."""
     cfg = load_train_config(
         None,
         items(
@@ -148,15 +184,42 @@ def test_corrupt_latest_checkpoint_falls_back(ray_session, tmp_path: Path) -> No
     )
     with pytest.raises(TrainingError):
         run_training(cfg)
-    ckpts = sorted(p for p in (tmp_path / "ray" / "corrupt").glob("checkpoint_*") if p.is_dir())
+    run_dir = tmp_path / "ray" / "corrupt"
+    ckpts = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(ckpts) == 2  # steps 3 and 6
     states = next(ckpts[-1].rglob("mp_rank_00_model_states.pt"))
-    states.write_bytes(states.read_bytes()[:100])  # a torn write of the latest checkpoint
+    intact = states.read_bytes()
+    states.write_bytes(intact[:100])  # a torn write of the latest checkpoint
     result = run_training(cfg)
     client = MlflowClient(result.tracking_uri)
     # Resumed from step 3, not from the torn step-6 checkpoint; nothing logged twice.
     assert client.get_run(result.run_id).data.tags["mor.resumed_from_step"] == "3"
     assert steps_logged(client, result.run_id) == list(range(1, 10))
+
+    # Ray kept the torn step-6 folder and the rerun's steps 6 and 9. The rerun's step-6 folder
+    # gets a payload with its manifest made to match (it must never run), the newest folder
+    # is deleted (Ray's record still names it), plus a leaked staging folder of a dead worker
+    # and two stale folders beyond keep=3: the next rerun resumes from the first step 6.
+    states.write_bytes(intact)
+    folders = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name)
+    assert folders[0] == ckpts[-1] and len(folders) == 3
+    for old in ("checkpoint_2000-01-01_00-00-00.000001", "checkpoint_2000-01-01_00-00-00.000002"):
+        shutil.copytree(folders[0], run_dir / old)
+    marker = tmp_path / "payload_ran"
+    _plant_payload(folders[1], marker)
+    shutil.rmtree(folders[2])  # step 9
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leaked = Path(tempfile.gettempdir()) / f"mor-ckpt-{dead.pid}-leak"
+    leaked.mkdir(exist_ok=True)
+    result = run_training(cfg)
+    assert not marker.exists(), "a tampered checkpoint ran code on resume"
+    run = client.get_run(result.run_id)
+    assert run.data.tags["mor.resumed_from_step"] == "6" and run.info.status == "FINISHED"
+    assert steps_logged(client, result.run_id) == list(range(1, 10))
+    assert not leaked.exists()
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= 3
+    assert not any(run_dir.glob("checkpoint_2000-*"))
 
 
 # ------------------------------------------------------------------ divergence

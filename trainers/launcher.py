@@ -6,6 +6,7 @@ cached here, once), the model/tokenizer vocabulary, the budget, and that MLflow 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,11 +24,23 @@ from core.keys import (
 )
 from mor.flops import steps_for_budget, training_flops_per_token
 from mor.overrides import ConfigError
+from trainers.checkpointing import RAY_SUBDIR, ray_run_dir, tidy_run_dir
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import prepare_data
 from trainers.plan import TrainPlan
 from trainers.run_log import SPOOL_FILE
-from trainers.tracking import connect, find_or_create_run, flatten, sync_spool
+from trainers.tracking import (
+    connect,
+    find_or_create_run,
+    flatten,
+    mark_killed_writers,
+    sync_spool,
+)
+from trainers.writer_lock import acquire, release
+
+# Bytes per parameter of one checkpoint: fp32 weights, AdamW's two moments, bf16/fp32 master
+# copies (a rough upper bound for ZeRO 0-3 on one node).
+CHECKPOINT_BYTES_PER_PARAM = 16
 
 
 class TrainingError(RuntimeError):
@@ -56,11 +69,14 @@ def parameter_counts(mor_cfg: Any) -> dict[str, int]:
 def run_dirs(cfg: TrainConfig) -> tuple[str, Path]:
     """(Ray storage path, this run's own state folder)."""
     root = cfg.resolved_storage_path
-    return f"{root}/ray", Path(root) / "runs" / cfg.name
+    return f"{root}/{RAY_SUBDIR}", Path(root) / "runs" / cfg.name
 
 
-def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
-    """Validate and prepare everything that does not need Ray (data, budget, MLflow run)."""
+def plan_run(cfg: TrainConfig, world_size: int | None = None, lock: bool = True) -> TrainPlan:
+    """Validate and prepare everything that does not need Ray (data, budget, MLflow run).
+
+    ``lock``: take the run's writer lock (released by ``run_training``); a sweep's trials run
+    under their sweep's lock instead."""
     prepared = prepare_data(cfg.data, address=cfg.address)
     mor_cfg = cfg.mor_config(prepared.vocab_size)
     world = world_size or cfg.scaling.num_workers
@@ -68,10 +84,28 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
     tokens_per_step = cfg.batch.micro_batch_size * cfg.batch.grad_accum_steps * world * seq
     total = _total_steps(cfg, mor_cfg, tokens_per_step)
     _check_shards(cfg, prepared, world)
+    need = parameter_counts(mor_cfg)["total"] * CHECKPOINT_BYTES_PER_PARAM
+    check_storage(cfg.resolved_storage_path, need * (cfg.checkpoint.keep + 1))
+    _, state_dir = run_dirs(cfg)
+    if lock:
+        acquire(state_dir, f"run {cfg.name!r}")
+    try:
+        return _plan_tracking(cfg, mor_cfg, prepared, total, tokens_per_step)
+    except BaseException:
+        release(state_dir)
+        raise
 
+
+def _plan_tracking(
+    cfg: TrainConfig, mor_cfg: Any, prepared: Any, total: int, tokens_per_step: int
+) -> TrainPlan:
+    """The MLflow run (found or created) and the plan around it."""
+    seq = cfg.data.seq_len
     uri = default_tracking_uri(cfg)
     client, exp_id = connect(uri, cfg.tracking.experiment)
     _, state_dir = run_dirs(cfg)
+    for run_id in mark_killed_writers(client, state_dir.parent):
+        print(f"[mor] run {run_id} was left RUNNING by a killed process: marked KILLED")
     params = flatten(cfg.model_dump(mode="json"))
     params.update(flatten(mor_cfg.model_dump(mode="json"), "resolved_model."))
     for key, value in parameter_counts(mor_cfg).items():
@@ -115,6 +149,30 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None) -> TrainPlan:
     )
 
 
+def check_storage(root: str, need_bytes: int) -> None:
+    """The storage path takes a file and has room for the run's checkpoints; else a clear
+    error in seconds (a read-only or full disk gave ~100 s of Ray retries and a RUNNING run)."""
+    if "://" in root:  # remote storage: Ray checks it itself
+        return
+    path = Path(root)
+    probe = path / f".mor-write-check-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"storage_path: {root} is not writable: {exc.strerror or exc}") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"storage_path: {root} has {free / 2**20:.0f} MiB free; this run's checkpoints need "
+            f"about {need_bytes / 2**20:.0f} MiB (checkpoint.keep + 1 of them): free space, "
+            "lower checkpoint.keep or choose another storage_path"
+        )
+
+
 def _total_steps(cfg: TrainConfig, mor_cfg: Any, tokens_per_step: int) -> int:
     """The budget (steps, tokens or FLOPs) as optimizer steps at the global batch."""
     b, seq = cfg.budget, cfg.data.seq_len
@@ -151,12 +209,24 @@ def _check_shards(cfg: TrainConfig, prepared: Any, world: int) -> None:
 
 
 def run_training(
-    cfg: TrainConfig, callbacks: list[Any] | None = None, plan: TrainPlan | None = None
+    cfg: TrainConfig,
+    callbacks: list[Any] | None = None,
+    plan: TrainPlan | None = None,
+    lock: bool = True,
 ) -> TrainResult:
-    """Train one configuration on Ray Train workers; resumes a run of the same name."""
+    """Train one configuration on Ray Train workers; resumes a run of the same name.
+
+    One writer per run name: the writer lock (``plan_run``) is released at the end."""
+    plan = plan or plan_run(cfg, lock=lock)
+    try:
+        return _run_training(cfg, callbacks, plan)
+    finally:  # the lock plan_run took (a no-op when this process does not hold it)
+        release(run_dirs(cfg)[1])
+
+
+def _run_training(cfg: TrainConfig, callbacks: list[Any] | None, plan: TrainPlan) -> TrainResult:
     import ray
 
-    plan = plan or plan_run(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:  # a command-line run; inside a Tune trial Ray is already up
         # Also turns on Ray token auth when the cluster is an existing one (the `mor up`
@@ -198,6 +268,7 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
     plan = TrainPlan.model_validate(plan.model_dump() | {"use_gpu": bool(use_gpu)})
     _, state_dir = run_dirs(cfg)
     state_dir.mkdir(parents=True, exist_ok=True)
+    tidy_run_dir(ray_run_dir(cfg), cfg.checkpoint.keep)  # torn Ray state, `keep` on restart
     trainer = _trainer(cfg, plan, callbacks)
     spool = state_dir / SPOOL_FILE
     try:
@@ -208,6 +279,8 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
             reason = "training diverged: " + reason.split("training diverged:", 1)[1][:500]
         record_failure(plan, reason, spool)
         raise TrainingError(f"training run {cfg.name!r} failed: {reason}") from exc
+    finally:  # Ray deletes only the checkpoints it knows of: `keep` bounds the others too
+        tidy_run_dir(ray_run_dir(cfg), cfg.checkpoint.keep)
     sync_spool(plan.tracking_uri, plan.run_id, spool)
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
@@ -350,6 +423,9 @@ def record_failure(plan: TrainPlan, reason: str, spool: Path | None = None) -> N
         if spool is not None:
             sync_spool(plan.tracking_uri, plan.run_id, spool)
         client = MlflowClient(tracking_uri=plan.tracking_uri)
+        if client.get_run(plan.run_id).info.status == "FINISHED":  # a rerun of a finished run
+            print(f"[mor] rerun failed ({reason[:300]}); the finished run stays FINISHED")
+            return
         client.set_tag(plan.run_id, TAG_FAILURE, reason[:5000])
         client.set_terminated(plan.run_id, status="FAILED")
     except Exception as log_exc:

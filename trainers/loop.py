@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainers.checkpointing import Checkpointer, resume
+from trainers.checkpointing import Checkpointer, ray_run_dir, resume
 from trainers.components import (
     BatchSampler,
     Worker,
@@ -73,7 +73,7 @@ class Trainer:
     def train(self) -> None:
         """Resume if Ray holds a checkpoint, then run the remaining optimizer steps."""
         cfg, total, device = self.cfg, self.plan.total_steps, self.worker.device
-        restored = resume(self.engine, device, self.worker.rank)
+        restored = resume(self.engine, device, self.worker.rank, ray_run_dir(cfg))
         progress = restored or Progress()
         log = RunLog(self.plan, self.worker.rank, cfg.log_every_steps)
         if restored is not None:

@@ -9,10 +9,12 @@ gaps).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from core.endpoints import check_mlflow_reachable, redact
+from core.keys import TAG_INTERRUPTED
 from mor.overrides import ConfigError
+from trainers.writer_lock import is_stale, read_holder, stale_locks
 
 PARAM_MAX = 500  # MLflow's limit on a param value's length
 RUN_ID_FILE = "mlflow_run_id.json"
@@ -53,20 +57,43 @@ def connect(
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
     try:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is not None:
-            return client, exp.experiment_id
-        if artifact_root is None and uri.startswith("sqlite:///"):
-            db = Path(uri[len("sqlite:///") :])
-            artifact_root = (db.parent / "mlartifacts" / experiment).as_uri()
-        return client, client.create_experiment(experiment, artifact_location=artifact_root)
+        with _sqlite_creation_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            return client, _experiment_id(client, uri, experiment, artifact_root)
     except MlflowException as exc:
         msg = f"tracking.uri: MLflow at {uri!r} is not usable: {exc}"
         raise ConfigError(redact(msg)) from None
     except Exception as exc:  # connection errors surface as requests/urllib3 exceptions
         raise ConfigError(redact(f"tracking.uri: cannot reach MLflow at {uri!r}: {exc}")) from None
+
+
+@contextmanager
+def _sqlite_creation_lock(uri: str) -> Iterator[None]:
+    """Two first runs at once raced creating a sqlite store's schema (alembic CommandError):
+    the first access of a sqlite store is serialised by an flock next to the database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :])
+    with open(db.with_name(db.name + ".init-lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _experiment_id(
+    client: MlflowClient, uri: str, experiment: str, artifact_root: str | None
+) -> str:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    if artifact_root is None and uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        artifact_root = (db.parent / "mlartifacts" / experiment).as_uri()
+    return client.create_experiment(experiment, artifact_location=artifact_root)
 
 
 def find_or_create_run(
@@ -85,7 +112,10 @@ def find_or_create_run(
         try:
             run = client.get_run(saved["run_id"])
             if run.info.lifecycle_stage == "active":
-                client.update_run(run.info.run_id, status="RUNNING")
+                if run.info.status == "RUNNING":  # the caller holds the writer lock: its last
+                    mark_interrupted_run(client, run.info.run_id)  # writer was killed
+                if run.info.status != "FINISHED":  # a finished run stays finished
+                    client.update_run(run.info.run_id, status="RUNNING")
                 return run.info.run_id, True
         except MlflowException:
             pass
@@ -101,6 +131,29 @@ def find_or_create_run(
     state_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id}))
     return run_id, False
+
+
+def mark_interrupted_run(client: MlflowClient, run_id: str) -> None:
+    """A run left RUNNING by a killed process: KILLED, with the tag saying so."""
+    client.set_tag(run_id, TAG_INTERRUPTED, "true")
+    client.set_terminated(run_id, status="KILLED")
+
+
+def mark_killed_writers(client: MlflowClient, parent: Path) -> list[str]:
+    """The runs of the state folders under ``parent`` whose writer was killed (a stale writer
+    lock) and that MLflow still shows RUNNING become KILLED; their stale locks are removed."""
+    marked = []
+    for lock in stale_locks(parent):
+        try:
+            run_id = json.loads((lock.parent / RUN_ID_FILE).read_text())["run_id"]
+            if client.get_run(run_id).info.status == "RUNNING":
+                mark_interrupted_run(client, run_id)
+                marked.append(run_id)
+        except (OSError, ValueError, KeyError, MlflowException):
+            pass  # another tracking store, or no run yet: nothing to mark
+        if is_stale(lock, read_holder(lock)):  # again: a new writer may have taken it over
+            lock.unlink(missing_ok=True)
+    return marked
 
 
 class StepMetricLogger:
