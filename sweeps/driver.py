@@ -26,7 +26,15 @@ from core.keys import (
     eval_points,
 )
 from mor.overrides import ConfigError
-from sweeps.spec import SweepPlan, SweepSpec, TrialPoint, plan_sweep, trial_config
+from sweeps.spec import (
+    SweepPlan,
+    SweepSpec,
+    TrialPoint,
+    plan_sweep,
+    sample_defaults,
+    trial_config,
+)
+from trainers.data import prepare_data
 from trainers.launcher import ResourceError, check_resources
 from trainers.tracking import connect, find_or_create_run, flatten, mark_interrupted_run
 from trainers.writer_lock import acquire, release
@@ -267,6 +275,7 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
     except ResourceError:
         client.set_terminated(parent_run_id, status="FAILED")
         raise
+    prepare_sweep_data(plan)
     # Tune's intermediate results come from training; the searcher's metric arrives at the end.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(
@@ -289,6 +298,18 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         tuner = _new_tuner(plan, trainable, tune_dir)
     grid = tuner.fit()
     return summarise(spec, grid, client, parent_run_id, uri, state_dir)
+
+
+def prepare_sweep_data(plan: SweepPlan) -> None:
+    """Prepare each distinct training corpus once, here, before any trial starts: the Ray Data
+    stage then has the cluster's CPUs (a trial's are taken), and trials find it ready."""
+    seen: set[str] = set()
+    for point in plan.points:
+        data = trial_config(plan.spec, point, sample_defaults(plan.spec), name="data").data
+        key = data.model_dump_json()
+        if key not in seen:
+            seen.add(key)
+            prepare_data(data)
 
 
 def _new_tuner(plan: SweepPlan, trainable: Any, tune_dir: Path) -> Any:
