@@ -32,7 +32,7 @@ from trainers.data import (
     split_text,
 )
 from trainers.sources import SkipCounts
-from trainers.windows import TokenWindows
+from trainers.windows import TokenWindows, open_windows
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMOLLM2 = SHARED / "tokenizers" / "smollm2" / "tokenizer.json"
@@ -220,6 +220,45 @@ def test_sampler_crosses_shards_and_resumes_exactly(many_shards: PreparedData) -
     assert all(torch.equal(resumed.batch(m), straight[m]) for m in range(steps // 2, steps))
     epoch0 = torch.cat(straight[: len(ds) // 4])
     assert len({tuple(r.tolist()) for r in epoch0}) >= 0.99 * len(epoch0)  # no repeats
+
+
+def test_weighted_mix_of_sources(many_shards: PreparedData, tmp_path: Path) -> None:
+    """data.mix: each step's sequences come from the sources in proportion to the weights,
+    each source in its own shuffled order, and the stream is a pure function of the seed."""
+    (tmp_path / "b.txt").write_text(_synthetic_text(600, seed=5))
+    tok = many_shards.tokenizer_path  # one tokenizer for both sources
+    b = prepare_data(
+        DataConfig(
+            source=str(tmp_path / "b.txt"),
+            tokenizer=tok,
+            cache_dir=str(tmp_path),
+            seq_len=64,
+            val_fraction=0.3,
+        )
+    )
+    cfg = DataConfig(mix={many_shards.dir: 3.0, b.dir: 1.0}, tokenizer=tok, seq_len=64)
+    mix = prepare_data(cfg)
+    assert mix.folders() == {many_shards.dir: 3.0, b.dir: 1.0}
+    ds = open_windows(mix.folders(), "train", 64, rank=0, world_size=2)
+    parts = ds.parts
+    assert len(ds) == len(parts[0]) + len(parts[1])
+    sources = [ds._slot(11, p)[0] for p in range(3000)]
+    for block in range(3):  # exactly the weights' share in every block of 1,000
+        assert sources[block * 1000 : (block + 1) * 1000].count(0) == 750
+    # Source b is small for its weight: its own epochs repeat, in its own shuffled order.
+    b_seqs = [ds.shuffled(11, 0, p) for p in range(3000) if sources[p] == 1]
+    n_b = len(parts[1])
+    assert len(b_seqs) > n_b
+    expect = [parts[1].shuffled(11, k // n_b, k % n_b) for k in range(len(b_seqs))]
+    assert all(torch.equal(x, y) for x, y in zip(b_seqs, expect))
+    again = open_windows(mix.folders(), "train", 64, rank=0, world_size=2)
+    assert all(torch.equal(again.shuffled(11, 1, i), ds.shuffled(11, 1, i)) for i in range(50))
+    with pytest.raises(ConfigError, match="tokenizer: a mix of raw sources"):
+        prepare_data(DataConfig(mix={str(tmp_path / "b.txt"): 1, "default": 1}))
+    with pytest.raises(ConfigError, match="source: leave it unset"):
+        validate(DataConfig, {"source": "x", "mix": {"a": 1}})
+    with pytest.raises(ConfigError, match="mix: give sources"):
+        validate(DataConfig, {"mix": {"a": 0}})
 
 
 # --------------------------------------------------------------------------- split and cache

@@ -23,7 +23,7 @@ from mor.model import MoRModel
 from trainers.config import TrainConfig
 from trainers.faults import FaultInjector
 from trainers.step_metrics import MicroBatchTotals
-from trainers.windows import TokenWindows
+from trainers.windows import MixedWindows, TokenWindows
 
 
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -48,7 +48,7 @@ class BatchSampler:
     """Micro-batch m of a rank: its sequences m*mb .. (m+1)*mb - 1 of the shuffled epochs
     (``TokenWindows.shuffled``); a pure function of (seed, m), so resume is exact."""
 
-    def __init__(self, dataset: TokenWindows, micro_batch: int, seed: int) -> None:
+    def __init__(self, dataset: TokenWindows | MixedWindows, micro_batch: int, seed: int) -> None:
         self.ds, self.mb, self.seed = dataset, micro_batch, seed
 
     def batch(self, m: int) -> torch.Tensor:
@@ -176,7 +176,11 @@ def update_router_bias(module: MoRModel) -> None:
 
 @torch.no_grad()
 def validation_metrics(
-    model: MoRModel, val: TokenWindows, micro_batch: int, batches: int, device: torch.device
+    model: MoRModel,
+    val: TokenWindows | MixedWindows,
+    micro_batch: int,
+    batches: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """Over the first ``batches`` val micro-batches, with the causal inference routing:
     ``val/loss`` (mean next-token loss) and, for expert-choice, the routing drift

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -54,6 +55,7 @@ from trainers.tokenizer import (
 __all__ = [
     "DataConfig",
     "PreparedData",
+    "PreparedMix",
     "build_tokenizer",
     "default_corpus_documents",
     "load_documents",
@@ -112,6 +114,12 @@ class DataConfig(BaseModel):
     decode_errors: Literal["skip", "fail"] = "skip"
     """Undecodable input (invalid UTF-8, a JSON line that does not parse): 'skip' drops it and
     counts it in the manifest; 'fail' stops with the file and line."""
+    mix: dict[str, float] | None = None
+    """A weighted mixture instead of one source, e.g. {/data/web: 0.7, /data/code: 0.3}: each
+    key is prepared as ``source`` would be, and training draws sequences from them in
+    proportion to the weights (a source small for its weight repeats, a large one is
+    subsampled). Raw sources need one tokenizer (set ``tokenizer``); prepared folders must
+    share theirs. Leave ``source`` at its default."""
     prepare_workers: int = 0
     """Parallel preparation tasks: 0 = one Ray Data task per free CPU of the cluster, 1 = in
     this process, N = at most N Ray Data tasks."""
@@ -146,6 +154,11 @@ def _check_config(cfg: DataConfig) -> None:
     ):
         if getattr(cfg, name) < low:
             raise ConfigError(f"{name}: must be >= {low} (got {getattr(cfg, name)})")
+    if cfg.mix is not None:
+        if not cfg.mix or any(not (w > 0 and math.isfinite(w)) for w in cfg.mix.values()):
+            raise ConfigError(f"mix: give sources with positive finite weights (got {cfg.mix})")
+        if cfg.source != "default":
+            raise ConfigError("source: leave it unset when mix names the sources")
     if cfg.prepare_workers < 0:
         raise ConfigError(f"prepare_workers: must be >= 0 (got {cfg.prepare_workers})")
 
@@ -165,6 +178,7 @@ class PreparedData:
     shards: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Per split, the shards in corpus order: {"file": path relative to dir, "tokens": n}."""
     skipped: dict[str, int] = field(default_factory=dict)
+    tokenizer_sha256: str = ""
 
     @classmethod
     def load(cls, folder: str | Path | Location) -> PreparedData:
@@ -179,11 +193,41 @@ class PreparedData:
             num_val_tokens=int(m["tokens"]["val"]),
             shards=m["shards"],
             skipped=m.get("skipped", {}),
+            tokenizer_sha256=m["tokenizer_sha256"],
         )
 
     def windows(self, split: str, seq_len: int) -> int:
         """Sequences of ``seq_len`` in ``split`` (each shard's short tail is dropped)."""
         return sum(s["tokens"] // seq_len for s in self.shards[split])
+
+    def folders(self) -> dict[str, float]:
+        """The folders training reads, with their mixture weights."""
+        return {self.dir: 1.0}
+
+
+@dataclass
+class PreparedMix:
+    """Several prepared folders (one tokenizer) and their mixture weights (``DataConfig.mix``)."""
+
+    parts: list[PreparedData]
+    weights: list[float]
+
+    def __post_init__(self) -> None:
+        first = self.parts[0]
+        self.tokenizer_path, self.vocab_size, self.eos_id = (
+            first.tokenizer_path,
+            first.vocab_size,
+            first.eos_id,
+        )
+        self.num_train_tokens = sum(p.num_train_tokens for p in self.parts)
+        self.num_val_tokens = sum(p.num_val_tokens for p in self.parts)
+
+    def windows(self, split: str, seq_len: int) -> int:
+        """The smallest source's sequences: each source must serve every rank on its own."""
+        return min(p.windows(split, seq_len) for p in self.parts)
+
+    def folders(self) -> dict[str, float]:
+        return {p.dir: w for p, w in zip(self.parts, self.weights)}
 
 
 # --------------------------------------------------------------------------- keys
@@ -304,11 +348,13 @@ def build_tokenizer(cfg: DataConfig) -> tuple[Tokenizer, Path]:
 
 def prepare_data(
     cfg: DataConfig, out: str | Path | None = None, address: str | None = None
-) -> PreparedData:
+) -> PreparedData | PreparedMix:
     """Prepare ``cfg``'s corpus into ``out`` (default: a cache folder keyed by every input)
     and return it. A complete folder is reused; a partial one is continued. ``address`` is the
     Ray cluster for the parallel stage when Ray is not connected yet."""
     _check_config(cfg)
+    if cfg.mix is not None:
+        return _prepare_mix(cfg, address)
     if _is_prepared(cfg.source):
         data = _check_prepared(cfg)
     else:
@@ -321,6 +367,21 @@ def prepare_data(
             data = _prepare(cfg, tok, tok_path, key, folder, address)
     _check_sizes(cfg, data)
     return data
+
+
+def _prepare_mix(cfg: DataConfig, address: str | None) -> PreparedMix:
+    if cfg.tokenizer is None and not all(_is_prepared(src) for src in cfg.mix):
+        raise ConfigError(
+            "tokenizer: a mix of raw sources needs one tokenizer for all; set data.tokenizer "
+            "(or prepare each source with the same --tokenizer)"
+        )
+    parts = [
+        prepare_data(cfg.model_copy(update={"source": src, "mix": None}), address=address)
+        for src in cfg.mix
+    ]
+    if len({p.tokenizer_sha256 for p in parts}) > 1:
+        raise ConfigError(f"mix: the sources were prepared with different tokenizers: {cfg.mix}")
+    return PreparedMix(parts, list(cfg.mix.values()))
 
 
 def _manifest_key(folder: Location) -> str | None:

@@ -131,7 +131,7 @@ def _plan_tracking(
         model=mor_cfg,
         total_steps=total,
         tokens_per_step=tokens_per_step,
-        data_dir=str(prepared.dir),
+        data=prepared.folders(),
         tokenizer_path=str(prepared.tokenizer_path),
         tracking_uri=uri,
         experiment_id=exp_id,

@@ -37,7 +37,7 @@ from trainers.step_metrics import (
     check_finite,
     peak_flops,
 )
-from trainers.windows import TokenWindows
+from trainers.windows import open_windows
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -56,8 +56,8 @@ class Trainer:
         self.worker = w = Worker.start(cfg, plan.use_gpu, state_dir)
         self.engine = build_engine(cfg, plan.model, plan.total_steps, w.device)
         seq, mb = cfg.data.seq_len, cfg.batch.micro_batch_size
-        train_ds = TokenWindows(plan.data_dir, "train", seq, w.rank, w.world)
-        self.val_ds = TokenWindows(plan.data_dir, "val", seq, w.rank, w.world)
+        train_ds = open_windows(plan.data, "train", seq, w.rank, w.world)
+        self.val_ds = open_windows(plan.data, "val", seq, w.rank, w.world)
         # One seed for all ranks: they share the epoch's order, each taking its positions.
         self.sampler = BatchSampler(train_ds, mb, cfg.seed)
         self.faults = FaultInjector(cfg.fault_injection, state_dir, w.rank)

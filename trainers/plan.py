@@ -28,9 +28,10 @@ class TrainPlan(BaseModel):
     """Optimizer steps of the whole run (the budget converted at the global batch)."""
     tokens_per_step: int = Field(ge=1)
     """Tokens per optimizer step over all workers (micro-batch × accumulation × world × seq)."""
-    data_dir: str
-    """The prepared data folder (manifest and token shards; ``trainers.data``): workers read
-    their share of its train split and its held-out split memory-mapped."""
+    data: dict[str, float]
+    """The prepared data folders (manifest and token shards; ``trainers.data``), local or in an
+    object store, with their mixture weights (one folder: weight 1). Workers read their share
+    of the train splits and the held-out splits memory-mapped (``trainers.windows``)."""
     tokenizer_path: str
     """The tokenizer file, copied into the export."""
     tracking_uri: str

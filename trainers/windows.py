@@ -24,7 +24,7 @@ import torch
 from core.storage import Location
 from trainers.data import PreparedData
 
-__all__ = ["TokenWindows"]
+__all__ = ["MixedWindows", "TokenWindows", "open_windows"]
 
 
 def _shard_cache() -> Path:
@@ -130,3 +130,72 @@ class TokenWindows(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_maps"] = {}
         return state
+
+
+MIX_BLOCK = 1000
+"""Positions per mixing block: each block holds every source's share (largest remainder)."""
+
+
+class MixedWindows:
+    """Sequences drawn from several prepared folders in proportion to their weights.
+
+    The stream is cut into blocks of MIX_BLOCK positions; in each, source s owns its share of
+    the slots, placed by a (seed, block) permutation, and its k-th slot overall is its k-th
+    sequence (cycling through its own shuffled epochs: a small source with a large weight is
+    repeated, a large one is subsampled). So the batch of step m is still a pure function of
+    (seed, m), and ``len`` (one mixture epoch) is the sources' total."""
+
+    def __init__(self, parts: list[TokenWindows], weights: list[float]) -> None:
+        self.parts = parts
+        total = sum(weights)
+        raw = [w / total * MIX_BLOCK for w in weights]
+        quotas = [int(r) for r in raw]
+        by_remainder = sorted(range(len(raw)), key=lambda s: raw[s] - quotas[s], reverse=True)
+        for s in by_remainder[: MIX_BLOCK - sum(quotas)]:
+            quotas[s] += 1
+        self.quotas = quotas
+        self.slots = np.repeat(np.arange(len(parts)), quotas)  # block order, unshuffled
+        self._len = sum(len(p) for p in parts)
+        self._block: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _slot(self, seed: int | None, pos: int) -> tuple[int, int]:
+        """(source, its sequence number) of mixture position ``pos``."""
+        block, j = divmod(pos, MIX_BLOCK)
+        key = (-1 if seed is None else seed, block)
+        if self._block is None or self._block[0] != key:
+            slots = self.slots
+            if seed is not None:
+                slots = slots[np.random.default_rng([seed, block, 2]).permutation(MIX_BLOCK)]
+            # Each slot's rank among its source's slots in this block.
+            rank = np.zeros(MIX_BLOCK, np.int64)
+            for s in range(len(self.parts)):
+                mine = slots == s
+                rank[mine] = np.arange(int(mine.sum()))
+            self._block = (key, slots, rank)
+        _, slots, rank = self._block
+        source = int(slots[j])
+        return source, block * self.quotas[source] + int(rank[j])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        source, k = self._slot(None, i)
+        part = self.parts[source]
+        return part[k % len(part)]
+
+    def shuffled(self, seed: int, epoch: int, i: int) -> torch.Tensor:
+        source, k = self._slot(seed, epoch * self._len + i)
+        part = self.parts[source]
+        part_epoch, j = divmod(k, len(part))
+        return part.shuffled(seed, part_epoch, j)
+
+
+def open_windows(
+    folders: dict[str, float], split: str, seq_len: int, rank: int = 0, world_size: int = 1
+) -> TokenWindows | MixedWindows:
+    """A rank's sequences of ``split``: one folder's, or a weighted mixture of several."""
+    parts = [TokenWindows(f, split, seq_len, rank, world_size) for f in folders]
+    if len(parts) == 1:
+        return parts[0]
+    return MixedWindows(parts, list(folders.values()))
