@@ -58,3 +58,29 @@ def _finite(v: object) -> bool:
         return v is not None and math.isfinite(float(v))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
+
+
+VS_FRONT = "vs_front"
+"""Column of ``front_status``: 'front', '≈ front' (its CI reaches the front) or ''."""
+
+
+def front_status(
+    points: pd.DataFrame, cost: str, quality: str, quality_higher_is_better: bool = True
+) -> pd.Series:
+    """Per point: 'front' when on the Pareto front; '≈ front' when its 95% interval
+    (``{quality}_ci_low``/``_ci_high``, e.g. across seeds) reaches the best quality the front
+    offers at no more cost, so it cannot be told apart from the front; else ''."""
+    front = pareto_front(points, cost, quality, quality_higher_is_better)
+    status = pd.Series("", index=points.index, dtype=object)
+    status[status.index.isin(front.index)] = "front"
+    bound = f"{quality}_ci_high" if quality_higher_is_better else f"{quality}_ci_low"
+    if bound not in points or front.empty:
+        return status
+    for i, row in points.iterrows():
+        cheaper = front[front[cost] <= row[cost]][quality]
+        if status[i] or cheaper.empty or not _finite(row[bound]):
+            continue
+        best = cheaper.max() if quality_higher_is_better else cheaper.min()
+        reaches = row[bound] >= best if quality_higher_is_better else row[bound] <= best
+        status[i] = "≈ front" if reaches else ""
+    return status

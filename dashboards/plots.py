@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from dashboards.pareto import higher_is_better, pareto_front
+from dashboards.pareto import VS_FRONT, higher_is_better, pareto_front
 
 COST = "flops_per_token"
 
@@ -71,6 +71,10 @@ def _pareto_axis(ax: Any, points: pd.DataFrame, metric: str) -> None:
         front[COST], front[metric], where="post", color="red", lw=2, alpha=0.6, label="Pareto front"
     )
     ax.scatter(front[COST], front[metric], s=120, facecolors="none", edgecolors="red", lw=1.5)
+    if VS_FRONT in points:  # a CI that reaches the front: not distinguishable from it
+        near = points[points[VS_FRONT] == "≈ front"]
+        ax.scatter(near[COST], near[metric], s=160, marker="D", facecolors="none",
+                   edgecolors="orange", lw=1.5, label="CI overlaps the front")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("inference FLOPs per token (measured routing)")
     better = "higher" if higher_is_better(metric) else "lower"
@@ -157,7 +161,7 @@ def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
         hover = [
             f"<b>{model}</b><br>sharing={r['sharing']} router={r['router']} "
             f"N_r={r['num_recursions']} kv={r['kv_cache']}<br>point={r['point']} "
-            f"FLOPs/token={r[COST]:.4g}<br>{metric}={r[metric]:.4f}"
+            f"FLOPs/token={r[COST]:.4g}<br>{metric}={r[metric]:.4f}{_ci_text(r, metric)}"
             for _, r in grp.iterrows()
         ]
         fig.add_trace(
@@ -172,6 +176,7 @@ def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
                     "symbol": ["circle" if f else "star" for f in grp["fixed_depth"]],
                     "size": [9 if f else 15 for f in grp["fixed_depth"]],
                 },
+                error_y=_error_bars(grp, metric),
             )
         )
         meta.append({k: first[k] for k in ("sharing", "router", "num_recursions")})
@@ -199,6 +204,27 @@ def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
     return fig
 
 
+def _error_bars(grp: pd.DataFrame, metric: str) -> dict[str, Any] | None:
+    """Plotly error bars from the 95% interval columns (seeds), if any."""
+    if f"{metric}_ci_low" not in grp:
+        return None
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": (grp[f"{metric}_ci_high"] - grp[metric]).tolist(),
+        "arrayminus": (grp[metric] - grp[f"{metric}_ci_low"]).tolist(),
+    }
+
+
+def _ci_text(row: pd.Series, metric: str) -> str:
+    if f"{metric}_ci_low" not in row or pd.isna(row[f"{metric}_ci_low"]):
+        return ""
+    status = {"front": " (on the front)", "≈ front": " (CI overlaps the front)"}.get(
+        row.get(VS_FRONT, ""), ""
+    )
+    return f" [95% CI {row[f'{metric}_ci_low']:.4f}, {row[f'{metric}_ci_high']:.4f}]{status}"
+
+
 TABLE_COLUMNS = ["model", "point", "sharing", "router", "num_recursions", "kv_cache", COST]
 
 
@@ -214,6 +240,7 @@ def interactive_html(
         include_plotlyjs=True, full_html=False, div_id="mor-pareto"
     )
     columns = TABLE_COLUMNS + ([metric] if metric not in TABLE_COLUMNS else [])
+    columns += [c for c in (f"{metric}_ci_low", f"{metric}_ci_high", VS_FRONT) if c in points]
     table = points.sort_values(["model", COST])[columns].to_html(
         index=False, float_format=lambda v: f"{v:.4g}", table_id="mor-points", border=0
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.keys import ROUTER_POINT, TOPK_POINT
-from dashboards.pareto import higher_is_better, pareto_front
+from dashboards.pareto import VS_FRONT, front_status, higher_is_better, pareto_front
 from dashboards.plots import COST, interactive_html, iso_flop_png, pareto_png, router_depths_png
 from dashboards.replicates import aggregate_points, by_config, has_replicates
 from dashboards.runs import SweepRuns, load_runs
@@ -239,6 +239,7 @@ def build_report(
         runs.points.to_csv(out / "points.csv", index=False)
         causal = runs.points[runs.points["causal"]]  # no non-causal top-k point on a front
         points = aggregate_points(causal.dropna(subset=[metric]), metric)
+        points[VS_FRONT] = front_status(points, COST, metric, higher_is_better(metric))
         front = pareto_front(points, COST, metric, higher_is_better(metric))
         front.to_csv(out / "front.csv", index=False)
         files += [out / "points.csv", out / "front.csv"]

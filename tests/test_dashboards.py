@@ -36,6 +36,27 @@ def test_pareto_ties_single_point_and_direction() -> None:
     assert pareto_front(pts([]).reindex(columns=["id", "cost", "acc"]), "cost", "acc").empty
 
 
+def test_points_whose_interval_reaches_the_front_are_marked() -> None:
+    from dashboards.pareto import front_status
+
+    df = pd.DataFrame(
+        {
+            "cost": [1.0, 1.0, 2.0, 0.5],
+            "acc": [0.60, 0.65, 0.50, 0.40],
+            "acc_ci_low": [0.50, 0.60, 0.45, 0.35],
+            "acc_ci_high": [0.70, 0.70, 0.55, 0.45],
+        },
+        index=["a", "b", "c", "d"],
+    )
+    got = front_status(df, "cost", "acc")
+    # b and d are the front; a's interval reaches b's 0.65 at the same cost; c's does not.
+    assert got.to_dict() == {"a": "≈ front", "b": "front", "c": "", "d": "front"}
+    lower = df.assign(nll=1 - df["acc"], nll_ci_low=1 - df["acc_ci_high"],
+                      nll_ci_high=1 - df["acc_ci_low"])  # fmt: skip
+    assert front_status(lower, "cost", "nll", False).to_dict() == got.to_dict()
+    assert set(front_status(df[["cost", "acc"]], "cost", "acc")) == {"front", ""}
+
+
 def test_pareto_drops_nan_with_warning() -> None:
     df = pts([(1, 0.3), (float("nan"), 0.9), (2, float("nan")), (3, 0.5)])
     with pytest.warns(UserWarning, match="dropped 2"):

@@ -262,3 +262,5 @@ def test_seeds_become_one_row_per_configuration_with_a_t_interval(tmp_path: Path
     mor = points.set_index("model").loc["mor"]
     assert mor["average_ci_low"] < 0.63 < mor["average_ci_high"]
     assert (tmp_path / "rep" / "pareto.png").stat().st_size > 5000
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert '"arrayminus"' in page and "95% CI" in page  # error bars in the HTML too
