@@ -14,10 +14,18 @@ from dashboards.pareto import VS_FRONT, front_status, higher_is_better, pareto_f
 from dashboards.plots import COST, interactive_html, iso_flop_png, pareto_png, router_depths_png
 from dashboards.replicates import aggregate_points, by_config, has_replicates
 from dashboards.runs import SweepRuns, load_runs
-from dashboards.stats import Diff, mean_over_tasks_ci, paired_diff_ci
+from dashboards.stats import (
+    Diff,
+    bpb_ci,
+    mean_over_tasks_ci,
+    paired_bpb_diff_ci,
+    paired_diff_ci,
+)
 
 DELTA = "Δ vs vanilla (95% CI)"
 SIGNIFICANT = "significant?"
+DELTA_BPB = "Δ bpb vs vanilla (95% CI)"
+SIGNIFICANT_BPB = "bpb significant?"
 
 
 @dataclass
@@ -143,7 +151,8 @@ def with_uncertainty(table: pd.DataFrame, runs: SweepRuns) -> pd.DataFrame:
     native point) beside ``average``, then every model's paired-bootstrap difference to the
     vanilla model of its budget on the same items and whether it is significant at 95%
     (``dashboards.stats``). Cells stay empty where items or a vanilla are missing."""
-    items = native_items(runs)
+    everything = native_items(runs)
+    items = {rid: _accuracy_items(v) for rid, v in everything.items()}
     cis = {rid: mean_over_tasks_ci(v) for rid, v in items.items()}
     diffs: dict[str, Diff] = {}
     for rid, base in vanilla_of(runs.trials).items():
@@ -159,6 +168,42 @@ def with_uncertainty(table: pd.DataFrame, runs: SweepRuns) -> pd.DataFrame:
         table.insert(at + offset, col, table["run_id"].map(lambda r, p=part: _ci_part(cis, r, p)))
     table[DELTA] = table["run_id"].map(lambda r: _fmt_diff(diffs.get(r)))
     table[SIGNIFICANT] = table["run_id"].map(
+        lambda r: "" if r not in diffs else ("yes" if diffs[r].significant else "no")
+    )
+    return with_bpb_uncertainty(table, everything, vanilla_of(runs.trials))
+
+
+def _accuracy_items(items: dict[str, list]) -> dict[str, list[float]]:
+    return {t: v for t, v in items.items() if v and not isinstance(v[0], list)}
+
+
+def _bpb_items(items: dict[str, list]) -> dict[str, list[list[float]]]:
+    return {t: v for t, v in items.items() if v and isinstance(v[0], list)}
+
+
+def with_bpb_uncertainty(
+    table: pd.DataFrame, items: dict[str, dict[str, list]], vanilla: dict[str, str]
+) -> pd.DataFrame:
+    """For the first bits-per-byte task: each model's document-bootstrap interval
+    (``bpb_ci_low``/``_high``) and its paired difference to its vanilla on the same documents
+    (``Δ bpb vs vanilla (95% CI)``; negative is better) with ``bpb significant?``."""
+    tasks = sorted({t for v in items.values() for t in _bpb_items(v)})
+    if not tasks:
+        return table
+    task = tasks[0]
+    pairs = {rid: v[task] for rid, v in items.items() if task in v}
+    cis = {rid: bpb_ci(p) for rid, p in pairs.items()}
+    diffs = {}
+    for rid, base in vanilla.items():
+        if rid in pairs and base in pairs:
+            try:
+                diffs[rid] = paired_bpb_diff_ci(pairs[rid], pairs[base])
+            except ValueError:  # other documents (another limit): no paired test
+                continue
+    table["bpb_ci_low"] = table["run_id"].map(lambda r: _ci_part(cis, r, 1))
+    table["bpb_ci_high"] = table["run_id"].map(lambda r: _ci_part(cis, r, 2))
+    table[DELTA_BPB] = table["run_id"].map(lambda r: _fmt_diff(diffs.get(r)))
+    table[SIGNIFICANT_BPB] = table["run_id"].map(
         lambda r: "" if r not in diffs else ("yes" if diffs[r].significant else "no")
     )
     return table

@@ -137,6 +137,47 @@ def paired_diff_ci(
     return Diff(mean / len(tasks), low, high, bool(low > 0 or high < 0))
 
 
+def _bpb_rows(pairs: Sequence[Sequence[float]]) -> np.ndarray:
+    """Rows (negated log-likelihood in nats, bytes) of per-document (loglikelihood, bytes)."""
+    arr = np.asarray(pairs, dtype=float).reshape(-1, 2)
+    return np.stack([-arr[:, 0], arr[:, 1]])
+
+
+def bpb_ci(
+    pairs: Sequence[Sequence[float]], iters: int = ITERS, seed: int = SEED, level: float = LEVEL
+) -> CI:
+    """Bits per byte over documents (lm-eval's weighted aggregate: total negated
+    log-likelihood / total bytes / ln 2) and its percentile interval, resampling documents.
+    ``pairs`` are lm-eval's per-document (loglikelihood, bytes)."""
+    rows = _bpb_rows(pairs)
+    if rows.shape[1] == 0:
+        return _nan_ci()
+    boot = _boot_means(rows, iters, np.random.default_rng(seed))
+    draws = boot[:, 0] / boot[:, 1] / math.log(2)
+    return CI(float(rows[0].sum() / rows[1].sum() / math.log(2)), *_percentiles(draws, level))
+
+
+def paired_bpb_diff_ci(
+    a_pairs: Sequence[Sequence[float]],
+    b_pairs: Sequence[Sequence[float]],
+    iters: int = ITERS,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> Diff:
+    """Paired bootstrap of (bits per byte of a) - (of b) on the same documents: each draw
+    resamples one set of documents for both (negative: a is better)."""
+    a, b = _bpb_rows(a_pairs), _bpb_rows(b_pairs)
+    if a.shape != b.shape or not np.array_equal(a[1], b[1]):
+        raise ValueError("a paired comparison needs the same documents (bytes differ)")
+    if a.shape[1] == 0:
+        return Diff(math.nan, math.nan, math.nan, False)
+    boot = _boot_means(np.concatenate([a, b]), iters, np.random.default_rng(seed))
+    draws = (boot[:, 0] - boot[:, 2]) / boot[:, 1] / math.log(2)
+    mean = float((a[0].sum() - b[0].sum()) / a[1].sum() / math.log(2))
+    low, high = _percentiles(draws, level)
+    return Diff(mean, low, high, bool(low > 0 or high < 0))
+
+
 def seed_ci(values: Sequence[float], level: float = LEVEL) -> CI:
     """Mean across seeds and its Student-t interval (n - 1 degrees of freedom); with one
     seed the width is unknown: NaN bounds (the item bootstrap is the interval then)."""

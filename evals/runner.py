@@ -27,6 +27,7 @@ from mor.model import MoRModel
 
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge")
 PRIMARY = ("acc_norm", "acc")  # the paper reports acc_norm for HellaSwag, PIQA, ARC
+BPB = "bits_per_byte"
 NLL_DOCS = 12
 
 
@@ -42,7 +43,7 @@ class DepthPoint:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     average: float | None = None  # mean primary accuracy over the accuracy tasks
     nll: float | None = None  # mean next-token NLL on held-out default-corpus text
-    items: dict[str, list[float]] = field(default_factory=dict)
+    items: dict[str, list[Any]] = field(default_factory=dict)
     """Per accuracy task, each item's primary score (acc_norm, else acc) in doc_id order:
     what ``dashboards.stats`` resamples. Perplexity-type tasks have none."""
 
@@ -176,10 +177,11 @@ def _task_metrics(results: dict[str, Any], task: str) -> dict[str, float]:
     return out
 
 
-def task_items(results: dict[str, Any], task: str) -> list[float]:
-    """One task's per-item primary score from lm-eval's logged samples, sorted by doc_id;
-    empty for a task without an accuracy (e.g. bits per byte, whose per-item values are
-    (loglikelihood, length) pairs for a weighted aggregate)."""
+def task_items(results: dict[str, Any], task: str) -> list[Any]:
+    """One task's per-item scores from lm-eval's logged samples, sorted by doc_id: the
+    primary accuracy of each item, or for a bits-per-byte task each document's
+    [loglikelihood, bytes] (its weighted aggregate is resampled as a ratio,
+    ``dashboards.stats.bpb_ci``); empty for other tasks."""
     samples = (results.get("samples") or {}).get(task) or []
     if not samples:
         return []
@@ -188,11 +190,15 @@ def task_items(results: dict[str, Any], task: str) -> list[float]:
     for sample in samples:
         if sample.get("filter") != first_filter:
             continue
-        key = next((k for k in PRIMARY if k in sample), None)
+        key = next((k for k in (*PRIMARY, BPB) if k in sample), None)
         value = sample.get(key) if key else None
-        if not isinstance(value, (bool, int, float)):
+        if key == BPB and isinstance(value, (list, tuple)) and len(value) == 2:
+            value = [float(value[0]), float(value[1])]
+        elif isinstance(value, (bool, int, float)):
+            value = float(value)
+        else:
             return []
-        scored.append((sample["doc_id"], float(value)))
+        scored.append((sample["doc_id"], value))
     return [v for _, v in sorted(scored, key=lambda s: s[0])]
 
 
@@ -273,9 +279,10 @@ def score_tasks(
     manager: Any,
     limit: int | None,
     num_fewshot: int | None,
-) -> tuple[dict[str, dict[str, float]], dict[str, list[float]]]:
-    """One lm-eval pass at one depth point: (per task metrics, per accuracy task item
-    scores). The logged samples hold every document: they end with this call."""
+) -> tuple[dict[str, dict[str, float]], dict[str, list[Any]]]:
+    """One lm-eval pass at one depth point: (per task metrics, per task item scores:
+    accuracies, or [loglikelihood, bytes] per document for bits per byte). The logged
+    samples hold every document: they end with this call."""
     import lm_eval
 
     torch.manual_seed(0)

@@ -13,7 +13,9 @@ from mlflow import MlflowClient
 from core.keys import TAG_LABEL, TAG_SHARING
 from dashboards.report import (
     DELTA,
+    DELTA_BPB,
     SIGNIFICANT,
+    SIGNIFICANT_BPB,
     _markdown,
     build_report,
     results_table,
@@ -22,8 +24,10 @@ from dashboards.report import (
 from dashboards.runs import SweepRuns
 from dashboards.stats import (
     bootstrap_mean_ci,
+    bpb_ci,
     mean_over_tasks_ci,
     model_ci,
+    paired_bpb_diff_ci,
     paired_diff_ci,
     seed_ci,
     t_quantile,
@@ -177,6 +181,54 @@ def test_results_table_ci_and_delta_vs_vanilla_of_the_same_budget() -> None:
     assert table.loc["m2", DELTA] == table.loc["m2", SIGNIFICANT] == ""
     md = _markdown(table.reset_index())
     assert f"| {DELTA} | {SIGNIFICANT} |" in md and "| yes |" in md
+
+
+def _docs(nats_per_byte: float, n: int, seed: int, noise: float = 0.3) -> list[list[float]]:
+    """lm-eval's per-document (loglikelihood, bytes) for a model at ``nats_per_byte``."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(200, 2000, n).astype(float)
+    rates = nats_per_byte * (1 + noise * rng.standard_normal(n))
+    return [[-r * b, b] for r, b in zip(rates, sizes)]
+
+
+def test_bits_per_byte_interval_and_paired_difference() -> None:
+    """bpb is a ratio of sums (lm-eval's weighted aggregate): its bootstrap resamples whole
+    documents; a model better by construction on the same documents is significantly better,
+    a model on the same distribution is not."""
+    base = _docs(1.0, 150, 1)
+    ci = bpb_ci(base)
+    total = -sum(ll for ll, _ in base) / sum(b for _, b in base) / math.log(2)
+    assert ci.mean == pytest.approx(total) and ci.low < total < ci.high
+    # Same documents (bytes), 5% fewer nats on each: better, with its own noise.
+    better = [[ll * 0.95 * (1 + 0.02 * math.sin(i)), b] for i, (ll, b) in enumerate(base)]
+    diff = paired_bpb_diff_ci(better, base)
+    assert diff.significant and diff.high < 0
+    same = _docs(1.0, 150, 2)
+    same = [[ll, b] for (ll, _), (_, b) in zip(same, base)]  # same documents, same rate
+    assert not paired_bpb_diff_ci(same, base).significant
+    with pytest.raises(ValueError, match="same documents"):
+        paired_bpb_diff_ci(_docs(1.0, 150, 3), base)
+    # In the results table: beside the model's bpb, for the headline bpb task.
+    acc = list(coin(0.5, 100, 5))
+    items = {"v1": {"1": {"t": acc, "bpb": base}}, "m1": {"router": {"t": acc, "bpb": better}}}
+    table = results_table(sweep_runs(items)).set_index("run_id")
+    assert table.loc["m1", "bpb_ci_low"] < table.loc["m1", "bpb_ci_high"]
+    assert table.loc["m1", SIGNIFICANT_BPB] == "yes" and table.loc["m1", DELTA_BPB].startswith("-")
+    assert table.loc["v1", DELTA_BPB] == ""
+
+
+def test_task_items_reads_accuracies_and_bpb_pairs() -> None:
+    from evals.runner import task_items
+
+    results = {"samples": {
+        "mc": [{"doc_id": 1, "filter": "none", "acc": 0.0},
+               {"doc_id": 0, "filter": "none", "acc": 1}],
+        "bpb": [{"doc_id": 0, "filter": "none", "bits_per_byte": [-50.0, 40]}],
+        "gen": [{"doc_id": 0, "filter": "none", "exact_match": "x"}],
+    }}  # fmt: skip
+    assert task_items(results, "mc") == [1.0, 0.0]
+    assert task_items(results, "bpb") == [[-50.0, 40.0]]
+    assert task_items(results, "gen") == []
 
 
 def test_results_table_without_items_keeps_empty_cells() -> None:
