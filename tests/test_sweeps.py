@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_VARIANTS, tiny_spec_dict
+from conftest import TINY_BASE, TINY_VARIANTS, tiny_spec_dict
 from mlflow import MlflowClient
 
 from cli.main import main as mor_main
@@ -411,35 +411,80 @@ def test_resume_after_driver_killed(tmp_path: Path) -> None:
     assert not leftover  # nothing left RUNNING forever
 
 
-def test_searchers_and_asha_are_configured_from_the_spec(tmp_path: Path) -> None:
-    """random/optuna/ASHA become the Tune objects the spec asks for (not run end to end here)."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+# ------------------------------------------------------------------ searchers, for real
+# sharing none | cycle | middle_cycle; N_r and the router drawn only for a recursive model;
+# N_r=3 fits cycle's 6 layers but not middle-cycle's 4 middle ones: an invalid combination.
+SEARCH_SPACE = {
+    "model.sharing": {"choice": ["none", "cycle", "middle_cycle"]},
+    "model.num_recursions": {"choice": [2, 3], "when": {"model.sharing": ["cycle", "middle_cycle"]}},
+    "model.router": {
+        "choice": ["expert_choice", "token_choice"],
+        "when": {"model.sharing": ["cycle", "middle_cycle"]},
+    },
+    "optim.lr": {"loguniform": [1e-3, 1e-2]},
+}
+SEARCH_BASE = {**TINY_BASE, "model": {**TINY_BASE["model"], "sharing": "none", "num_recursions": 1}}
 
-    from sweeps.driver import _searcher_and_space
 
-    space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "model.router": {"grid": ["expert_choice"]}}
-    rnd = validate(
-        SweepSpec,
-        spec_dict(tmp_path, "r", searcher="random", num_samples=3, space=space, variants=[MOR]),
+def search_spec(tmp: Path, name: str, **extra: object) -> dict:
+    return spec_dict(tmp, name, base=SEARCH_BASE, variants=[], space=SEARCH_SPACE, **extra)
+
+
+def _check_draws(tracking_uri: str, parent_run_id: str, state_dir: Path) -> list:
+    """Every trial's config respects the conditions and is valid; skips carry a reason."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    trains = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    for t in trains:
+        p = t.data.params
+        if p["model.sharing"] == "none":  # no router, N_r 1: the conditional axes not drawn
+            assert (p["model.router"], p["model.num_recursions"]) == ("none", "1"), p
+        else:
+            assert p["model.router"] in ("expert_choice", "token_choice")
+        assert (p["model.sharing"], p["model.num_recursions"]) != ("middle_cycle", "3")
+    skipped = [json.loads(x) for x in (state_dir / "skipped.jsonl").read_text().splitlines()]
+    assert skipped and all("divisible by num_recursions=3" in s["reason"] for s in skipped)
+    parent = client.get_run(parent_run_id)
+    assert parent.data.tags["mor.skipped"] == str(len(skipped))
+    return trains
+
+
+def test_random_search_end_to_end(tmp_path: Path) -> None:
+    """Random search on a real (tiny) sweep: conditional draws, invalid draws skipped before
+    any trial starts (with the reason), max_concurrent and the sweep's FLOPs cap (4 trials
+    wanted, 3 fit), the best trial in the summary, on the parent run and in results.md."""
+    import ray
+
+    data = search_spec(
+        tmp_path,
+        "rnd",
+        searcher="random",
+        num_samples=4,
+        budgets=[1e9],
+        max_total_flops=3.2e9,
+        metric="val/loss",
+        mode="min",
+        resources={"max_concurrent": 2},
+        eval={"enabled": False},
     )
-    alg, param_space, samples = _searcher_and_space(plan_sweep(rnd))
-    assert alg is None and samples == 3 and "optim.lr" in param_space
-    opt = validate(
-        SweepSpec,
-        spec_dict(tmp_path, "o", searcher="optuna", num_samples=4, space=space, variants=[MOR]),
-    )
-    alg, param_space, samples = _searcher_and_space(plan_sweep(opt))
-    assert isinstance(alg, OptunaSearch) and samples == 4
-    asha = validate(SweepSpec, spec_dict(tmp_path, "a", scheduler={"grace_flops": 1e9}))
-    assert asha.scheduler is not None and asha.scheduler.metric == "val/loss"
-    assert (
-        ASHAScheduler(
-            time_attr="flops",
-            metric="val/loss",
-            mode="min",
-            max_t=6e9,
-            grace_period=asha.scheduler.grace_flops,
-        )
-        is not None
-    )
+    ray.init(address="local", num_cpus=2, configure_logging=False)
+    try:
+        res = run_sweep(validate(SweepSpec, data))
+    finally:
+        ray.shutdown()
+    assert not res.errors and len(res.rows) == 3  # the cap: a 4th 1e9 trial would pass 3.2e9
+    state = tmp_path / "sweeps" / "rnd"
+    trains = _check_draws(res.tracking_uri, res.parent_run_id, state)
+    assert len(trains) == 3 and all(t.info.status == "FINISHED" for t in trains)
+    out = res.outcome
+    assert out["train_flops_spent"] <= 3.2e9 and out["max_concurrent"] == 2
+    best = out["best"]
+    losses = [r["val/loss"] for r in res.rows]
+    assert best["value"] == min(losses) and best["metric"] == "val/loss"
+    assert set(best["config"]) <= set(SEARCH_SPACE) and "model.sharing" in best["config"]
+    parent = MlflowClient(res.tracking_uri).get_run(res.parent_run_id)
+    assert parent.data.tags["mor.best_label"] == best["label"]
+    assert parent.data.tags["mor.best.model.sharing"] == best["config"]["model.sharing"]
+    assert parent.data.metrics["best/val/loss"] == pytest.approx(best["value"])
+    results_md = (state / "report" / "results.md").read_text()
+    assert results_md.startswith("**Best trial of rnd:") and "val/loss" in results_md.split("\n")[0]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from trainers.config import TrainConfig
 from trainers.plan import TrainPlan
@@ -22,10 +23,40 @@ from trainers.step_metrics import Progress, all_mean
 class Checkpointer:
     """Reports each step to Ray: with a checkpoint every ``checkpoint.every_steps`` and at the
     end (then with the export), otherwise metrics alone every ``report_every_steps`` or when a
-    validation loss was measured."""
+    validation loss was measured. A step that crosses a FLOPs milestone (``eval.at_flops``)
+    is validated here if the loop did not, so the report an ASHA rung reads carries the loss
+    measured at that compute, not at some later step."""
 
     def __init__(self, cfg: TrainConfig, plan: TrainPlan, rank: int) -> None:
         self.cfg, self.plan, self.rank = cfg, plan, rank
+        self._milestones = sorted(cfg.eval.at_flops)
+        self._last_flops: float | None = None
+        self._val: Any = None
+
+    def _crossed_milestone(self, progress: Progress) -> bool:
+        """Whether this step's FLOPs went past a milestone (every rank agrees: the FLOPs
+        come from the all-reduced routing fractions)."""
+        if not self._milestones:
+            return False
+        prev = self._last_flops
+        if prev is None:  # first step of this process (fresh or resumed): its own FLOPs
+            prev = progress.flops - progress.flops / max(1, progress.step)
+        self._last_flops = progress.flops
+        return any(prev < m <= progress.flops for m in self._milestones)
+
+    def _milestone_validation(self, engine: Any) -> dict[str, float]:
+        from trainers.components import validation_metrics
+        from trainers.data import PackedDataset
+
+        cfg = self.cfg
+        if self._val is None:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            self._val = PackedDataset(Path(self.plan.val_path), cfg.data.seq_len, self.rank, world)
+        device = next(engine.module.parameters()).device
+        metrics = validation_metrics(
+            engine.module, self._val, cfg.batch.micro_batch_size, cfg.eval.batches, device
+        )
+        return dict(zip(metrics, all_mean(list(metrics.values()), device), strict=True))
 
     def after_step(
         self, engine: Any, progress: Progress, metrics: dict[str, float], last: bool
@@ -33,6 +64,8 @@ class Checkpointer:
         import ray.train
 
         step = progress.step
+        if self._crossed_milestone(progress) and "val/loss" not in metrics:
+            metrics.update(self._milestone_validation(engine))
         if step % self.cfg.checkpoint.every_steps == 0 or last:
             with tempfile.TemporaryDirectory() as tmp:
                 engine.save_checkpoint(tmp, tag=f"step{step}", client_state=progress.client_state())

@@ -1,0 +1,276 @@
+"""Searching a sweep's space: random and Optuna (TPE) draws, checked before a trial starts, and
+ASHA on cumulative training FLOPs.
+
+Both searchers are Optuna samplers behind Ray Tune's ``OptunaSearch`` (``RandomSampler`` for
+``random``, ``TPESampler`` for ``optuna``) over a define-by-run space (``SpaceFn``): first the
+trial's point (variant × grid values × budget × seed), then each sampled axis whose ``when``
+holds for what was drawn so far, so a router is never drawn for a vanilla model. ``GuardedSearch``
+wraps it: each draw's TrainConfig is built and validated before Tune sees it; an invalid one is
+recorded (``skipped.jsonl`` in the sweep's state folder, with the reason), told to Optuna as a
+failure and replaced by a new draw, so it never starts. It also stops proposing once the next
+trial's budget would take the sweep past ``max_total_flops``. Its state (and Optuna's study)
+is saved with the Tune experiment, so ``mor sweep resume`` continues the same search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
+
+from mor.overrides import ConfigError
+from sweeps.spec import (
+    POINT,
+    SweepSpec,
+    TrialPoint,
+    asha_milestones,
+    is_active,
+    point_flops,
+    trial_config,
+)
+
+SKIPPED_FILE = "skipped.jsonl"
+STOPPED_FILE = "stopped.jsonl"
+MAX_DRAWS = 200  # invalid draws in a row before the search gives up (space mostly invalid)
+INFEASIBLE = "mor.infeasible"  # Optuna user attribute: > 0 for a draw whose config is invalid
+
+
+def _constraints(trial: Any) -> tuple[float]:
+    """Optuna's constrained TPE reads this: invalid draws rank below every valid trial, so
+    TPE learns to avoid them (a failed trial it would simply ignore, and draw again)."""
+    return (trial.user_attrs.get(INFEASIBLE, 0.0),)
+
+
+class SpaceFn:
+    """Optuna define-by-run space of a spec (a plain object, so Optuna's study pickles)."""
+
+    def __init__(self, spec: SweepSpec, points: list[TrialPoint]) -> None:
+        self.spec, self.points = spec, {p.label: p for p in points}
+
+    def __call__(self, trial: Any) -> None:
+        point = self.points[trial.suggest_categorical(POINT, list(self.points))]
+        drawn: dict[str, Any] = {}
+        for key, d in self.spec.space.items():
+            if d.kind == "grid" or not is_active(self.spec, key, point, drawn):
+                continue  # grid axes live in the point; inactive axes keep the base value
+            if d.kind == "choice":
+                drawn[key] = trial.suggest_categorical(key, d.choice)
+            elif d.kind == "randint":
+                drawn[key] = trial.suggest_int(key, d.randint[0], d.randint[1] - 1)
+            else:
+                lo, hi = getattr(d, d.kind)
+                drawn[key] = trial.suggest_float(key, lo, hi, log=d.kind == "loguniform")
+
+
+def make_searcher(
+    spec: SweepSpec, points: list[TrialPoint], state_dir: Path, max_concurrent: int
+) -> GuardedSearch:
+    """The spec's searcher (random or optuna), guarded; seeded, so a rerun draws the same."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = (
+        optuna.samplers.TPESampler(seed=0, constraints_func=_constraints)
+        if spec.searcher == "optuna"
+        else optuna.samplers.RandomSampler(seed=0)
+    )
+    inner = OptunaSearch(
+        space=SpaceFn(spec, points), metric=spec.metric, mode=spec.mode, sampler=sampler
+    )
+    return GuardedSearch(inner, spec, points, state_dir, max_concurrent)
+
+
+class GuardedSearch(Searcher):
+    """Validates each draw before a trial starts, records skips and applies the FLOPs cap."""
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        spec: SweepSpec,
+        points: list[TrialPoint],
+        state_dir: Path,
+        max_concurrent: int,
+    ) -> None:
+        super().__init__(metric=spec.metric, mode=spec.mode)
+        self.searcher = searcher  # the name Tune's save/restore follows through wrappers
+        self.spec, self.state_dir, self.max_concurrent = spec, Path(state_dir), max_concurrent
+        self.points = {p.label: p for p in points}
+        self.total = trial_count_of(spec, len(points))
+        self.inner_id: dict[str, str] = {}
+        self.spent: dict[str, float] = {}  # trial → budget (running) or FLOPs used (done)
+        self.done: set[str] = set()
+        self.n_skipped = 0
+        self.capped = False
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **_: Any):
+        return True  # metric, mode and space come from the spec
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self.capped:
+            return Searcher.FINISHED
+        for attempt in range(MAX_DRAWS):
+            inner_id = trial_id if attempt == 0 else f"{trial_id}-draw{attempt}"
+            raw = self.searcher.suggest(inner_id)
+            if not isinstance(raw, dict):
+                return raw
+            point = self.points[raw.pop(POINT)]
+            try:
+                trial_config(self.spec, point, raw, name="check")
+            except ConfigError as exc:
+                self._skip(point, raw, str(exc).replace("invalid config:", "").strip())
+                self._reject(inner_id)
+                continue
+            need = point_flops(self.spec, point) if self.spec.max_total_flops else 0.0
+            if self.spec.max_total_flops and self.used() + need > self.spec.max_total_flops:
+                self.capped = True
+                self.searcher.on_trial_complete(inner_id, None, error=True)
+                print(
+                    f"[mor] search: max_total_flops {self.spec.max_total_flops:.3g} reached "
+                    f"({self.used():.3g} used or planned, the next trial needs {need:.3g}); "
+                    "no more trials proposed"
+                )
+                return Searcher.FINISHED
+            self.inner_id[trial_id], self.spent[trial_id] = inner_id, need
+            self._live(f"trial {len(self.inner_id)}/{self.total} proposed: {point.label} {raw}")
+            return {POINT: point.model_dump(mode="json"), **raw}
+        print(f"[mor] search: {MAX_DRAWS} invalid draws in a row; stopping the search")
+        return Searcher.FINISHED
+
+    def _reject(self, inner_id: str) -> None:
+        """Tell Optuna an invalid draw: infeasible for TPE (see ``_constraints``)."""
+        inner = self.searcher
+        ot_trial = getattr(inner, "_ot_trials", {}).get(inner_id)
+        if ot_trial is None or self.spec.searcher != "optuna":
+            inner.on_trial_complete(inner_id, None, error=True)  # random: nothing to learn
+            return
+        ot_trial.set_user_attr(INFEASIBLE, 1.0)
+        inner._ot_study.tell(ot_trial, 0.0)  # any value: infeasible ranks below all feasible
+        inner._completed_trials.add(inner_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass  # Optuna only needs the final metric (intermediate training reports lack it)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if trial_id not in self.inner_id or trial_id in self.done:
+            return
+        self.done.add(trial_id)
+        used = (result or {}).get("flops")
+        if isinstance(used, (int, float)) and math.isfinite(used):
+            self.spent[trial_id] = float(used)  # a stopped trial frees the rest of its budget
+        self.searcher.on_trial_complete(self.inner_id[trial_id], result, error=error)
+        self._live(f"trial {trial_id} {'failed' if error else 'done'}")
+
+    def used(self) -> float:
+        return sum(self.spent.values())
+
+    def _live(self, event: str) -> None:
+        """One line of the live table: progress, concurrency and the FLOPs spent."""
+        cap = self.spec.max_total_flops
+        flops = f"{self.used():.3g}" + (f" of max_total_flops {cap:.3g}" if cap else "")
+        print(
+            f"[mor] search ({self.spec.searcher}): {event} | {len(self.done)} done, "
+            f"{len(self.inner_id) - len(self.done)} running (max_concurrent "
+            f"{self.max_concurrent}), {self.n_skipped} skipped | FLOPs {flops}"
+        )
+
+    def _skip(self, point: TrialPoint, sampled: dict, reason: str) -> None:
+        self.n_skipped += 1
+        record = {"label": point.label, "sampled": sampled, "reason": reason}
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / SKIPPED_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"[mor] search: skipped invalid draw {point.label} {sampled}: {reason}")
+
+    def get_state(self) -> dict:
+        keys = ("inner_id", "spent", "done", "n_skipped", "capped")
+        return {k: getattr(self, k) for k in keys}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def trial_count_of(spec: SweepSpec, n_points: int) -> int:
+    """Trials the searcher proposes: points × num_samples (random) or num_samples (optuna)."""
+    return n_points * spec.num_samples if spec.searcher == "random" else spec.num_samples
+
+
+class FlopsASHA(ASHAScheduler):
+    """ASHA whose time is cumulative training FLOPs; every stop is recorded with its rung.
+
+    Each trial validates at the first step past every rung (``eval.at_flops``), so the loss a
+    rung compares is the one measured at that compute, for every architecture alike; reports
+    without a validation loss are ignored by ASHA."""
+
+    def __init__(self, spec: SweepSpec, state_dir: Path, tracking: tuple[str, str]) -> None:
+        s = spec.scheduler
+        assert s is not None
+        super().__init__(
+            time_attr="flops",
+            metric=s.metric,
+            mode=s.mode,
+            max_t=max(spec.budgets) if spec.budgets else 1e30,
+            grace_period=s.grace_flops,
+            reduction_factor=s.reduction_factor,
+        )
+        self.sweep, self.state_dir, self.tracking = spec.name, Path(state_dir), tracking
+        self.milestones = asha_milestones(spec)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get("flops", 0) < self._max_t:
+            rung = max((m for m in self.milestones if m <= result["flops"]), default=0.0)
+            record = {
+                "trial": trial.trial_id,
+                "run_name": f"{self.sweep}-{trial.trial_id}",
+                "rung_flops": rung,
+                "flops": result["flops"],
+                "step": int(result.get("step", 0)),
+                "metric": result.get(self._metric),
+                "metric_name": self._metric,
+            }
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.state_dir / STOPPED_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(
+                f"[mor] ASHA: stopped trial {trial.trial_id} at the {rung:.3g}-FLOPs rung "
+                f"({self._metric}={record['metric']:.4g})"
+            )
+            mark_stopped(*self.tracking, [record])
+        return action
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def mark_stopped(uri: str, parent_run_id: str, records: list[dict]) -> list[str]:
+    """Tag the training runs of early-stopped trials (KILLED, ``mor.stopped_early`` = the rung's
+    FLOPs): partial results, never finished models."""
+    from mlflow import MlflowClient
+
+    from core.keys import TAG_STOPPED_EARLY
+
+    client = MlflowClient(uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    marked = []
+    for r in records:
+        runs = client.search_runs(
+            [exp],
+            f"tags.mlflow.parentRunId = '{parent_run_id}' "
+            f"and tags.mlflow.runName = '{r['run_name']}'",
+        )
+        for run in runs:
+            client.set_tag(run.info.run_id, TAG_STOPPED_EARLY, f"{r['rung_flops']:.6g}")
+            if r.get("metric") is not None:  # the loss the rung compared (measured there)
+                client.log_metric(run.info.run_id, r["metric_name"], r["metric"], step=r["step"])
+            client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append(run.info.run_id)
+    return marked
