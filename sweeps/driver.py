@@ -286,7 +286,11 @@ def _new_tuner(
     spec's ``metric`` and the scheduler's ``val/loss``), so Tune is given none."""
     from ray import tune
 
+    from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE
+
     spec = plan.spec
+    for stale in (SKIPPED_FILE, STOPPED_FILE, RUNGS_FILE):  # a new search starts clean
+        (state_dir / stale).unlink(missing_ok=True)
     concurrent = max_concurrent_trials(spec)
     search_alg, space, num_samples = _searcher_and_space(plan, state_dir, concurrent)
     scheduler = None

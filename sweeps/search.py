@@ -28,6 +28,7 @@ from sweeps.spec import (
     SweepSpec,
     TrialPoint,
     asha_milestones,
+    draw_order,
     is_active,
     point_flops,
     trial_config,
@@ -35,16 +36,8 @@ from sweeps.spec import (
 
 SKIPPED_FILE = "skipped.jsonl"
 STOPPED_FILE = "stopped.jsonl"
+RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded losses per rung (Tune does not save them)
 MAX_DRAWS = 200  # invalid draws in a row before the search gives up (space mostly invalid)
-INFEASIBLE = "mor.infeasible"  # Optuna user attribute: > 0 for a draw whose config is invalid
-
-
-def _constraints(trial: Any) -> tuple[float]:
-    """Optuna's constrained TPE reads this: invalid draws rank below every valid trial, so
-    TPE learns to avoid them (a failed trial it would simply ignore, and draw again)."""
-    return (trial.user_attrs.get(INFEASIBLE, 0.0),)
-
-
 class SpaceFn:
     """Optuna define-by-run space of a spec (a plain object, so Optuna's study pickles)."""
 
@@ -54,9 +47,10 @@ class SpaceFn:
     def __call__(self, trial: Any) -> None:
         point = self.points[trial.suggest_categorical(POINT, list(self.points))]
         drawn: dict[str, Any] = {}
-        for key, d in self.spec.space.items():
-            if d.kind == "grid" or not is_active(self.spec, key, point, drawn):
-                continue  # grid axes live in the point; inactive axes keep the base value
+        for key in draw_order(self.spec):  # grid axes live in the point
+            d = self.spec.space[key]
+            if not is_active(self.spec, key, point, drawn):
+                continue  # the base config's value stands
             if d.kind == "choice":
                 drawn[key] = trial.suggest_categorical(key, d.choice)
             elif d.kind == "randint":
@@ -74,7 +68,7 @@ def make_searcher(
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = (
-        optuna.samplers.TPESampler(seed=0, constraints_func=_constraints)
+        optuna.samplers.TPESampler(seed=0)
         if spec.searcher == "optuna"
         else optuna.samplers.RandomSampler(seed=0)
     )
@@ -147,7 +141,9 @@ class GuardedSearch(Searcher):
         if ot_trial is None or self.spec.searcher != "optuna":
             inner.on_trial_complete(inner_id, None, error=True)  # random: nothing to learn
             return
-        ot_trial.set_user_attr(INFEASIBLE, 1.0)
+        # Constrained TPE ranks an infeasible trial below every feasible one, so TPE learns to
+        # avoid the region (a failed trial it would ignore, and draw the same again).
+        ot_trial.set_constraint("valid_config", 1.0)
         inner._ot_study.tell(ot_trial, 0.0)  # any value: infeasible ranks below all feasible
         inner._completed_trials.add(inner_id)
 
@@ -220,9 +216,26 @@ class FlopsASHA(ASHAScheduler):
         )
         self.sweep, self.state_dir, self.tracking = spec.name, Path(state_dir), tracking
         self.milestones = asha_milestones(spec)
+        self._loaded = False  # a resumed sweep reloads the rungs its killed driver recorded
+
+    def _rungs_io(self, save: bool) -> None:
+        path = self.state_dir / RUNGS_FILE
+        rungs = self._brackets[0]._rungs  # one bracket (Tune's default): [(milestone, {id: v})]
+        if save:
+            data = [[m, {k: float(v) for k, v in rec.items()}] for m, rec in rungs]
+            path.write_text(json.dumps(data))
+        elif path.is_file():
+            for (_, recorded), (_, saved) in zip(rungs, json.loads(path.read_text())):
+                recorded.update(saved)
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if not self._loaded:
+            self._loaded = True
+            self._rungs_io(save=False)
         action = super().on_trial_result(tune_controller, trial, result)
+        if self._metric in result:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._rungs_io(save=True)
         if action == self.STOP and result.get("flops", 0) < self._max_t:
             rung = max((m for m in self.milestones if m <= result["flops"]), default=0.0)
             record = {

@@ -261,6 +261,7 @@ class SweepSpec(BaseModel):
         conditional = [k for k, d in self.space.items() if d.when and d.kind == "grid"]
         if conditional:
             raise ValueError(f"space: 'when' applies to sampled axes only (not {conditional})")
+        draw_order(self)  # no cycles among the conditions
         return self
 
     @model_validator(mode="after")
@@ -408,6 +409,21 @@ def _lookup(spec: SweepSpec, point: TrialPoint, sampled: dict[str, Any], key: st
     return node
 
 
+def draw_order(spec: SweepSpec) -> list[str]:
+    """The sampled axes in the order they are drawn: an axis after those its ``when`` names
+    (the spec's order otherwise; YAML writers may sort keys)."""
+    pending = [k for k, d in spec.space.items() if d.kind != "grid"]
+    order: list[str] = []
+    while pending:
+        ready = [k for k in pending
+                 if all(w not in pending or w == k for w in spec.space[k].when or {})]  # fmt: skip
+        if not ready:
+            raise ValueError(f"space: the 'when' conditions of {pending} form a cycle")
+        order += ready
+        pending = [k for k in pending if k not in ready]
+    return order
+
+
 def is_active(spec: SweepSpec, key: str, point: TrialPoint, sampled: dict[str, Any]) -> bool:
     """Whether the sampled axis ``key`` applies to this trial (its ``when`` holds)."""
     when = spec.space[key].when or {}
@@ -422,9 +438,10 @@ def sample_defaults(
     order, as the searchers draw them)."""
     out: dict[str, Any] = {}
     fixed = fixed or {}
-    for k, d in spec.space.items():
-        if d.kind == "grid" or (point is not None and not is_active(spec, k, point, out)):
+    for k in draw_order(spec):
+        if point is not None and not is_active(spec, k, point, out):
             continue
+        d = spec.space[k]
         out[k] = fixed.get(k, d.choice[0] if d.kind == "choice" else getattr(d, d.kind)[0])
     return out
 
