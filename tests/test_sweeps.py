@@ -506,6 +506,8 @@ def _first_finished_training(client: MlflowClient, proc: subprocess.Popen, log: 
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.time() < deadline, log.read_text()[-3000:]
         time.sleep(1)
+        if "proposed:" not in log.read_text():  # the driver has not set up MLflow yet: a
+            continue  # second process creating the sqlite tables at once can break both
         try:
             exp = client.get_experiment_by_name("sweeps-test")
             done = client.search_runs(
