@@ -23,21 +23,15 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from mor.overrides import ConfigError
-from sweeps.spec import (
-    POINT,
-    SweepSpec,
-    TrialPoint,
-    asha_milestones,
-    draw_order,
-    is_active,
-    point_flops,
-    trial_config,
-)
+from sweeps.space import asha_milestones, draw_order, is_active
+from sweeps.spec import POINT, SweepSpec, TrialPoint, point_flops, trial_config
 
 SKIPPED_FILE = "skipped.jsonl"
 STOPPED_FILE = "stopped.jsonl"
 RUNGS_FILE = "asha_rungs.json"  # ASHA's recorded losses per rung (Tune does not save them)
 MAX_DRAWS = 200  # invalid draws in a row before the search gives up (space mostly invalid)
+
+
 class SpaceFn:
     """Optuna define-by-run space of a spec (a plain object, so Optuna's study pickles)."""
 

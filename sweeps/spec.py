@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from core.keys import TAG_LABEL, TAG_REPLICATE_OF, TAG_SEED, eval_key
 from core.names import check_name
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
+from sweeps.space import asha_milestones, draw_order, sample_defaults
 from trainers.config import TrainConfig
 
 POINT = "point"
@@ -262,6 +263,10 @@ class SweepSpec(BaseModel):
         if conditional:
             raise ValueError(f"space: 'when' applies to sampled axes only (not {conditional})")
         draw_order(self)  # no cycles among the conditions
+        if self.scheduler is not None and not self.budgets:
+            raise ValueError("scheduler: ASHA's rungs are training FLOPs; give the sweep budgets")
+        if self.scheduler is not None and self.scheduler.grace_flops >= max(self.budgets):
+            raise ValueError("scheduler.grace_flops: must be below the largest budget")
         return self
 
     @model_validator(mode="after")
@@ -385,65 +390,8 @@ def trial_config(
     return validate(TrainConfig, data)
 
 
-def asha_milestones(spec: SweepSpec) -> list[float]:
-    """The FLOPs at ASHA's rungs: grace × rf^k below the largest budget (Tune's rungs)."""
-    s = spec.scheduler
-    if s is None or not spec.budgets:
-        return []
-    n = int(math.log(max(spec.budgets) / s.grace_flops) / math.log(s.reduction_factor) + 1)
-    return [s.grace_flops * s.reduction_factor**k for k in range(max(0, n))]
-
-
 def _yaml(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
-
-
-def _lookup(spec: SweepSpec, point: TrialPoint, sampled: dict[str, Any], key: str) -> Any:
-    """A dotted key's value for a trial: sampled, else the point's, else the base config's."""
-    for source in (sampled, point.overrides):
-        if key in source:
-            return source[key]
-    node: Any = spec.base
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def draw_order(spec: SweepSpec) -> list[str]:
-    """The sampled axes in the order they are drawn: an axis after those its ``when`` names
-    (the spec's order otherwise; YAML writers may sort keys)."""
-    pending = [k for k, d in spec.space.items() if d.kind != "grid"]
-    order: list[str] = []
-    while pending:
-        ready = [k for k in pending
-                 if all(w not in pending or w == k for w in spec.space[k].when or {})]  # fmt: skip
-        if not ready:
-            raise ValueError(f"space: the 'when' conditions of {pending} form a cycle")
-        order += ready
-        pending = [k for k in pending if k not in ready]
-    return order
-
-
-def is_active(spec: SweepSpec, key: str, point: TrialPoint, sampled: dict[str, Any]) -> bool:
-    """Whether the sampled axis ``key`` applies to this trial (its ``when`` holds)."""
-    when = spec.space[key].when or {}
-    return all(_lookup(spec, point, sampled, k) in vals for k, vals in when.items())
-
-
-def sample_defaults(
-    spec: SweepSpec, point: TrialPoint | None = None, fixed: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """A representative value per sampled axis (its first choice or low bound, or the value
-    ``fixed`` gives it), for checks; with a point, only the axes active for it (in spec
-    order, as the searchers draw them)."""
-    out: dict[str, Any] = {}
-    fixed = fixed or {}
-    for k in draw_order(spec):
-        if point is not None and not is_active(spec, k, point, out):
-            continue
-        d = spec.space[k]
-        out[k] = fixed.get(k, d.choice[0] if d.kind == "choice" else getattr(d, d.kind)[0])
-    return out
 
 
 @dataclass(frozen=True)
