@@ -80,6 +80,24 @@ def test_eval_keys_build_and_parse() -> None:
         ({"resources": {"num_workers": 0}}, "resources.num_workers"),
         ({"name": "bad name"}, "name"),
         ({"scheduler": {"type": "asha"}}, "scheduler.grace_flops"),
+        ({"scheduler": {"grace_flops": 1e9}, "budgets": []}, "scheduler"),
+        ({"space": {"model.router": {"grid": ["none"], "when": {"seed": [0]}}}}, "when"),
+        (
+            {
+                "searcher": "random",
+                "space": {
+                    "optim.lr": {"choice": [1e-3], "when": {"seed": [1]}},
+                    "seed": {"choice": [0, 1], "when": {"optim.lr": [1e-3]}},
+                },
+            },
+            "cycle",
+        ),
+        (
+            {"searcher": "optuna", "space": {"model.router": {"choice": ["none", "bogus"]}}},
+            "space.model.router",
+        ),
+        ({"max_total_flops": 1e9, "budgets": []}, "max_total_flops"),
+        ({"max_total_flops": 1e9}, "max_total_flops"),  # below the first trial's 6e9
         ({"bogus": 1}, "bogus"),
     ],
 )
