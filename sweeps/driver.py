@@ -286,7 +286,7 @@ def _new_tuner(
     spec's ``metric`` and the scheduler's ``val/loss``), so Tune is given none."""
     from ray import tune
 
-    from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE
+    from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE, PlacementGroupJanitor
 
     spec = plan.spec
     for stale in (SKIPPED_FILE, STOPPED_FILE, RUNGS_FILE):  # a new search starts clean
@@ -315,7 +315,9 @@ def _new_tuner(
             num_samples=num_samples,
             max_concurrent_trials=concurrent,
         ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir)),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(tune_dir), callbacks=[PlacementGroupJanitor()]
+        ),
     )
 
 

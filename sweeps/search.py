@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
@@ -281,3 +283,54 @@ def mark_stopped(uri: str, parent_run_id: str, records: list[dict]) -> list[str]
             client.set_terminated(run.info.run_id, status="KILLED")
             marked.append(run.info.run_id)
     return marked
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creating actor is dead; how many were removed.
+
+    Ray Train V2's controller creates its worker group's placement group and removes it when
+    training ends. A controller that dies with its Tune trial (ASHA stopped it) leaves that to
+    a detached cleaner actor which finds the cluster through the state API; where several Ray
+    instances share a machine it connects to the wrong one and never cleans up, and the
+    trial's CPUs stay reserved until the sweep ends (the next trials wait forever). Only
+    groups made by an actor (Train controllers) are touched: Tune's own trial groups are the
+    driver's. Reads the GCS table through Ray's private state accessor (Ray 2.60)."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        made_by_actor = pg.creator_actor_id.strip(b"\xff") != b""  # nil: the driver made it
+        if (
+            made_by_actor
+            and pg.creator_actor_dead
+            and not pg.is_detached
+            and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+        ):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
+class PlacementGroupJanitor(Callback):
+    """Tune callback: releases orphaned placement groups every few seconds of the sweep."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s, self._last = every_s, 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        try:
+            n = release_orphaned_placement_groups()
+        except Exception as exc:  # a private Ray API: never let it stop the sweep
+            print(f"[mor] could not check for orphaned placement groups: {exc}")
+            self.every_s = math.inf
+            return
+        if n:
+            print(f"[mor] released {n} placement group(s) left by stopped trials")
