@@ -28,7 +28,15 @@ from core.keys import (
     eval_points,
 )
 from mor.overrides import ConfigError
-from sweeps.spec import POINT, SweepPlan, SweepSpec, TrialPoint, plan_sweep, trial_config
+from sweeps.spec import (
+    POINT,
+    SweepPlan,
+    SweepSpec,
+    TrialPoint,
+    plan_sweep,
+    trial_config,
+    with_sampled,
+)
 from trainers.launcher import ResourceError, check_resources
 from trainers.tracking import connect, find_or_create_run, flatten
 
@@ -102,7 +110,7 @@ def trial_fn(
     result = run_training(cfg, callbacks=[TuneReportCallback()])
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if k in _TRIAL_TRAIN_KEYS}
     final["train_run_id"] = result.run_id
-    final["label"] = point.label
+    final["label"] = with_sampled(point.label, sampled)
     if spec.eval.enabled:
         eval_run_id, points = _evaluate(spec, result, tracking_uri)
         final["eval_run_id"] = eval_run_id
@@ -357,7 +365,10 @@ def summarise(
         cfg = res.config or {}
         row: dict[str, Any] = {
             "trial": Path(res.path).name if res.path else None,
-            "label": (cfg.get(POINT) or {}).get("label"),
+            "label": with_sampled(
+                (cfg.get(POINT) or {}).get("label") or "",
+                {k: v for k, v in cfg.items() if k != POINT},
+            ),
         }
         row.update({k: v for k, v in cfg.items() if k != POINT})
         metrics = res.metrics or {}

@@ -378,8 +378,8 @@ def trial_config(
         "experiment": spec.tracking.experiment,
         "parent_run_id": parent_run_id,
         "tags": {
-            TAG_LABEL: point.label,
-            TAG_REPLICATE_OF: point.replicate_of or point.label,
+            TAG_LABEL: with_sampled(point.label, sampled),
+            TAG_REPLICATE_OF: with_sampled(point.replicate_of or point.label, sampled),
             TAG_SEED: str(data.get("seed", 0)),
         },
     }
@@ -388,6 +388,18 @@ def trial_config(
     data["name"] = name
     data["storage_path"] = spec.resolved_storage_path
     return validate(TrainConfig, data)
+
+
+def with_sampled(label: str, sampled: dict[str, Any] | None) -> str:
+    """A trial's label with the searcher's draws before its budget and seed, e.g.
+    'sharing=cycle,num_recursions=2,lr=0.0034,budget=2e+11': what names the model in reports."""
+    if not sampled:
+        return label
+    drawn = [f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else
+             f"{k.split('.')[-1]}={v}" for k, v in sampled.items()]  # fmt: skip
+    parts = [x for x in label.split(",") if x and x != "base"]
+    at = next((i for i, x in enumerate(parts) if x.startswith(("budget=", "seed="))), len(parts))
+    return ",".join(parts[:at] + drawn + parts[at:])
 
 
 def _yaml(v: Any) -> str:

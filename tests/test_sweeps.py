@@ -215,9 +215,9 @@ def test_trial_config_is_built_once_and_validated(tmp_path: Path) -> None:
         False,
     )
     assert cfg.tracking.parent_run_id == "parent" and cfg.tracking.experiment == "sweeps-test"
-    assert cfg.tracking.tags == {
-        "mor.label": point.label,
-        "mor.replicate_of": point.label,  # no seeds: a point is its own replicate group
+    assert cfg.tracking.tags == {  # the searcher's draws name the model, before its budget
+        "mor.label": "mor-ec,lr=0.003,budget=6e+09",
+        "mor.replicate_of": "mor-ec,lr=0.003,budget=6e+09",  # no seeds: its own group
         "mor.seed": "0",
     }
     assert (
