@@ -206,9 +206,12 @@ class FlopsASHA(ASHAScheduler):
             time_attr="flops",
             metric=s.metric,
             mode=s.mode,
-            max_t=max(spec.budgets) if spec.budgets else 1e30,
+            # Above every budget: a trial that ends a little past its budget (measured routing)
+            # must finish and be evaluated, never be stopped as if at a last rung.
+            max_t=4 * max(spec.budgets),
             grace_period=s.grace_flops,
             reduction_factor=s.reduction_factor,
+            stop_last_trials=False,
         )
         self.sweep, self.state_dir, self.tracking = spec.name, Path(state_dir), tracking
         self.milestones = asha_milestones(spec)
@@ -232,7 +235,7 @@ class FlopsASHA(ASHAScheduler):
         if self._metric in result:
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._rungs_io(save=True)
-        if action == self.STOP and result.get("flops", 0) < self._max_t:
+        if action == self.STOP:
             rung = max((m for m in self.milestones if m <= result["flops"]), default=0.0)
             record = {
                 "trial": trial.trial_id,

@@ -621,7 +621,7 @@ def test_optuna_asha_sweep_resumes_after_driver_sigkill(
     trial_dirs = list((tmp_path / "tune" / "opt").glob("trial_fn_*"))
     assert sum(_validated_at_milestones(d, milestones) for d in trial_dirs) >= 2
     rungs = json.loads((state / "asha_rungs.json").read_text())  # [[FLOPs, {trial: -loss}]]
-    assert {m for m, recorded in rungs if recorded} == set(milestones)
+    assert set(milestones) <= {m for m, recorded in rungs if recorded}
     stopped = [t for t in trains if "mor.stopped_early" in t.data.tags]
     assert len(stopped) == len(outcome["stopped_early"]) >= 1
     results_md = (state / "report" / "results.md").read_text()
