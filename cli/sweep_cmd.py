@@ -68,6 +68,18 @@ def _print_result(res) -> None:
         print(f"[mor]   failed: {err}")
     if res.errors:
         print(f"[mor] rerun the failed trials with: mor sweep resume {res.name}")
+    outcome = getattr(res, "outcome", {}) or {}
+    for stop in outcome.get("stopped_early", []):
+        print(f"[mor]   stopped early by ASHA at the {stop['rung_flops']:.3g}-FLOPs rung: "
+              f"trial {stop['trial']} (val loss {stop['metric']:.4g})")  # fmt: skip
+    if outcome.get("skipped"):
+        print(f"[mor]   {len(outcome['skipped'])} invalid draw(s) skipped, never started "
+              f"(reasons: {res.summary_csv.parent / 'skipped.jsonl'})")  # fmt: skip
+    if outcome.get("best"):
+        b = outcome["best"]
+        print(f"[mor] best: {b['label']} {b['config']} {b['metric']}={b['value']:.4g}")
+    if outcome:
+        print(f"[mor] training FLOPs spent: {outcome['train_flops_spent']:.3g}")
     print(f"[mor] summary table: {res.summary_csv}")
     for extra in getattr(res, "artifacts", []):
         print(f"[mor] plot: {extra}")

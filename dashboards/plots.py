@@ -89,9 +89,14 @@ def iso_flop_png(trials: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ok = trials.dropna(subset=["train_flops", "val_nll"])
     for i, (_, row) in enumerate(ok.iterrows()):
-        ax.scatter(row["train_flops"], row["val_nll"], color=plt.get_cmap("tab10")(i % 10))
+        color = plt.get_cmap("tab10")(i % 10)
+        stopped = pd.notna(row.get("stopped_early_at_flops"))
+        # A trial ASHA stopped is a partial point (hollow): its loss at less compute.
+        ax.scatter(
+            row["train_flops"], row["val_nll"], color=color, facecolors="none" if stopped else color
+        )
         ax.annotate(
-            row["model"],
+            row["model"] + (" (stopped early)" if stopped else ""),
             (row["train_flops"], row["val_nll"]),
             fontsize=7,
             textcoords="offset points",

@@ -78,6 +78,8 @@ def results_table(runs: SweepRuns, metric: str = "average") -> pd.DataFrame:
     ]
     table = trials[cols].copy()
     table.insert(0, "run_id", trials["run_id"])
+    if "stopped_early_at_flops" in trials and trials["stopped_early_at_flops"].notna().any():
+        table.insert(2, "status", trials["stopped_early_at_flops"].map(_status))
     if not runs.points.empty:
         native = native_points(runs.points).set_index("run_id")
         acc_cols = sorted(
@@ -209,6 +211,33 @@ def with_bpb_uncertainty(
     return table
 
 
+def _status(rung: object) -> str:
+    """A trial's status column: finished, or where ASHA stopped it (a partial point)."""
+    if isinstance(rung, float) and not math.isnan(rung):
+        return f"stopped early at {rung:.3g} FLOPs (partial)"
+    return "finished"
+
+
+def best_line(tracking_uri: str, parent_run_ids: list[str]) -> str:
+    """The searcher's best trial as the sweeps recorded it on their parent runs ('' if none)."""
+    from mlflow import MlflowClient
+
+    from core.keys import TAG_BEST_LABEL
+
+    client, lines = MlflowClient(tracking_uri), []
+    for rid in parent_run_ids:
+        run = client.get_run(rid)
+        label = run.data.tags.get(TAG_BEST_LABEL)
+        if not label:
+            continue
+        config = {k[len("mor.best.") :]: v for k, v in run.data.tags.items()
+                  if k.startswith("mor.best.")}  # fmt: skip
+        metric = next((k for k in run.data.metrics if k.startswith("best/")), None)
+        value = f" {metric[5:]} = {run.data.metrics[metric]:.4g}" if metric else ""
+        lines.append(f"Best trial of {run.info.run_name}: {label} {config}{value}")
+    return "\n".join(f"**{ln}**\n" for ln in lines)
+
+
 def _ci_part(cis: dict, run_id: str, part: int) -> float:
     ci = cis.get(run_id)
     return float(ci[part]) if ci is not None else math.nan
@@ -262,7 +291,8 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     table = results_table(runs, metric)
-    (out / "results.md").write_text(_markdown(table))
+    best = best_line(tracking_uri, runs.parent_run_ids)
+    (out / "results.md").write_text((best + "\n" if best else "") + _markdown(table))
     table.to_csv(out / "results.csv", index=False)
     files += [out / "results.md", out / "results.csv"]
     summary = table

@@ -30,6 +30,7 @@ from core.keys import (
     TAG_ROUTER,
     TAG_SEED,
     TAG_SHARING,
+    TAG_STOPPED_EARLY,
     TOPK_POINT,
     eval_key,
     eval_points,
@@ -97,8 +98,8 @@ def load_runs(tracking_uri: str, names: list[str], items: bool = True) -> SweepR
         row = trial_row(run)
         trial_rows.append(row)
         ev = eval_by_parent.get(run.info.run_id)
-        if ev is None:
-            continue
+        if ev is None or row["stopped_early_at_flops"] is not None:
+            continue  # no depth points (so no Pareto point) for a partial model
         row.update(routing_columns(ev.data.metrics))
         if items and (scores := eval_items(client, ev.info.run_id)):
             item_scores[run.info.run_id] = scores
@@ -165,6 +166,8 @@ def trial_row(run: Any) -> dict[str, Any]:
         "sweep": t.get("mlflow.parentRunId"),
         "label": t.get(TAG_LABEL),
         "seed": t.get(TAG_SEED),
+        # ASHA stopped it at this rung (training FLOPs): a partial result, not a finished model
+        "stopped_early_at_flops": _num(t.get(TAG_STOPPED_EARLY)),
     }
     # Runs of one configuration with different seeds share this (a plain run: itself).
     row["replicate_of"] = t.get(TAG_REPLICATE_OF) or row["label"] or row["run_id"]

@@ -9,6 +9,7 @@ child, and each evaluation a child of that.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -26,13 +27,15 @@ from core.keys import (
     eval_points,
 )
 from mor.overrides import ConfigError
+from sweeps.space import sample_defaults
 from sweeps.spec import (
+    POINT,
     SweepPlan,
     SweepSpec,
     TrialPoint,
     plan_sweep,
-    sample_defaults,
     trial_config,
+    with_sampled,
 )
 from trainers.data import prepare_data
 from trainers.launcher import ResourceError, check_resources
@@ -55,6 +58,8 @@ class SweepResult:
     rows: list[dict[str, Any]]
     errors: list[str]
     artifacts: list[Path] = field(default_factory=list)
+    outcome: dict[str, Any] = field(default_factory=dict)
+    """``summary.json``: best trial, early stops, skipped draws, FLOPs spent (search_outcome)."""
 
 
 def tracking_uri_for(spec: SweepSpec) -> str:
@@ -73,24 +78,10 @@ def sweep_dirs(spec_or_storage: SweepSpec | str, name: str | None = None) -> tup
     return root / "tune", root / "sweeps" / str(name)
 
 
-def _tune_dimension(dim: Any) -> Any:
-    from ray import tune
-
-    kind = dim.kind
-    if kind == "choice":
-        return tune.choice(dim.choice)
-    if kind == "uniform":
-        return tune.uniform(*dim.uniform)
-    if kind == "loguniform":
-        return tune.loguniform(*dim.loguniform)
-    return tune.randint(*dim.randint)
-
-
 # The headline eval metrics a trial reports, per depth point and for its own operating point.
 _TRIAL_EVAL_KEYS = ("average", "flops_per_token", "nll")
 # The training metrics a trial reports at its end (Tune's last result, the summary table).
 _TRIAL_TRAIN_KEYS = ("val/loss", "train/loss", "flops", "tokens", "step")
-POINT = "point"  # the param_space entry holding the trial's TrialPoint (as a dict)
 
 
 def trial_fn(
@@ -122,7 +113,7 @@ def trial_fn(
     result = run_training(cfg, callbacks=[TuneReportCallback()], lock=False)
     final: dict[str, Any] = {k: v for k, v in result.metrics.items() if k in _TRIAL_TRAIN_KEYS}
     final["train_run_id"] = result.run_id
-    final["label"] = point.label
+    final["label"] = with_sampled(point.label, sampled)
     if spec.eval.enabled:
         eval_run_id, points = _evaluate(spec, result, tracking_uri)
         final["eval_run_id"] = eval_run_id
@@ -185,21 +176,23 @@ def finished_eval(
     return (eval_id, points) if points else None
 
 
-def _searcher_and_space(plan: SweepPlan) -> tuple[Any, dict, int]:
-    """(search algorithm, param_space, num_samples). The points travel as plain dicts, which
-    Tune stores with the experiment (for resume); ``trial_fn`` validates them back."""
+def _searcher_and_space(
+    plan: SweepPlan, state_dir: Path, max_concurrent: int
+) -> tuple[Any, dict, int]:
+    """(search algorithm, param_space, num_samples). Grid: Tune's grid over the points, which
+    travel as plain dicts stored with the experiment (for resume); ``trial_fn`` validates them
+    back. Random and optuna: the guarded Optuna searcher of sweeps/search.py, which owns the
+    space (draws, conditional axes, validation, the FLOPs cap)."""
     from ray import tune
 
     spec = plan.spec
-    points = [p.model_dump(mode="json") for p in plan.points]
-    sampled = {k: _tune_dimension(d) for k, d in spec.space.items() if d.kind != "grid"}
-    if spec.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+    if spec.searcher == "grid":
+        points = [p.model_dump(mode="json") for p in plan.points]
+        return None, {POINT: tune.grid_search(points)}, 1
+    from sweeps.search import make_searcher, trial_count_of
 
-        space = {POINT: tune.choice(points), **sampled}
-        return OptunaSearch(metric=spec.metric, mode=spec.mode, seed=0), space, spec.num_samples
-    space = {POINT: tune.grid_search(points), **sampled}
-    return None, space, spec.num_samples if spec.searcher == "random" else 1
+    search = make_searcher(spec, list(plan.points), state_dir, max_concurrent)
+    return search, {}, trial_count_of(spec, len(plan.points))
 
 
 def max_concurrent_trials(spec: SweepSpec) -> int:
@@ -295,7 +288,7 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
             raise ConfigError(f"name: no sweep {spec.name!r} to resume under {tune_dir}")
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
     else:
-        tuner = _new_tuner(plan, trainable, tune_dir)
+        tuner = _new_tuner(plan, trainable, tune_dir, state_dir, (uri, parent_run_id))
     grid = tuner.fit()
     return summarise(spec, grid, client, parent_run_id, uri, state_dir)
 
@@ -305,44 +298,54 @@ def prepare_sweep_data(plan: SweepPlan) -> None:
     stage then has the cluster's CPUs (a trial's are taken), and trials find it ready."""
     seen: set[str] = set()
     for point in plan.points:
-        data = trial_config(plan.spec, point, sample_defaults(plan.spec), name="data").data
+        sampled = sample_defaults(plan.spec, point)
+        data = trial_config(plan.spec, point, sampled, name="data").data
         key = data.model_dump_json()
         if key not in seen:
             seen.add(key)
             prepare_data(data)
 
 
-def _new_tuner(plan: SweepPlan, trainable: Any, tune_dir: Path) -> Any:
-    """A fresh Tuner: the spec's searcher over its points, and its ASHA scheduler if any."""
+def _new_tuner(
+    plan: SweepPlan, trainable: Any, tune_dir: Path, state_dir: Path, tracking: tuple[str, str]
+) -> Any:
+    """A fresh Tuner: the spec's searcher, its ASHA scheduler on cumulative training FLOPs (if
+    any) and its concurrency. The searcher and the scheduler carry their own metrics (the
+    spec's ``metric`` and the scheduler's ``val/loss``), so Tune is given none."""
     from ray import tune
 
+    from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE, PlacementGroupJanitor
+
     spec = plan.spec
-    search_alg, space, num_samples = _searcher_and_space(plan)
+    for stale in (SKIPPED_FILE, STOPPED_FILE, RUNGS_FILE):  # a new search starts clean
+        (state_dir / stale).unlink(missing_ok=True)
+    concurrent = max_concurrent_trials(spec)
+    search_alg, space, num_samples = _searcher_and_space(plan, state_dir, concurrent)
     scheduler = None
     if spec.scheduler is not None:
-        from ray.tune.schedulers import ASHAScheduler
+        from sweeps.search import FlopsASHA
 
-        s = spec.scheduler
-        scheduler = ASHAScheduler(
-            time_attr="flops",
-            metric=s.metric,
-            mode=s.mode,
-            max_t=max(spec.budgets) if spec.budgets else 1e30,
-            grace_period=s.grace_flops,
-            reduction_factor=s.reduction_factor,
-        )
+        scheduler = FlopsASHA(spec, state_dir, tracking)
+    rungs = ", ".join(f"{m:.3g}" for m in scheduler.milestones) if scheduler else ""
+    print(
+        f"[mor] sweep {spec.name!r}: searcher {spec.searcher}, {num_samples} trial(s) "
+        f"{'at most ' if search_alg else ''}(grid points × samples), max_concurrent "
+        f"{concurrent}"
+        + (f", max_total_flops {spec.max_total_flops:.3g}" if spec.max_total_flops else "")
+        + (f", ASHA rungs at {rungs} FLOPs" if rungs else "")
+    )
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric if search_alg else None,
-            mode=spec.mode if search_alg else None,
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=num_samples,
-            max_concurrent_trials=max_concurrent_trials(spec),
+            max_concurrent_trials=concurrent,
         ),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(tune_dir)),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(tune_dir), callbacks=[PlacementGroupJanitor()]
+        ),
     )
 
 
@@ -381,7 +384,10 @@ def summarise(
         cfg = res.config or {}
         row: dict[str, Any] = {
             "trial": Path(res.path).name if res.path else None,
-            "label": (cfg.get(POINT) or {}).get("label"),
+            "label": with_sampled(
+                (cfg.get(POINT) or {}).get("label") or "",
+                {k: v for k, v in cfg.items() if k != POINT},
+            ),
         }
         row.update({k: v for k, v in cfg.items() if k != POINT})
         metrics = res.metrics or {}
@@ -398,6 +404,7 @@ def summarise(
             errors.append(f"{row['label']}: {row['error']}")
         rows.append(row)
     state_dir.mkdir(parents=True, exist_ok=True)
+    outcome = search_outcome(spec, rows, state_dir, uri, parent_run_id)
     csv = state_dir / "summary.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     client.log_artifact(parent_run_id, str(csv))
@@ -411,7 +418,82 @@ def summarise(
         print(f"[mor] report not built: {exc}")
     mark_interrupted(client, parent_run_id)  # e.g. an evaluation cut short by a failed trial
     client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
-    return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors, artifacts)
+    return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors, artifacts, outcome)
+
+
+def best_trial(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished trial with the best ``spec.metric`` (stopped and failed trials excluded)."""
+    done = [
+        r
+        for r in rows
+        if not r.get("error")
+        and not r.get("stopped_early_at_flops")
+        and isinstance(r.get(spec.metric), (int, float))
+        and math.isfinite(r[spec.metric])
+    ]
+    if not done:
+        return None
+    pick = (max if spec.mode == "max" else min)(done, key=lambda r: r[spec.metric])
+    config = {k: pick[k] for k in spec.space if k in pick}  # the sampled values
+    return {
+        "label": pick["label"],
+        "trial_id": pick.get("trial_id"),
+        "config": config,
+        "metric": spec.metric,
+        "value": pick[spec.metric],
+        "train_run_id": pick.get("train_run_id"),
+    }
+
+
+def search_outcome(
+    spec: SweepSpec, rows: list[dict[str, Any]], state_dir: Path, uri: str, parent_run_id: str
+) -> dict[str, Any]:
+    """What the search did, in ``summary.json`` and on the MLflow parent run: the best trial
+    (tags ``mor.best_label``/``mor.best.KEY``, metric ``best/METRIC``), the trials ASHA stopped
+    (their runs tagged ``mor.stopped_early``; rows get ``stopped_early_at_flops``), the draws
+    skipped as invalid with their reasons, and the training FLOPs spent."""
+    from mlflow import MlflowClient
+
+    from core.keys import TAG_BEST_LABEL, TAG_SKIPPED
+    from sweeps.search import SKIPPED_FILE, STOPPED_FILE, mark_stopped, read_jsonl
+
+    stopped = read_jsonl(state_dir / STOPPED_FILE)
+    rung = {r["trial"]: r["rung_flops"] for r in stopped}
+    for row in rows:
+        if row.get("trial_id") in rung:
+            row["stopped_early_at_flops"] = rung[row["trial_id"]]
+    mark_stopped(uri, parent_run_id, stopped)  # again: a late end of the trial may retag it
+    skipped = read_jsonl(state_dir / SKIPPED_FILE)
+    spent = sum(r["flops"] for r in rows if isinstance(r.get("flops"), (int, float)))
+    outcome = {
+        "searcher": spec.searcher,
+        "trials": len(rows),
+        "finished": sum(
+            1 for r in rows if not r.get("error") and not r.get("stopped_early_at_flops")
+        ),
+        "failed": sum(1 for r in rows if r.get("error")),
+        "stopped_early": [{k: r[k] for k in ("trial", "rung_flops", "metric")} for r in stopped],
+        "skipped": skipped,
+        "best": best_trial(spec, rows),
+        "max_concurrent": spec.resources.max_concurrent,
+        "max_total_flops": spec.max_total_flops,
+        "train_flops_spent": spent,
+    }
+    (state_dir / "summary.json").write_text(json.dumps(outcome, indent=2, default=str))
+    client = MlflowClient(uri)
+    client.log_artifact(parent_run_id, str(state_dir / "summary.json"))
+    client.set_tag(parent_run_id, TAG_SKIPPED, str(len(skipped)))
+    client.log_metric(parent_run_id, "sweep/train_flops_spent", spent)
+    client.log_metric(parent_run_id, "sweep/stopped_early", len(stopped))
+    if skipped:
+        client.log_artifact(parent_run_id, str(state_dir / SKIPPED_FILE))
+    best = outcome["best"]
+    if best is not None:
+        client.set_tag(parent_run_id, TAG_BEST_LABEL, best["label"])
+        for k, v in best["config"].items():
+            client.set_tag(parent_run_id, f"mor.best.{k}", str(v))
+        client.log_metric(parent_run_id, f"best/{spec.metric}", float(best["value"]))
+    return outcome
 
 
 def load_saved_spec(name: str, storage_path: str = "outputs") -> SweepSpec:

@@ -29,8 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from core.keys import TAG_LABEL, TAG_REPLICATE_OF, TAG_SEED, eval_key
 from core.names import check_name
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
+from sweeps.space import asha_milestones, draw_order, sample_defaults
 from trainers.config import TrainConfig
 
+POINT = "point"
+"""The trial config entry holding the trial's TrialPoint (as a plain dict)."""
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, protected_namespaces=())
 
 
@@ -48,6 +51,11 @@ class Dimension(BaseModel):
     """A float sampled log-uniformly in [low, high] (both > 0)."""
     randint: tuple[int, int] | None = None
     """An integer sampled in [low, high)."""
+    when: dict[str, list[Any]] | None = None
+    """Conditional axis (random/optuna): sampled only when every named dotted key has one of
+    the listed values (from the trial's point, an earlier axis or the base config), e.g.
+    ``{model.sharing: [cycle, middle_cycle]}`` for ``model.router``; otherwise the base
+    config's value stands and the searcher draws nothing for it."""
 
     @model_validator(mode="after")
     def _one(self) -> Dimension:
@@ -71,6 +79,13 @@ class Dimension(BaseModel):
             if kind == "loguniform" and lo <= 0:
                 raise ValueError("loguniform: bounds must be > 0")
         return self
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
+        if v is not None and (not v or not all(isinstance(x, list) and x for x in v.values())):
+            raise ValueError("when: give each dotted key a non-empty list of values")
+        return v
 
     @property
     def kind(self) -> str:
@@ -166,8 +181,10 @@ class SweepSpec(BaseModel):
     ``mor.replicate_of``; the report gives each configuration's mean and 95% confidence
     interval across seeds. Default: one run with the base config's seed."""
     searcher: Literal["grid", "random", "optuna"] = "grid"
-    """grid: every grid point once; random: num_samples draws of the sampled axes per grid
-    point; optuna: TPE over all axes (grid axes become categorical)."""
+    """grid: every grid point once; random: grid points × num_samples trials, each a random
+    point and random values of the sampled axes; optuna: num_samples trials chosen by TPE
+    over all axes (grid axes become categorical). Both draw conditional axes only where their
+    ``when`` holds, and skip (and record) a draw whose trial config is invalid."""
     num_samples: int = Field(1, ge=1)
     """Samples per grid point (random) or in total (optuna)."""
     headline: str = "average"
@@ -191,6 +208,9 @@ class SweepSpec(BaseModel):
     """Folder for Tune/Train state, checkpoints, exports and the local MLflow store."""
     skip_invalid: bool = False
     """Drop grid points whose config is invalid (listed in the log) instead of failing."""
+    max_total_flops: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Training FLOPs the whole sweep may spend: no trial is proposed whose budget would take
+    the sum over started trials (finished or stopped ones at what they used) past it."""
     max_trials: int = Field(1000, ge=1)
     """Most trials the sweep may run (see ``trial_count``); a larger sweep is refused before
     any trial is built, so a typo in a grid cannot queue 100,000 trials. Raise it on purpose."""
@@ -239,6 +259,14 @@ class SweepSpec(BaseModel):
                 f"searcher: 'grid' cannot sample {sampled}; use 'random' or "
                 "'optuna', or make them grid axes"
             )
+        conditional = [k for k, d in self.space.items() if d.when and d.kind == "grid"]
+        if conditional:
+            raise ValueError(f"space: 'when' applies to sampled axes only (not {conditional})")
+        draw_order(self)  # no cycles among the conditions
+        if self.scheduler is not None and not self.budgets:
+            raise ValueError("scheduler: ASHA's rungs are training FLOPs; give the sweep budgets")
+        if self.scheduler is not None and self.scheduler.grace_flops >= max(self.budgets):
+            raise ValueError("scheduler.grace_flops: must be below the largest budget")
         return self
 
     @model_validator(mode="after")
@@ -350,29 +378,32 @@ def trial_config(
         "experiment": spec.tracking.experiment,
         "parent_run_id": parent_run_id,
         "tags": {
-            TAG_LABEL: point.label,
-            TAG_REPLICATE_OF: point.replicate_of or point.label,
+            TAG_LABEL: with_sampled(point.label, sampled),
+            TAG_REPLICATE_OF: with_sampled(point.replicate_of or point.label, sampled),
             TAG_SEED: str(data.get("seed", 0)),
         },
     }
+    if spec.scheduler is not None:  # validate at ASHA's rungs: same FLOPs for every model
+        data["eval"] = {**data.get("eval", {}), "at_flops": asha_milestones(spec)}
     data["name"] = name
     data["storage_path"] = spec.resolved_storage_path
     return validate(TrainConfig, data)
 
 
+def with_sampled(label: str, sampled: dict[str, Any] | None) -> str:
+    """A trial's label with the searcher's draws before its budget and seed, e.g.
+    'sharing=cycle,num_recursions=2,lr=0.0034,budget=2e+11': what names the model in reports."""
+    if not sampled:
+        return label
+    drawn = [f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else
+             f"{k.split('.')[-1]}={v}" for k, v in sampled.items()]  # fmt: skip
+    parts = [x for x in label.split(",") if x and x != "base"]
+    at = next((i for i, x in enumerate(parts) if x.startswith(("budget=", "seed="))), len(parts))
+    return ",".join(parts[:at] + drawn + parts[at:])
+
+
 def _yaml(v: Any) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
-
-
-def sample_defaults(spec: SweepSpec) -> dict[str, Any]:
-    """A representative value per sampled axis (its first choice or low bound), for checks."""
-    out: dict[str, Any] = {}
-    for k, d in spec.space.items():
-        if d.kind == "choice":
-            out[k] = d.choice[0]
-        elif d.kind in ("uniform", "loguniform", "randint"):
-            out[k] = getattr(d, d.kind)[0]
-    return out
 
 
 @dataclass(frozen=True)
@@ -387,15 +418,82 @@ class SweepPlan:
     """Why each invalid point was dropped (``skip_invalid``)."""
 
 
+def _choice_combos(spec: SweepSpec, skip: str | None = None) -> list[dict[str, Any]]:
+    """Combinations of the choice axes' values (all but ``skip``; the first 256)."""
+    axes = [[(k, v) for v in d.choice] for k, d in spec.space.items()
+            if d.kind == "choice" and k != skip]  # fmt: skip
+    return [dict(c) for c in itertools.islice(itertools.product(*axes), 256)]
+
+
+def _first_valid(
+    spec: SweepSpec, points: list[TrialPoint], combos: list[dict[str, Any]], key: str | None
+) -> list[str]:
+    """[] when some point with some combination (``key`` among the axes drawn) builds a valid
+    TrainConfig, else the errors met."""
+    errors = []
+    for point, combo in itertools.product(points, combos):
+        sampled = sample_defaults(spec, point, combo)
+        if key is not None and key not in sampled:  # the axis does not apply here
+            continue
+        try:
+            trial_config(spec, point, sampled, name="check")
+            return []
+        except ConfigError as exc:
+            errors.append(str(exc).replace("invalid config:", "").strip())
+    return errors or ["its 'when' holds for no point"]
+
+
 def _check_point(spec: SweepSpec, point: TrialPoint) -> None:
-    """Build the point's TrainConfig with every value of each sampled choice axis."""
-    defaults = sample_defaults(spec)
-    checks = [defaults]
-    for key, d in spec.space.items():  # every choice value must work with this point
-        if d.kind == "choice":
-            checks += [dict(defaults, **{key: v}) for v in d.choice[1:]]
-    for sampled in checks:
-        trial_config(spec, point, sampled, name="check")
+    """A point is kept when some values of the sampled axes make its TrainConfig valid.
+
+    Other combinations are checked when the searcher draws them (an invalid draw is skipped,
+    with its reason, before any trial starts: sweeps/search.py); ``_check_choices`` catches a
+    value that no point accepts (a typo) up front."""
+    errors = _first_valid(spec, [point], _choice_combos(spec), None)
+    if errors:
+        raise ConfigError(errors[0])
+
+
+def _check_choices(spec: SweepSpec, points: list[TrialPoint]) -> None:
+    """Every value of a choice axis must work with at least one point and some values of the
+    other choice axes; else it is a typo or an impossible value: an error naming the axis,
+    not a skip on every draw."""
+    for key, d in spec.space.items():
+        if d.kind != "choice":
+            continue
+        combos = _choice_combos(spec, skip=key)
+        for value in d.choice[1:]:
+            errors = _first_valid(spec, points, [{**c, key: value} for c in combos], key)
+            if errors:
+                raise ConfigError(f"space.{key}: {value!r} fits no trial: {errors[0]}")
+
+
+def point_flops(spec: SweepSpec, point: TrialPoint) -> float:
+    """The training-FLOPs budget of a point (for ``max_total_flops``)."""
+    if point.budget is not None:
+        return point.budget
+    flops = (spec.base.get("budget") or {}).get("flops")
+    if flops is None:
+        raise ConfigError("max_total_flops: needs FLOPs budgets (budgets, or base budget.flops)")
+    return float(flops)
+
+
+def _capped(spec: SweepSpec, points: list[TrialPoint]) -> tuple[list[TrialPoint], list[str]]:
+    """Grid: the points, in order, while their budgets fit ``max_total_flops``."""
+    if spec.max_total_flops is None:
+        return points, []
+    kept, spent, dropped = [], 0.0, []
+    for p in points:
+        need = point_flops(spec, p)
+        if spent + need > spec.max_total_flops:
+            dropped.append(
+                f"trial {p.label!r}: max_total_flops {spec.max_total_flops:.3g} reached "
+                f"({spent:.3g} planned, this trial needs {need:.3g})"
+            )
+            continue
+        kept.append(p)
+        spent += need
+    return kept, dropped
 
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
@@ -423,6 +521,15 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
         ok.append(point)
     if not ok:
         raise ConfigError("space: no valid trial configuration remains")
+    _check_choices(spec, ok)
+    for p in ok:  # a cap without FLOPs budgets is an error, for every searcher
+        if spec.max_total_flops is not None:
+            point_flops(spec, p)
+    if spec.searcher == "grid":  # the searchers apply the cap as they propose (search.py)
+        ok, capped = _capped(spec, ok)
+        dropped += capped
+        if not ok:
+            raise ConfigError("max_total_flops: smaller than the budget of the first trial")
     return SweepPlan(spec, tuple(ok), tuple(dropped))
 
 

@@ -73,7 +73,8 @@ def test_report_from_a_real_sweep(tiny_sweep, tmp_path: Path) -> None:
     png = tmp_path / "rep" / "pareto.png"
     assert png.stat().st_size > 5000
     md = (tmp_path / "rep" / "results.md").read_text()
-    assert md.count("\n") == 5 and "mor_heldout_mc" in md
+    assert sum(ln.startswith("|") for ln in md.splitlines()) == 5 and "mor_heldout_mc" in md
+    assert md.startswith("**Best trial of tiny: ")  # the sweep's best by its metric, on top
     assert not rep.front.empty and "topk" not in set(rep.front["point"])
     # The MoR model has 4 points (d1, d2, router and the non-causal topk), vanilla 1.
     points = pd.read_csv(tmp_path / "rep" / "points.csv")

@@ -80,6 +80,24 @@ def test_eval_keys_build_and_parse() -> None:
         ({"resources": {"num_workers": 0}}, "resources.num_workers"),
         ({"name": "bad name"}, "name"),
         ({"scheduler": {"type": "asha"}}, "scheduler.grace_flops"),
+        ({"scheduler": {"grace_flops": 1e9}, "budgets": []}, "scheduler"),
+        ({"space": {"model.router": {"grid": ["none"], "when": {"seed": [0]}}}}, "when"),
+        (
+            {
+                "searcher": "random",
+                "space": {
+                    "optim.lr": {"choice": [1e-3], "when": {"seed": [1]}},
+                    "seed": {"choice": [0, 1], "when": {"optim.lr": [1e-3]}},
+                },
+            },
+            "cycle",
+        ),
+        (
+            {"searcher": "optuna", "space": {"model.router": {"choice": ["none", "bogus"]}}},
+            "space.model.router",
+        ),
+        ({"max_total_flops": 1e9, "budgets": []}, "max_total_flops"),
+        ({"max_total_flops": 1e9}, "max_total_flops"),  # below the first trial's 6e9
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -197,9 +215,9 @@ def test_trial_config_is_built_once_and_validated(tmp_path: Path) -> None:
         False,
     )
     assert cfg.tracking.parent_run_id == "parent" and cfg.tracking.experiment == "sweeps-test"
-    assert cfg.tracking.tags == {
-        "mor.label": point.label,
-        "mor.replicate_of": point.label,  # no seeds: a point is its own replicate group
+    assert cfg.tracking.tags == {  # the searcher's draws name the model, before its budget
+        "mor.label": "mor-ec,lr=0.003,budget=6e+09",
+        "mor.replicate_of": "mor-ec,lr=0.003,budget=6e+09",  # no seeds: its own group
         "mor.seed": "0",
     }
     assert (
@@ -409,37 +427,3 @@ def test_resume_after_driver_killed(tmp_path: Path) -> None:
     assert len(evals) == 2
     leftover = client.search_runs([exp], "attributes.status = 'RUNNING'")
     assert not leftover  # nothing left RUNNING forever
-
-
-def test_searchers_and_asha_are_configured_from_the_spec(tmp_path: Path) -> None:
-    """random/optuna/ASHA become the Tune objects the spec asks for (not run end to end here)."""
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from sweeps.driver import _searcher_and_space
-
-    space = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "model.router": {"grid": ["expert_choice"]}}
-    rnd = validate(
-        SweepSpec,
-        spec_dict(tmp_path, "r", searcher="random", num_samples=3, space=space, variants=[MOR]),
-    )
-    alg, param_space, samples = _searcher_and_space(plan_sweep(rnd))
-    assert alg is None and samples == 3 and "optim.lr" in param_space
-    opt = validate(
-        SweepSpec,
-        spec_dict(tmp_path, "o", searcher="optuna", num_samples=4, space=space, variants=[MOR]),
-    )
-    alg, param_space, samples = _searcher_and_space(plan_sweep(opt))
-    assert isinstance(alg, OptunaSearch) and samples == 4
-    asha = validate(SweepSpec, spec_dict(tmp_path, "a", scheduler={"grace_flops": 1e9}))
-    assert asha.scheduler is not None and asha.scheduler.metric == "val/loss"
-    assert (
-        ASHAScheduler(
-            time_attr="flops",
-            metric="val/loss",
-            mode="min",
-            max_t=6e9,
-            grace_period=asha.scheduler.grace_flops,
-        )
-        is not None
-    )

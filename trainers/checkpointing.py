@@ -61,7 +61,8 @@ def ray_run_dir(cfg: TrainConfig) -> Path | None:
 class Checkpointer:
     """Reports each step to Ray: with a checkpoint every ``checkpoint.every_steps`` and at the
     end (then with the export), otherwise metrics alone every ``report_every_steps`` or when a
-    validation loss was measured."""
+    validation loss was measured (also at each ``eval.at_flops`` milestone, so the report an
+    ASHA rung reads carries the loss measured at that compute)."""
 
     def __init__(self, cfg: TrainConfig, plan: TrainPlan, rank: int) -> None:
         self.cfg, self.plan, self.rank = cfg, plan, rank

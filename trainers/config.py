@@ -123,6 +123,10 @@ class EvalConfig(BaseModel):
     """Held-out validation loss every K optimizer steps (and at the end)."""
     batches: int = Field(4, ge=1)
     """Validation micro-batches per evaluation (per worker)."""
+    at_flops: list[float] = Field(default_factory=list)
+    """Also validate at the first step whose cumulative training FLOPs reach each of these,
+    and report that loss to Ray at once: the milestones (rungs) an ASHA sweep compares
+    trials at, identical FLOPs for every architecture (set by sweeps, not by hand)."""
 
 
 class TrackingConfig(BaseModel):

@@ -31,6 +31,7 @@ from trainers.faults import FaultInjector
 from trainers.plan import TrainPlan
 from trainers.run_log import RunLog
 from trainers.step_metrics import (
+    FlopMilestones,
     Progress,
     StepMeter,
     all_mean,
@@ -69,6 +70,7 @@ class Trainer:
             peak_flops(w.device_name()),
         )
         self.checkpointer = Checkpointer(cfg, plan, w.rank)
+        self.milestones = FlopMilestones(cfg.eval.at_flops)
 
     def train(self) -> None:
         """Resume if Ray holds a checkpoint, then run the remaining optimizer steps."""
@@ -91,7 +93,7 @@ class Trainer:
             step_time = time.perf_counter() - t0
             reduced = totals.reduce(device, with_routing)
             metrics = self.meter.measure(step, reduced, step_time, progress)
-            if step % cfg.eval.every_steps == 0 or last:
+            if step % cfg.eval.every_steps == 0 or last or self.milestones.crossed(progress):
                 metrics.update(self.validate())
             log.log(step, metrics)
             check_finite(metrics, step)

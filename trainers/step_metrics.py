@@ -177,3 +177,24 @@ def check_finite(metrics: dict[str, float], step: int) -> None:
     loss = metrics["train/loss"]
     if not math.isfinite(loss):
         raise FloatingPointError(f"training diverged: loss is {loss} at step {step}")
+
+
+class FlopMilestones:
+    """Which steps cross a training-FLOPs milestone (``eval.at_flops``: a sweep's ASHA
+    rungs), so the loop validates there and the rung compares every architecture's loss at
+    the same compute, not the same step count."""
+
+    def __init__(self, milestones: list[float]) -> None:
+        self.milestones = sorted(milestones)
+        self._last: float | None = None
+
+    def crossed(self, progress: Progress) -> bool:
+        """Whether this step's FLOPs went past a milestone (every rank agrees: FLOPs come
+        from the all-reduced routing fractions)."""
+        if not self.milestones:
+            return False
+        prev = self._last
+        if prev is None:  # first step of this process (fresh or resumed): its own FLOPs
+            prev = progress.flops - progress.flops / max(1, progress.step)
+        self._last = progress.flops
+        return any(prev < m <= progress.flops for m in self.milestones)
