@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -233,7 +234,8 @@ def test_item_scores_per_point_and_items_json(tmp_path: Path) -> None:
     )
     assert [p.label for p in report.points] == ["1", "router"]
     for p in report.points:
-        assert set(p.items) == {"mor_heldout_mc"}  # bits per byte has no per-item accuracy
+        assert set(p.items) == {"mor_heldout_mc", "mor_heldout_bpb"}
+        assert all(len(pair) == 2 and pair[1] > 0 for pair in p.items["mor_heldout_bpb"])
         scores = p.items["mor_heldout_mc"]
         assert len(scores) == 10 and set(scores) <= {0.0, 1.0}
         assert sum(scores) / 10 == pytest.approx(p.metrics["mor_heldout_mc"]["acc_norm"])
@@ -246,8 +248,8 @@ def test_item_scores_per_point_and_items_json(tmp_path: Path) -> None:
 
 
 def test_task_items_order_and_primary_metric() -> None:
-    """Sorted by doc_id, acc_norm over acc, the first filter only; none for a task whose
-    per-item values are not scores (bits per byte's (loglikelihood, bytes) pairs)."""
+    """Sorted by doc_id, acc_norm over acc, the first filter only; bits per byte as
+    (loglikelihood, bytes) pairs; none for a task with neither."""
     samples = [
         {"doc_id": 2, "filter": "none", "acc": 1.0, "acc_norm": 0.0},
         {"doc_id": 0, "filter": "none", "acc": 0.0, "acc_norm": 1.0},
@@ -257,7 +259,9 @@ def test_task_items_order_and_primary_metric() -> None:
     bpb = [{"doc_id": 0, "filter": "none", "bits_per_byte": (-12.0, 40)}]
     results = {"samples": {"mc": samples, "bpb": bpb}}
     assert task_items(results, "mc") == [1.0, 1.0, 0.0]
-    assert task_items(results, "bpb") == [] and task_items({}, "mc") == []
+    assert task_items(results, "bpb") == [[-12.0, 40.0]] and task_items({}, "mc") == []
+    gen = {"samples": {"gen": [{"doc_id": 0, "filter": "none", "exact_match": "x"}]}}
+    assert task_items(gen, "gen") == []
 
 
 @pytest.fixture(scope="module")
@@ -338,9 +342,14 @@ def test_depth_curve_on_every_task_logged_to_mlflow(trained_export: Path, tmp_pa
             assert "acc" in p.metrics[task] and "acc_stderr" in p.metrics[task], task
         assert "bits_per_byte" in p.metrics["mor_heldout_bpb"]
         assert p.nll is not None and 0 < p.nll < 11
-        # Per-item scores of every accuracy task (lambada's acc too), none for bits per byte.
-        assert set(p.items) == {*PAPER_TASKS, "mor_heldout_mc"}
-        assert all(len(v) == 8 and set(v) <= {0.0, 1.0} for v in p.items.values())
+        # Per-item scores of every accuracy task (lambada's acc too); for bits per byte each
+        # document's (loglikelihood, bytes), whose ratio of sums is the task's metric.
+        assert set(p.items) == {*PAPER_TASKS, "mor_heldout_mc", "mor_heldout_bpb"}
+        accs = {t: v for t, v in p.items.items() if t != "mor_heldout_bpb"}
+        assert all(len(v) == 8 and set(v) <= {0.0, 1.0} for v in accs.values())
+        pairs = p.items["mor_heldout_bpb"]
+        bpb = -sum(ll for ll, _ in pairs) / sum(b for _, b in pairs) / math.log(2)
+        assert bpb == pytest.approx(p.metrics["mor_heldout_bpb"]["bits_per_byte"], rel=1e-6)
     assert "perplexity" in report.points[0].metrics["lambada_openai"]
     assert "acc_norm" in report.points[0].metrics["hellaswag"]
     run = client.get_run(run_id)

@@ -217,20 +217,6 @@ def test_bits_per_byte_interval_and_paired_difference() -> None:
     assert table.loc["v1", DELTA_BPB] == ""
 
 
-def test_task_items_reads_accuracies_and_bpb_pairs() -> None:
-    from evals.runner import task_items
-
-    results = {"samples": {
-        "mc": [{"doc_id": 1, "filter": "none", "acc": 0.0},
-               {"doc_id": 0, "filter": "none", "acc": 1}],
-        "bpb": [{"doc_id": 0, "filter": "none", "bits_per_byte": [-50.0, 40]}],
-        "gen": [{"doc_id": 0, "filter": "none", "exact_match": "x"}],
-    }}  # fmt: skip
-    assert task_items(results, "mc") == [1.0, 0.0]
-    assert task_items(results, "bpb") == [[-50.0, 40.0]]
-    assert task_items(results, "gen") == []
-
-
 def test_results_table_without_items_keeps_empty_cells() -> None:
     """Runs evaluated before items were recorded: the columns exist, their cells are empty."""
     runs = sweep_runs({"v1": {"1": {"t": [1.0]}}})
