@@ -46,6 +46,12 @@ TAG_ENV = "MOR_STACK_ID"
 DEFAULT_PORTS = {"ray": 6379, "dashboard": 8265, "mlflow": 5000}
 PORT_FLAGS = {"ray": "--ray-port", "dashboard": "--dashboard-port", "mlflow": "--mlflow-port"}
 RAY_PROCESSES = ("gcs_server", "raylet", "dashboard")
+# Ray (2.60) replaces a loopback --node-ip-address with the host's address, and its gRPC
+# servers (GCS, raylet, agents, every worker), agents and Ray client server bind that address
+# (or all interfaces), unless this switch is off: it is Ray's single-machine mode (the
+# default on macOS and Windows), where the node's address stays 127.0.0.1. Read when Ray is
+# imported; its processes inherit it.
+RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Popen handles of the servers this process started, so that `down` in the same process (the
 # tests) can reap them instead of leaving zombies.
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -70,6 +76,10 @@ class RayService(BaseModel):
     agent_port: int
     client_server_port: int
     log: str
+    loopback_only: bool = False
+    """Started in Ray's single-machine mode (``RAY_LOCAL_ONLY_ENV``): every Ray service
+    listens on 127.0.0.1, and drivers must use that mode too (their node address must match
+    the head's). False for a stack started by an older version."""
     session: int | None = None
     """Session id of ``ray start`` (its pid): the head's processes live in it."""
     pids: dict[str, tuple[int, float]] = {}
@@ -356,7 +366,8 @@ def _ray_pids(session: int) -> dict[str, tuple[int, float]]:
 
 def _check_ports(host: str, ports: dict[str, int]) -> None:
     for key, port in ports.items():
-        # Ray's GCS listens on every interface whatever --node-ip-address says.
+        # Ray's GCS listens on every interface in cluster mode (a non-loopback --host); and
+        # a port taken on any interface is taken for us.
         if not port_free("0.0.0.0" if key == "ray" else host, port):
             raise PortInUse(
                 f"{PORT_FLAGS[key]}: port {port} is already in use by another process "
@@ -367,8 +378,15 @@ def _check_ports(host: str, ports: dict[str, int]) -> None:
         raise PortInUse(f"--ray-port, --dashboard-port, --mlflow-port must differ: {ports}")
 
 
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def _new_record(state: Path, host: str, ports: dict[str, int]) -> StackRecord:
     url_host = f"[{host}]" if ":" in host else host
+    loopback = is_loopback(host)
+    # In single-machine mode Ray takes any loopback name for 127.0.0.1 (also ::1).
+    gcs_host = "127.0.0.1" if loopback else url_host
     return StackRecord(
         id=uuid.uuid4().hex,
         state_dir=str(state),
@@ -376,11 +394,12 @@ def _new_record(state: Path, host: str, ports: dict[str, int]) -> StackRecord:
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ray=RayService(
             ports={"gcs": ports["ray"], "dashboard": ports["dashboard"]},
-            address=f"{url_host}:{ports['ray']}",
+            address=f"{gcs_host}:{ports['ray']}",
             dashboard=f"http://{url_host}:{ports['dashboard']}",
             agent_port=free_port(),
             client_server_port=free_port(),
             log=str(state / "ray-start.log"),
+            loopback_only=loopback,
         ),
         mlflow=MlflowService(
             port=ports["mlflow"],
@@ -428,6 +447,8 @@ def up(
     env = dict(os.environ)
     env[TAG_ENV] = record.id
     env[STACK_DIR_ENV] = str(state)  # jobs on this head find the stack (its MLflow) too
+    if record.ray.loopback_only:  # Ray's processes, job drivers and workers inherit it
+        env[RAY_LOCAL_ONLY_ENV] = "0"
     _ensure_ray_token(env, Path(record.ray.log))
     try:
         _start_mlflow(record, env)  # first: it warms up (~10-30 s) while `ray start` runs
