@@ -13,11 +13,12 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from core.stack import StackRecord, healthy_stack
+from core.stack import RAY_LOCAL_ONLY_ENV, StackRecord, healthy_stack, is_loopback
 
 Target = Literal["ray", "jobs"]
 
@@ -65,6 +66,26 @@ def _same_server(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
+def use_ray_single_machine_mode() -> None:
+    """Connect this process's Ray driver the way the loopback-only stack's head runs: in
+    Ray's single-machine mode its node address is 127.0.0.1, as the head's is. Otherwise Ray
+    rewrites a 127.0.0.1 GCS address to the host's address, where nothing listens, and binds
+    the driver's own gRPC server to every interface. Ray reads the switch when it is imported
+    (``ray._private.ray_constants``), which may already have happened in this process."""
+    os.environ[RAY_LOCAL_ONLY_ENV] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _loopback_stack_gcs(address: str, stack: Callable[[], StackRecord | None]) -> bool:
+    """``address`` names the GCS of a loopback-only stack (by any loopback name)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not is_loopback(host.strip("[]")) or (s := stack()) is None:
+        return False
+    return s.ray.loopback_only and port == s.ray.address.rpartition(":")[2]
+
+
 def resolve_endpoints(
     *,
     ray_address: str | None = None,
@@ -98,6 +119,8 @@ def resolve_endpoints(
             uri = s.mlflow.url
     if not uri:  # absolute: a submitted job runs in another working directory
         uri = f"sqlite:///{os.path.abspath(os.path.expanduser(storage_path))}/mlflow.db"
+    if target == "ray" and _loopback_stack_gcs(ray, stack):
+        use_ray_single_machine_mode()
     auth = target == "jobs" or (target == "ray" and ray != "local")
     return Endpoints(
         ray_address=ray,

@@ -12,7 +12,8 @@ Ownership: every process the stack starts carries ``MOR_STACK_ID=<uuid>`` in its
 (children inherit it, including Ray workers and Ray Job drivers, which Ray starts in sessions
 of their own), and ``ray start`` runs in a new session. ``down`` stops exactly the processes
 with that tag, in that session, or descended from them: never ``ray stop``, which would also
-stop Ray clusters that someone else started on this machine.
+stop Ray clusters that someone else started on this machine. The process and port mechanics
+(free ports, ownership, SIGTERM then SIGKILL) live in ``core.procs``.
 
 Ray's token authentication stays on: the head starts with ``RAY_AUTH_MODE=token`` (unless the
 user set the variable) and a token is generated if none exists (``ray get-auth-token
@@ -22,11 +23,8 @@ clients send it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +37,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError, model_validator
 
+from core.procs import adopt, free_port, owned, port_free, same_process, stop
+
 STACK_DIR_ENV = "MOR_STACK_DIR"
 STACK_FILE = "stack.json"
 RECORD_VERSION = 2
@@ -46,9 +46,12 @@ TAG_ENV = "MOR_STACK_ID"
 DEFAULT_PORTS = {"ray": 6379, "dashboard": 8265, "mlflow": 5000}
 PORT_FLAGS = {"ray": "--ray-port", "dashboard": "--dashboard-port", "mlflow": "--mlflow-port"}
 RAY_PROCESSES = ("gcs_server", "raylet", "dashboard")
-# Popen handles of the servers this process started, so that `down` in the same process (the
-# tests) can reap them instead of leaving zombies.
-_CHILDREN: dict[int, subprocess.Popen] = {}
+# Ray (2.60) replaces a loopback --node-ip-address with the host's address, and its gRPC
+# servers (GCS, raylet, agents, every worker), agents and Ray client server bind that address
+# (or all interfaces), unless this switch is off: it is Ray's single-machine mode (the
+# default on macOS and Windows), where the node's address stays 127.0.0.1. Read when Ray is
+# imported; its processes inherit it.
+RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class StackError(RuntimeError):
@@ -70,6 +73,10 @@ class RayService(BaseModel):
     agent_port: int
     client_server_port: int
     log: str
+    loopback_only: bool = False
+    """Started in Ray's single-machine mode (``RAY_LOCAL_ONLY_ENV``): every Ray service
+    listens on 127.0.0.1, and drivers must use that mode too (their node address must match
+    the head's). False for a stack started by an older version."""
     session: int | None = None
     """Session id of ``ray start`` (its pid): the head's processes live in it."""
     pids: dict[str, tuple[int, float]] = {}
@@ -154,21 +161,6 @@ class ServiceHealth:
         return self.pid_alive and self.answers
 
 
-def _same_process(pid: int | None, create_time: float | None) -> Any:
-    """The psutil.Process for pid if it is still the process we recorded (no PID reuse)."""
-    import psutil
-
-    if not pid:
-        return None
-    try:
-        p = psutil.Process(pid)
-        if create_time is not None and abs(p.create_time() - create_time) > 1.0:
-            return None
-        return None if p.status() == psutil.STATUS_ZOMBIE else p
-    except psutil.Error:
-        return None
-
-
 def _http(url: str, any_status: bool = False, timeout: float = 3.0) -> bool:
     """GET url answers 200 (or, with any_status, anything: Ray's 401 means it is up)."""
     try:
@@ -200,14 +192,14 @@ def check(record: StackRecord, deep: bool = False) -> dict[str, ServiceHealth]:
     ``deep`` (which imports Ray): a few process lookups and two local HTTP requests."""
     ray = record.ray
     alive = all(
-        _same_process(*ray.pids.get(n, (None, None))) is not None for n in ("gcs_server", "raylet")
+        same_process(*ray.pids.get(n, (None, None))) is not None for n in ("gcs_server", "raylet")
     )
     if deep:
         answers = alive and _ray_jobs_answer(ray)
     else:
         answers = alive and _http(f"{ray.dashboard}/api/version", any_status=True)
     ml = record.mlflow
-    ml_alive = _same_process(ml.pid, ml.create_time) is not None
+    ml_alive = same_process(ml.pid, ml.create_time) is not None
     return {
         "ray": ServiceHealth(ray.pid, alive, answers, ray.dashboard),
         "mlflow": ServiceHealth(ml.pid, ml_alive, ml_alive and _http(f"{ml.url}/health"), ml.url),
@@ -227,25 +219,6 @@ def healthy_stack(state_dir: str | Path | None = None, deep: bool = False) -> St
 
 
 # ----------------------------------------------------------------------------- up
-def port_free(host: str, port: int) -> bool:
-    """True if nothing listens on (host, port); SO_REUSEADDR ignores TIME_WAIT leftovers."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """A port nothing listens on now (ephemeral range: clear of Ray's worker ports)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 def _tail(path: str | Path, n: int = 40) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
@@ -300,7 +273,7 @@ def _start_mlflow(record: StackRecord, env: dict[str, str]) -> None:
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             stdin=subprocess.DEVNULL, cwd=state,
         )  # fmt: skip
-    _CHILDREN[proc.pid] = proc
+    adopt(proc)
     import psutil
 
     record.mlflow.pid = proc.pid
@@ -356,7 +329,8 @@ def _ray_pids(session: int) -> dict[str, tuple[int, float]]:
 
 def _check_ports(host: str, ports: dict[str, int]) -> None:
     for key, port in ports.items():
-        # Ray's GCS listens on every interface whatever --node-ip-address says.
+        # Ray's GCS listens on every interface in cluster mode (a non-loopback --host); and
+        # a port taken on any interface is taken for us.
         if not port_free("0.0.0.0" if key == "ray" else host, port):
             raise PortInUse(
                 f"{PORT_FLAGS[key]}: port {port} is already in use by another process "
@@ -367,8 +341,15 @@ def _check_ports(host: str, ports: dict[str, int]) -> None:
         raise PortInUse(f"--ray-port, --dashboard-port, --mlflow-port must differ: {ports}")
 
 
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
 def _new_record(state: Path, host: str, ports: dict[str, int]) -> StackRecord:
     url_host = f"[{host}]" if ":" in host else host
+    loopback = is_loopback(host)
+    # In single-machine mode Ray takes any loopback name for 127.0.0.1 (also ::1).
+    gcs_host = "127.0.0.1" if loopback else url_host
     return StackRecord(
         id=uuid.uuid4().hex,
         state_dir=str(state),
@@ -376,11 +357,12 @@ def _new_record(state: Path, host: str, ports: dict[str, int]) -> StackRecord:
         started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         ray=RayService(
             ports={"gcs": ports["ray"], "dashboard": ports["dashboard"]},
-            address=f"{url_host}:{ports['ray']}",
+            address=f"{gcs_host}:{ports['ray']}",
             dashboard=f"http://{url_host}:{ports['dashboard']}",
             agent_port=free_port(),
             client_server_port=free_port(),
             log=str(state / "ray-start.log"),
+            loopback_only=loopback,
         ),
         mlflow=MlflowService(
             port=ports["mlflow"],
@@ -428,6 +410,8 @@ def up(
     env = dict(os.environ)
     env[TAG_ENV] = record.id
     env[STACK_DIR_ENV] = str(state)  # jobs on this head find the stack (its MLflow) too
+    if record.ray.loopback_only:  # Ray's processes, job drivers and workers inherit it
+        env[RAY_LOCAL_ONLY_ENV] = "0"
     _ensure_ray_token(env, Path(record.ray.log))
     try:
         _start_mlflow(record, env)  # first: it warms up (~10-30 s) while `ray start` runs
@@ -446,62 +430,8 @@ def up(
 # ----------------------------------------------------------------------------- down
 def owned_processes(record: StackRecord) -> list[Any]:
     """Every live process the stack started: tagged, in Ray's session, or descended."""
-    import psutil
-
-    session = record.ray.session
-    roots: dict[int, Any] = {}
-    me = os.getpid()
-    for p in psutil.process_iter(["pid"]):
-        if p.pid == me:
-            continue
-        try:
-            ours = session is not None and os.getsid(p.pid) == session
-            if not ours:
-                ours = p.environ().get(TAG_ENV) == record.id
-        except (psutil.Error, OSError):
-            continue
-        if ours:
-            roots[p.pid] = p
     recorded = [(record.mlflow.pid, record.mlflow.create_time), *record.ray.pids.values()]
-    for pid, ctime in recorded:
-        if (p := _same_process(pid, ctime)) is not None:
-            roots[p.pid] = p
-    found = dict(roots)
-    for p in roots.values():
-        with contextlib.suppress(psutil.Error):
-            found.update({c.pid: c for c in p.children(recursive=True)})
-    found.pop(me, None)
-    return [p for p in found.values() if _alive(p)]
-
-
-def _alive(p: Any) -> bool:
-    import psutil
-
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _reap(pids: list[int]) -> None:
-    """Collect the exit status of our own children (no zombies left behind by the tests)."""
-    for pid in pids:
-        proc = _CHILDREN.pop(pid, None)
-        try:
-            if proc is not None:
-                proc.wait(timeout=5)
-            else:
-                os.waitpid(pid, os.WNOHANG)
-        except (ChildProcessError, subprocess.TimeoutExpired, OSError):
-            pass
-
-
-def _signal_all(procs: list[Any], sig: int) -> None:
-    import psutil
-
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(sig)
+    return owned(record.ray.session, TAG_ENV, record.id, recorded)
 
 
 def down(state_dir: str | Path | None = None, grace: float = 10.0) -> list[int]:
@@ -510,21 +440,7 @@ def down(state_dir: str | Path | None = None, grace: float = 10.0) -> list[int]:
     record = read_record(state)
     if record is None:
         return []
-    stopped: set[int] = set()
-    # Rounds: Ray may start a worker while its siblings are being stopped.
-    for _ in range(4):
-        procs = owned_processes(record)
-        if not procs:
-            break
-        stopped.update(p.pid for p in procs)
-        _signal_all(procs, signal.SIGTERM)
-        deadline = time.time() + grace
-        while time.time() < deadline and any(_alive(p) for p in procs):
-            _reap([p.pid for p in procs if not _alive(p)])
-            time.sleep(0.2)
-        _signal_all([p for p in procs if _alive(p)], signal.SIGKILL)
-        time.sleep(0.2)
-        _reap([p.pid for p in procs])
+    stopped = stop(lambda: owned_processes(record), grace)
     if owned_processes(record):
         raise StackError(f"some stack processes survived SIGKILL; see {state / STACK_FILE}")
     (state / STACK_FILE).unlink(missing_ok=True)

@@ -5,6 +5,7 @@ loopback trains a plain `mor train` and a submitted sweep into its own MLflow se
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -418,6 +419,43 @@ def _mlflow_post(base: str, path: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+# Listening sockets of the stack that are not on loopback, as (process name, address): none.
+# Ray's single-machine mode (core.stack.RAY_LOCAL_ONLY_ENV) keeps every Ray service on
+# 127.0.0.1; without it the GCS, raylet, agents, workers and Ray client server listened on
+# the host's address or all interfaces (issue 19). Exactly what is observed: a new exposed
+# port fails the test.
+EXPOSED_ALLOWED: set[tuple[str, str]] = set()
+
+
+def _exposed(record: Any) -> tuple[set[tuple[str, str]], set[int]]:
+    """Listening TCP sockets of the stack's processes that are not on loopback, and their
+    ports: from psutil, and from `ss -ltnp` (the kernel's table, as a user would check)."""
+    import ipaddress
+
+    from core.stack import owned_processes
+
+    def loopback(host: str) -> bool:
+        ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+        return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1
+
+    procs = {p.pid: p for p in owned_processes(record)}
+    exposed, ports = set(), set()
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            for c in p.net_connections(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN:
+                    ports.add(c.laddr.port)
+                    if not loopback(c.laddr.ip):
+                        exposed.add((p.name(), c.laddr.ip))
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    for line in ss.splitlines():  # Local Address:Port is the 4th column; then users:((...))
+        host = line.split()[3].rpartition(":")[0]
+        pids = {int(x) for x in re.findall(r"pid=(\d+)", line)}
+        if pids & procs.keys() and (host == "*" or not loopback(host)):  # *: any address
+            exposed.add(("ss", host))
+    return exposed, ports
+
+
 @pytest.mark.slow
 def test_stack_status_and_idempotent_up(
     stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -437,6 +475,9 @@ def test_stack_status_and_idempotent_up(
     assert mor_main(argv) == 0  # idempotent: finds the running stack
     assert "already running" in capsys.readouterr().out and time.time() - t0 < 30
     assert healthy_stack() == record
+    exposed, ports = _exposed(record)  # GCS, raylet, agents, client server, metrics, MLflow
+    assert exposed == EXPOSED_ALLOWED and len(ports) >= 8, (exposed, ports)
+    assert {stack.ports[k] for k in stack.ports} <= ports
 
 
 def _mor(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -534,6 +575,8 @@ def test_down_stops_exactly_the_stack(stack: Stack, capsys: pytest.CaptureFixtur
 
     record = read_record(stack.state)
     assert record is not None
+    # After a `mor train` driver and a sweep job ran on it: their workers too.
+    assert _exposed(record)[0] == EXPOSED_ALLOWED
     session = record.ray.session
     ours = {p.pid: p for p in _tagged(record.id)}
     assert record.mlflow.pid in ours and record.ray.pid in ours
