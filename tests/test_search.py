@@ -210,6 +210,8 @@ def test_optuna_asha_sweep_resumes_after_driver_sigkill(
     configs = {(t.data.tags["mor.label"], t.data.params["optim.lr"]) for t in trains}
     assert len(configs) == 3  # nothing proposed twice
     assert len(client.get_metric_history(first, "train/loss")) == steps_before  # not retrained
+    exp_id = client.get_experiment_by_name("sweeps-test").experiment_id
+    assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")  # none left
     milestones = [2.5e8, 5e8]
     trial_dirs = list((tmp_path / "tune" / "opt").glob("trial_fn_*"))
     assert sum(_validated_at_milestones(d, milestones) for d in trial_dirs) >= 2

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -375,55 +372,3 @@ def _kill_tagged(tag: str) -> None:
                 p.kill()
         except (psutil.Error, OSError):
             continue
-
-
-def test_resume_after_driver_killed(tmp_path: Path) -> None:
-    """Kill the sweep driver after the first trial finished; resume finishes only the rest."""
-    path = write_spec(tmp_path, "resumable", resources={"max_concurrent": 1}, budgets=[2e9])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tag = f"resume-test-{os.getpid()}-{time.time()}"
-    env = {**os.environ, "MOR_TEST_TAG": tag}
-    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(var, None)
-    env["MOR_STACK_DIR"] = str(tmp_path / "no-stack")  # a fresh local Ray, never a stack
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "sweep", "run", str(path)],
-        stdout=open(tmp_path / "driver.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=tmp_path,
-        env=env,
-    )
-    client = MlflowClient(uri)
-    deadline = time.time() + 400
-    try:
-        while True:
-            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.time() < deadline
-            time.sleep(2)
-            try:
-                exp = client.get_experiment_by_name("sweeps-test")
-                runs = client.search_runs([exp.experiment_id], "tags.`mor.kind` = 'eval'")
-            except Exception:
-                continue
-            if runs:  # the first trial is trained and evaluated
-                break
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _kill_tagged(tag)  # the driver's own local Ray, and nothing else
-    first_train = runs[0].data.tags["mlflow.parentRunId"]
-    steps_before = len(client.get_metric_history(first_train, "train/loss"))
-    assert mor_main(["sweep", "resume", "resumable", "--storage-path", str(tmp_path)]) == 0
-    exp = client.get_experiment_by_name("sweeps-test").experiment_id
-    sweep = client.search_runs([exp], "tags.`mor.kind` = 'sweep'")
-    assert len(sweep) == 1
-    trains = client.search_runs([exp], f"tags.mlflow.parentRunId = '{sweep[0].info.run_id}'")
-    assert len(trains) == 2  # no duplicate run for the interrupted trial
-    assert all(t.info.status == "FINISHED" for t in trains)
-    # The finished trial was not retrained: its step history did not grow.
-    assert len(client.get_metric_history(first_train, "train/loss")) == steps_before
-    evals = client.search_runs([exp], "tags.`mor.kind` = 'eval' and attributes.status = 'FINISHED'")
-    assert len(evals) == 2
-    leftover = client.search_runs([exp], "attributes.status = 'RUNNING'")
-    assert not leftover  # nothing left RUNNING forever
