@@ -431,7 +431,7 @@ def _prepare(
     vocab = tok.get_vocab_size()
     job = {
         "out": folder.uri,
-        "tokenizer": tok.to_str(),
+        "tokenizer": folder.child("tokenizer.json").uri,
         "eos_id": find_eos_id(tok),
         "vocab_size": vocab,
         "dtype": "uint16" if vocab < 2**16 else "uint32",

@@ -76,10 +76,24 @@ def _encode(tok: Tokenizer, docs: list[str], eos: np.ndarray, vocab: int) -> np.
     return ids
 
 
+_TOKENIZERS: dict[str, Tokenizer] = {}
+
+
+def _tokenizer(where: str) -> Tokenizer:
+    """The tokenizer.json at ``where`` (in the output folder: tasks read it from storage, not
+    from their arguments, which the driver would hold once per task), loaded once per process:
+    a Ray worker running many units keeps its BPE word cache warm (a fresh tokenizer per unit
+    encoded at half the rate: benchmarks/results/data_prep*.md)."""
+    if where not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[where] = Tokenizer.from_str(Location.parse(where).read_text())
+    return _TOKENIZERS[where]
+
+
 def tokenize_unit(job: dict[str, Any], index: int, unit: dict[str, Any]) -> dict[str, Any]:
     """Tokenize unit ``index`` into shards under ``job["out"]``; write and return its marker."""
     out, u = Location.parse(job["out"]), Unit(**unit)
-    tok = Tokenizer.from_str(job["tokenizer"])
+    tok = _tokenizer(job["tokenizer"])
     eos = np.array([job["eos_id"]], dtype=np.uint32)
     writers = {
         s: ShardWriter(out, s, index, job["shard_tokens"], np.dtype(job["dtype"])) for s in SPLITS
@@ -192,7 +206,8 @@ def _ray_data_units(
         concurrency = max(1, min(len(todo), workers or cpus))
         items = [{"index": i, "unit": json.dumps(asdict(u))} for i, u in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map(_map_unit, fn_kwargs={"job": job}, num_cpus=1, concurrency=concurrency)
+        pool = ray.data.TaskPoolStrategy(size=concurrency)
+        ds = ds.map(_map_unit, fn_kwargs={"job": job}, num_cpus=1, compute=pool)
         try:
             return [json.loads(row["marker"]) for row in ds.iter_rows()]
         except Exception as exc:  # a user error inside a task arrives wrapped by Ray Data
