@@ -18,7 +18,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -79,11 +79,6 @@ class SkipCounts:
     """Rows without a non-empty string in the text field."""
     columns: list[str] = field(default_factory=list)
     """Columns seen in rows that lacked the text field (to name them in an error)."""
-
-    def add(self, other: SkipCounts) -> None:
-        self.undecodable += other.undecodable
-        self.missing_field += other.missing_field
-        self.columns = self.columns or other.columns
 
     def to_dict(self) -> dict[str, int]:
         return {"undecodable": self.undecodable, "missing_field": self.missing_field}
@@ -453,7 +448,3 @@ def _group(pieces: list[str], limit: int, sep: str) -> list[str]:
     if cur:
         out.append(sep.join(cur))
     return out
-
-
-def unit_to_dict(unit: Unit) -> dict[str, Any]:
-    return asdict(unit)
