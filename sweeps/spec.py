@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from core.keys import TAG_LABEL, TAG_REPLICATE_OF, TAG_SEED, eval_key
 from core.names import check_name
+from core.storage import resolve_storage
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
 from sweeps.space import asha_milestones, draw_order, sample_defaults
 from trainers.config import TrainConfig
@@ -205,7 +206,9 @@ class SweepSpec(BaseModel):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     """MLflow location."""
     storage_path: str = "outputs"
-    """Folder for Tune/Train state, checkpoints, exports and the local MLflow store."""
+    """Folder or object-store URI (``s3://bucket/prefix``) for Tune/Train state, checkpoints,
+    exports, prepared data (on a URI) and the sweep's summary and report; a folder also holds
+    the default local MLflow store (a URI needs a tracking server: ``tracking.uri``)."""
     skip_invalid: bool = False
     """Drop grid points whose config is invalid (listed in the log) instead of failing."""
     max_total_flops: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -281,7 +284,8 @@ class SweepSpec(BaseModel):
 
     @property
     def resolved_storage_path(self) -> str:
-        return str(Path(self.storage_path).expanduser().resolve())
+        """Absolute local path (against this process's working directory), or the URI."""
+        return resolve_storage(self.storage_path)
 
 
 def trial_count(spec: SweepSpec) -> int:
