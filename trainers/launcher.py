@@ -73,6 +73,9 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None, lock: bool = True)
 
     ``lock``: take the run's writer lock (released by ``run_training``); a sweep's trials run
     under their sweep's lock instead."""
+    store = RunStore.of(cfg)
+    check_storage(store.storage)  # seconds, before the data stage may start Ray
+    default_tracking_uri(cfg)  # an object store without a tracking server: refused here
     prepared = prepare_data(cfg.data, address=cfg.address)
     mor_cfg = cfg.mor_config(prepared.vocab_size)
     world = world_size or cfg.scaling.num_workers
@@ -81,8 +84,7 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None, lock: bool = True)
     total = _total_steps(cfg, mor_cfg, tokens_per_step)
     _check_shards(cfg, prepared, world)
     need = parameter_counts(mor_cfg)["total"] * CHECKPOINT_BYTES_PER_PARAM
-    store = RunStore.of(cfg)
-    check_storage(store.storage, need * (cfg.checkpoint.keep + 1))
+    check_free_space(store.storage, need * (cfg.checkpoint.keep + 1))
     if lock:
         acquire(store.local_dir, f"run {cfg.name!r}")
     try:
@@ -145,16 +147,21 @@ def _plan_tracking(
     )
 
 
-def check_storage(root: Location, need_bytes: int) -> None:
-    """The storage path takes a file and (on a local disk) has room for the run's checkpoints;
-    else a clear error in seconds (a read-only or full disk gave ~100 s of Ray retries and a
-    RUNNING run; a missing bucket or wrong credentials, Ray's retries and a traceback)."""
+def check_storage(root: Location) -> None:
+    """The storage path takes a file; else a clear error in seconds (a read-only disk gave
+    ~100 s of Ray retries and a RUNNING run; a missing bucket or wrong credentials, Ray's
+    retries and a traceback)."""
     try:
         root.check_writable()
     except OSError as exc:
         first = (str(exc.strerror or exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"storage_path: {root} is not writable: {first[:300]}") from None
-    if not root.is_local:  # an object store has no free-space figure to check
+
+
+def check_free_space(root: Location, need_bytes: int) -> None:
+    """A local storage path has room for the run's checkpoints (an object store has no
+    free-space figure to check)."""
+    if not root.is_local:
         return
     free = shutil.disk_usage(root.path).free
     if free < need_bytes:
