@@ -130,7 +130,7 @@ def _evaluate(
     """
     from evals.pipeline import run_eval
 
-    done = finished_eval(tracking_uri, result.run_id)
+    done = finished_eval(tracking_uri, result.run_id, spec.headline)
     if done is not None:
         return done
     report, eval_run_id, _ = run_eval(
@@ -145,18 +145,21 @@ def _evaluate(
         parent_run_id=result.run_id,
         work_dir=sweep_store(spec).eval_work_dir,
     )
-    points = {
-        p.label: {"average": p.average, "flops_per_token": p.flops_per_token, "nll": p.nll}
-        for p in report.points
-    }
+    points = {}
+    for p in report.points:
+        values = {"average": p.average, "flops_per_token": p.flops_per_token, "nll": p.nll}
+        if "/" in spec.headline:  # TASK/METRIC: the sweep's ranking needs it per trial
+            task, metric = spec.headline.split("/", 1)
+            values[spec.headline] = p.metrics.get(task, {}).get(metric)
+        points[p.label] = values
     return eval_run_id, points
 
 
 def finished_eval(
-    tracking_uri: str, train_run_id: str
+    tracking_uri: str, train_run_id: str, headline: str = "average"
 ) -> tuple[str, dict[str, dict[str, float | None]]] | None:
     """(eval run id, {point: {key: value}}) of a finished evaluation, if any, in evaluation
-    order, with the keys a trial reports (``_TRIAL_EVAL_KEYS``)."""
+    order, with the keys a trial reports (``_TRIAL_EVAL_KEYS`` and the headline)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -168,7 +171,8 @@ def finished_eval(
         return None
     logged = eval_points(run.data.metrics)
     order = [p for p in run.data.params.get(PARAM_EVAL_POINTS, "").split(",") if p]
-    points = {p: {k: logged.get(p, {}).get(k) for k in _TRIAL_EVAL_KEYS} for p in order}
+    keys = (*_TRIAL_EVAL_KEYS, *([headline] if "/" in headline else []))
+    points = {p: {k: logged.get(p, {}).get(k) for k in keys} for p in order}
     return (eval_id, points) if points else None
 
 
