@@ -11,7 +11,10 @@ nodes once copied or validated; such a file is refused before anything expands i
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +28,7 @@ __all__ = [
     "MAX_CONFIG_NODES",
     "ConfigError",
     "apply_overrides",
+    "describe_fields",
     "format_validation_error",
     "load_yaml",
     "parse_override",
@@ -192,3 +196,29 @@ def validate(model: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         return model.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, prefix)) from None
+
+
+def describe_fields(
+    values: BaseModel, prefix: str = "", expand: Mapping[str, BaseModel] | None = None
+) -> list[str]:
+    """Document a config: ``path = value`` per field, then its docstring, indented.
+
+    Nested models become ``[section]`` blocks; ``expand`` maps a dotted path whose value is a
+    plain dict (e.g. a train config's ``model`` section) to the model instance to list there."""
+    lines: list[str] = []
+    expand = expand or {}
+    sections: list[tuple[str, str, BaseModel]] = []  # listed after the plain fields
+    for name, field in type(values).model_fields.items():
+        path, value = prefix + name, getattr(values, name)
+        doc = " ".join((field.description or "").split())
+        nested = expand.get(path, value)
+        if isinstance(nested, BaseModel):
+            sections.append((path, doc, nested))
+            continue
+        lines.append(f"{path} = {json.dumps(value, default=str)}")
+        lines += textwrap.wrap(doc, 96, initial_indent="    ", subsequent_indent="    ")
+    for path, doc, nested in sections:
+        lines += ["", f"[{path}]"]
+        lines += textwrap.wrap(doc, 96, initial_indent="  # ", subsequent_indent="  # ")
+        lines += describe_fields(nested, path + ".", expand)
+    return lines
