@@ -153,7 +153,6 @@ def _print_result(res) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sweeps.driver import run_sweep
     from sweeps.spec import plan_sweep
 
     if args.spec_from_env:
@@ -163,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = _spec(args.items)
     plan = plan_sweep(spec)  # every trial validated, once, before Ray starts
+    from sweeps.driver import run_sweep  # torch, Ray, MLflow: after the spec is known good
+
     res = run_sweep(plan, address=args.address)  # None: core.endpoints decides
     _print_result(res)
     return 1 if res.errors else 0

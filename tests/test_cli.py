@@ -51,3 +51,23 @@ def test_print_config_lists_fields_with_docstrings(tmp_path: Path) -> None:
     assert "[optim]" in lines and "optim.lr = 0.003" in lines
     assert "Peak learning rate of AdamW." in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "named", "suggestion"),
+    [
+        (("train", "model.shring=cycle"), "model.shring", "did you mean model.sharing?"),
+        (
+            ("sweep", "run", str(ROOT / "sweeps/configs/quickstart.yaml"), "eval.limt=5"),
+            "eval.limt",
+            "did you mean eval.limit?",
+        ),
+    ],
+)
+def test_unknown_key_suggests_the_nearest(tmp_path: Path, args, named, suggestion) -> None:
+    """Exit 2 before anything starts, naming the key and the valid key it is closest to."""
+    proc = mor(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{named}: unknown key" in proc.stderr and suggestion in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
