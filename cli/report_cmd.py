@@ -56,11 +56,15 @@ def default_uri() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.endpoints import require_store
+
+    uri = args.tracking_uri or default_uri()
+    require_store(uri, args.names)  # before pandas/MLflow load: a typo answers at once
     from dashboards.report import build_report
 
     out = args.out or os.path.join("reports", args.names[0])
     rep = build_report(
-        args.tracking_uri or default_uri(),
+        uri,
         args.names,
         out,
         metric=args.metric,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def mor(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def mor(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """The installed ``mor`` executable (else ``python -m cli.main``)."""
     exe = Path(sys.executable).with_name("mor")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "cli.main"]
     return subprocess.run(
-        [*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
     )
 
 
@@ -71,3 +74,17 @@ def test_unknown_key_suggests_the_nearest(tmp_path: Path, args, named, suggestio
     assert f"{named}: unknown key" in proc.stderr and suggestion in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_of_nothing_creates_nothing(tmp_path: Path) -> None:
+    """A read-only command in an empty folder, no stack, no tracking URI: a clear error, and
+    no MLflow database (MLflow would create one on connecting), folder or report."""
+    cwd, stack = tmp_path / "cwd", tmp_path / "no-stack"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["MOR_STACK_DIR"] = str(stack)
+    proc = mor("report", "NOSUCH", cwd=cwd, env=env)
+    assert proc.returncode == 2, proc.stderr
+    store = cwd / "outputs" / "mlflow.db"
+    assert f"no sweep NOSUCH: no tracking store at {store}" in proc.stderr
+    assert list(cwd.iterdir()) == [] and not stack.exists()
