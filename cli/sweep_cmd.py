@@ -153,7 +153,10 @@ def _print_result(res) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.quiet import configure
     from sweeps.spec import plan_sweep
+
+    configure(args.verbose)  # before Ray starts: its processes inherit the mode
 
     if args.spec_from_env:
         from sweeps.jobs import spec_from_env
@@ -170,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resume(args: argparse.Namespace) -> int:
+    from core.quiet import configure
     from sweeps.driver import load_saved_spec, run_sweep
+
+    configure(args.verbose)
     from sweeps.spec import plan_sweep
 
     plan = plan_sweep(load_saved_spec(args.name, args.storage_path))

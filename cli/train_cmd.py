@@ -84,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
+    from core.quiet import configure
+
+    configure(args.verbose)  # before Ray starts: its processes inherit the mode
 
     # Ray address, Ray auth and MLflow URI: core.endpoints.resolve_endpoints, called by
     # plan_run (MLflow) and run_training (Ray), so that the `mor up` stack is the default.

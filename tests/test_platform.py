@@ -516,6 +516,14 @@ def test_train_with_the_stack_up(stack: Stack, tmp_path: Path) -> None:
     run = _mor(["train", str(config), *TINY_TRAIN, f"data.source={prepared}"], stack.env, tmp_path)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert f"at {stack.mlflow}" in run.stdout  # tracked on the stack with no flag
+    # The console: each progress line once (Ray Train's print patch printed them twice), the
+    # validation loss named val_loss, no `Reporting training result N: TrainingReport(...)`.
+    console = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
+    for step in (1, 2, 3):
+        assert len(re.findall(rf"\[mor\] on-stack step {step}/3 \(", console)) == 1, console
+    assert re.search(r"step 3/3 \(100%\) [0-9:]+ elapsed, ETA 0:00 \| train_loss [0-9.]+ \| "
+                     r"val_loss [0-9.]+ \| [0-9,]+ tok/s", console), console  # fmt: skip
+    assert "TrainingReport(" not in console
     run_id = re.search(r"done: MLflow run (\w+)", run.stdout).group(1)
     info = MlflowClient(stack.mlflow).get_run(run_id)
     assert info.info.status == "FINISHED" and info.info.run_name == "on-stack"

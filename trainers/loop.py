@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.quiet import quiet_worker
 from trainers.checkpointing import Checkpointer, ray_run_dir, resume
 from trainers.components import (
     BatchSampler,
@@ -53,6 +54,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, plan: TrainPlan) -> None:
         self.cfg, self.plan = cfg, plan
+        quiet_worker()  # DeepSpeed's info logs off unless --verbose / MOR_VERBOSE=1
         state_dir = Path(plan.state_dir)
         self.worker = w = Worker.start(cfg, plan.use_gpu, state_dir)
         self.engine = build_engine(cfg, plan.model, plan.total_steps, w.device)
