@@ -537,6 +537,7 @@ def test_train_with_the_stack_up(stack: Stack, tmp_path: Path) -> None:
     eval_id = re.search(r"MLflow eval run: (\w+)", ev.stdout).group(1)
     eval_run = MlflowClient(stack.mlflow).get_run(eval_id)
     assert eval_run.data.tags["mlflow.parentRunId"] == run_id
+    assert eval_run.info.run_name == "eval · on-stack"  # named by its model
 
 
 @pytest.mark.slow
@@ -571,7 +572,9 @@ def test_sweep_submitted_to_the_stack(
     assert parent["status"] == "FINISHED"
     trials = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["run_id"]]
     assert len(trials) == 1 and trials[0]["info"]["status"] == "FINISHED"
-    assert trials[0]["info"]["run_name"].startswith("stack-sweep-")
+    # Named for people by variant and budget; the internal name (storage folder) is a tag.
+    assert trials[0]["info"]["run_name"] == "mor-ec @ 6e9"
+    assert tags[runs.index(trials[0])]["mor.run_name"].startswith("stack-sweep-")
 
 
 @pytest.mark.slow
