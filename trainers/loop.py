@@ -79,7 +79,8 @@ class Trainer:
         cfg, total, device = self.cfg, self.plan.total_steps, self.worker.device
         restored = resume(self.engine, device, self.worker.rank, ray_run_dir(cfg))
         progress = restored or Progress()
-        log = RunLog(self.plan, self.worker.rank, cfg.log_every_steps)
+        title = cfg.tracking.tags.get("mlflow.runName", cfg.name)  # a sweep trial's variant
+        log = RunLog(self.plan, self.worker.rank, cfg.log_every_steps, title)
         if restored is not None:
             log.resumed(restored.step)
         # Router metrics (and FLOPs at the measured active fractions) only for recursive models.

@@ -25,11 +25,12 @@ SPOOL_FILE = "metrics_spool.jsonl"
 
 
 class RunLog:
-    def __init__(self, plan: TrainPlan, rank: int, log_every_steps: int) -> None:
+    def __init__(self, plan: TrainPlan, rank: int, log_every_steps: int, name: str = "") -> None:
+        """``name`` starts each console line: the run's MLflow name (a sweep's trials run
+        side by side)."""
         from trainers.tracking import StepMetricLogger
 
-        self.total, self.every = plan.total_steps, log_every_steps
-        self.name = str(plan.meta.get("run_name", ""))
+        self.total, self.every, self.name = plan.total_steps, log_every_steps, name
         spool = Path(plan.state_dir) / SPOOL_FILE
         self.logger = StepMetricLogger(plan.tracking_uri, plan.run_id, spool) if rank == 0 else None
         self.clock = ProgressClock(plan.total_steps)
