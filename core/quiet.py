@@ -57,10 +57,8 @@ def configure(flag: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[mor\] ")
     if not verbose():
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(BENIGN_WORKER_LINES))
-        # Progress bars: Ray Data's (data stage) and lm-eval's (a sweep's evaluations, several
-        # trials at once, interleaved); tqdm reads TQDM_* defaults from the environment.
+        # Ray Data's progress bars (the data stage, before training starts).
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
 
