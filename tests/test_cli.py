@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,10 +26,17 @@ def mor(
     )
 
 
+def test_mor_help_as_typed() -> None:
+    proc = mor("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "examples:" in proc.stdout and "mor sweep run sweeps/configs/quickstart.yaml" in proc.stdout
+    )
+
+
 @pytest.mark.parametrize(
     ("command", "shown"),
     [
-        ((), ["examples:", "mor sweep run sweeps/configs/quickstart.yaml"]),
         (("train",), ["examples:", "mor train --print-config", "--verbose"]),
         (("sweep", "resume"), ["examples:", "(default: outputs)", "the sweep's name"]),
         (("sweep", "status"), ["examples:", "the id `mor sweep submit` printed"]),
@@ -36,11 +46,29 @@ def mor(
         (("eval",), ["examples:", "(default: 16)", "(default: cpu)"]),
     ],
 )
-def test_help_has_description_defaults_and_examples(command: tuple[str, ...], shown) -> None:
-    proc = mor(*command, "--help")
-    assert proc.returncode == 0, proc.stderr
+def test_help_has_description_defaults_and_examples(command, shown, capsys) -> None:
+    """Every page in-process (the same parser the executable builds; no process per page)."""
+    assert main([*command, "--help"]) == 0
+    out = capsys.readouterr().out
     for text in shown:
-        assert text in proc.stdout, (command, text, proc.stdout)
+        assert text in out, (command, text, out)
+
+
+def test_every_command_has_help_and_examples() -> None:
+    """No option without a help text (so its default shows), no page without examples."""
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        missing.extend([] if parser.epilog else [f"{name}: examples"])
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, p in action.choices.items():
+                    walk(p, f"{name} {sub}")
+            elif not action.help:
+                missing.append(f"{name}: {action.dest}")
+
+    walk(build_parser(), "mor")
+    assert not missing
 
 
 def test_print_config_lists_fields_with_docstrings(tmp_path: Path) -> None:
