@@ -16,14 +16,31 @@ import time
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    from cli.help import add_command
+
+    example_lines = [
+        "mor data prepare default",
+        "mor data prepare corpus/*.jsonl.gz --out data/mycorpus vocab_size=8192",
+        "mor data prepare hf:NAME --tokenizer tokenizer.json --json",
+    ]
+    description = "Tokenize a corpus into token shards.\n\n" + __doc__.split("\n\n", 1)[1].replace(
+        "``", "`"
+    )
+    p = add_command(
+        subparsers,
         "data",
         help="prepare a corpus into token shards (streamed, parallel on Ray, resumable)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description,
+        example_lines=example_lines,
     )
     sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    q = sub.add_parser("prepare", help="tokenize SOURCE into shards", description=__doc__)
+    q = add_command(
+        sub,
+        "prepare",
+        help="tokenize SOURCE into shards",
+        description=description,
+        example_lines=example_lines,
+    )
     q.add_argument("source", metavar="SOURCE", help="file, folder, glob, 'hf:NAME' or 'default'")
     q.add_argument("items", nargs="*", metavar="key=value", help="data config overrides")
     q.add_argument(

@@ -10,12 +10,24 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from evals.runner import EvalReport
 
+DESCRIPTION = """Evaluate an exported model with lm-eval at every test-time depth (1..N_r and the
+router's own choice) and log the compute-vs-accuracy curve to MLflow, as a child of the
+training run. Results are also written to files and printed as a table."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    from cli.help import add_command
+
+    p = add_command(
+        subparsers,
         "eval",
         help="evaluate an exported model at every test-time depth (lm-eval), log to MLflow",
-        description=__doc__,
+        description=DESCRIPTION,
+        example_lines=[
+            "mor eval outputs/runs/tiny-mor/export",
+            "mor eval outputs/runs/tiny-mor/export --depths 1,2,router --limit 100",
+            "mor eval EXPORT --tasks piqa,arc_easy --device cuda --no-mlflow --json",
+        ],
     )
     p.add_argument(
         "model", help="an exported model folder (written by `mor train`), or its s3:// URI"
@@ -43,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="expert-choice: also evaluate the non-causal top-k point (the paper's evaluation)",
     )
     p.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="artifact folder (default: next to the export, eval/)")
     p.add_argument(

@@ -22,10 +22,19 @@ BF16_BYTES = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    from cli.help import add_command
+
+    p = add_command(
+        subparsers,
         "inspect",
         help="show parameters, layer sharing, FLOPs and KV-cache size of a config",
-        description=__doc__.split("\n\n")[0],
+        description="Show parameters, layer sharing, FLOPs and KV-cache size of a config.\n\n"
+        + __doc__.split("\n\n")[2].replace("``", "`"),
+        example_lines=[
+            "mor inspect --list",
+            "mor inspect tiny-mor",
+            "mor inspect smollm-360m sharing=cycle num_recursions=2 --seq-len 2048 --json",
+        ],
     )
     p.add_argument(
         "items",

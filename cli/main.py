@@ -40,9 +40,20 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cli.help import HelpFormatter, examples
+
     parser = argparse.ArgumentParser(
         prog="mor",
-        description="Mixture-of-Recursions research platform (arXiv 2507.10524).",
+        description="Mixture-of-Recursions research platform (arXiv 2507.10524).\n\n"
+        "Run `mor COMMAND --help` for a command's options, defaults and examples.",
+        epilog=examples(
+            [
+                "mor inspect tiny-mor                          # parameters, FLOPs, KV cache",
+                "mor train trainers/configs/tiny-mor.yaml      # one run, logged to MLflow",
+                "mor sweep run sweeps/configs/quickstart.yaml  # the quickstart sweep",
+            ]
+        ),
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--debug",

@@ -7,10 +7,19 @@ import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    from cli.help import add_command
+
+    p = add_command(
+        subparsers,
         "report",
         help="Pareto plots and the results table of sweeps, from MLflow",
-        description=__doc__,
+        description="Read sweeps (or MLflow experiments) from MLflow and write their results\n"
+        "table, Pareto fronts and iso-FLOP view; attach them to the sweeps' parent runs.",
+        example_lines=[
+            "mor report quickstart",
+            "mor report quickstart --metric nll --out reports/qs-nll",
+            "mor report sweep-a sweep-b --tracking-uri http://127.0.0.1:5000 --no-mlflow",
+        ],
     )
     p.add_argument(
         "names",
@@ -47,11 +56,15 @@ def default_uri() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.endpoints import require_store
+
+    uri = args.tracking_uri or default_uri()
+    require_store(uri, args.names)  # before pandas/MLflow load: a typo answers at once
     from dashboards.report import build_report
 
     out = args.out or os.path.join("reports", args.names[0])
     rep = build_report(
-        args.tracking_uri or default_uri(),
+        uri,
         args.names,
         out,
         metric=args.metric,

@@ -4,11 +4,8 @@
     mor status [--json]
     mor down
 
-While the stack is up, ``mor sweep submit`` sends jobs to its Ray head, ``mor train`` and
-``mor sweep run`` use it as their Ray cluster, and runs are tracked on its MLflow server
-(unless --address, $RAY_ADDRESS, tracking.uri or $MLFLOW_TRACKING_URI say otherwise).
-State lives in --state-dir, else $MOR_STACK_DIR, else ~/.mor/stack; use $MOR_STACK_DIR for a
-non-default place so that every command finds it.
+While the stack is up, ``mor sweep submit`` sends jobs to its Ray head; ``mor train`` and
+``mor sweep run`` use it as their Ray cluster and track runs on its MLflow server.
 """
 
 from __future__ import annotations
@@ -21,6 +18,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from core.stack import StackRecord
 
+STACK_NOTE = """While the stack is up, `mor sweep submit` sends jobs to its Ray head,
+`mor train` and `mor sweep run` use it as their Ray cluster, and runs are tracked on its
+MLflow server (unless --address, $RAY_ADDRESS, tracking.uri or $MLFLOW_TRACKING_URI say otherwise).
+State lives in --state-dir, else $MOR_STACK_DIR, else ~/.mor/stack; use $MOR_STACK_DIR for a
+non-default place so that every command finds it."""
+
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -32,10 +35,19 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from cli.help import add_command
     from core.stack import DEFAULT_PORTS
 
-    u = subparsers.add_parser(
-        "up", help="start the local stack (Ray head + MLflow server)", description=__doc__
+    u = add_command(
+        subparsers,
+        "up",
+        help="start the local stack (Ray head + MLflow server), bound to loopback",
+        description="Start a local Ray head and MLflow server that sweeps and training use.\n\n"
+        + STACK_NOTE,
+        example_lines=[
+            "mor up",
+            "mor up --mlflow-port 5001 --state-dir /data/mor-stack",
+        ],
     )
     _state_arg(u)
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -51,15 +63,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     u.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for health")
     u.set_defaults(func=run_up)
 
-    s = subparsers.add_parser(
-        "status", help="health of the local stack (exit 0 if healthy)", description=__doc__
+    s = add_command(
+        subparsers,
+        "status",
+        help="health of the local stack (exit 0 if healthy, 1 if not)",
+        description="Check each service of the local stack (Ray head, MLflow server): its\n"
+        "process and whether it answers. Exit 0 when all are healthy, else 1.",
+        example_lines=["mor status", "mor status --json"],
     )
     _state_arg(s)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=run_status)
 
-    d = subparsers.add_parser(
-        "down", help="stop the local stack (only the processes it started)", description=__doc__
+    d = add_command(
+        subparsers,
+        "down",
+        help="stop the local stack (only the processes it started; data is kept)",
+        description="Stop the processes `mor up` started (by their recorded ids, nothing else);\n"
+        "the MLflow database, artifacts and logs stay in the state folder.",
+        example_lines=["mor down", "mor down --state-dir /data/mor-stack"],
     )
     _state_arg(d)
     d.set_defaults(func=run_down)

@@ -8,29 +8,76 @@ import time
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from cli.help import HelpFormatter, add_command, add_verbose, examples
+
     p = subparsers.add_parser(
-        "sweep", help="run, resume or submit a Ray Tune sweep", description=__doc__
+        "sweep",
+        help="run, resume or submit a Ray Tune sweep",
+        description="Ray Tune sweeps of MoR configurations, locally or on a Ray cluster.\n\n"
+        "A sweep spec (YAML) lists variants x budgets or a search space; every trial is a\n"
+        "`mor train` run, evaluated at every depth and tracked under one MLflow parent run.",
+        epilog=examples(
+            [
+                "mor sweep run sweeps/configs/quickstart.yaml",
+                "mor sweep resume quickstart",
+                "mor sweep submit sweeps/configs/quickstart.yaml --wait",
+            ]
+        ),
+        formatter_class=HelpFormatter,
     )
     sub = p.add_subparsers(dest="sweep_command", metavar="ACTION", required=True)
 
-    r = sub.add_parser("run", help="run a sweep spec to the end (local Ray, or --address)")
-    r.add_argument("items", nargs="*", metavar="SPEC.yaml|key=value")
+    r = add_command(
+        sub,
+        "run",
+        help="run a sweep spec to the end (local Ray, or --address)",
+        example_lines=[
+            "mor sweep run sweeps/configs/quickstart.yaml",
+            "mor sweep run sweeps/configs/quickstart.yaml budgets=[1e12] eval.limit=50",
+        ],
+    )
+    r.add_argument(
+        "items",
+        nargs="*",
+        metavar="SPEC.yaml|key=value",
+        help="the sweep spec, then dotted overrides of its fields (e.g. base.optim.lr=1e-3)",
+    )
     r.add_argument(
         "--address",
         help="an existing Ray cluster (default: $RAY_ADDRESS, else the `mor up` stack, "
         "else a local Ray started on demand)",
     )
     r.add_argument("--spec-from-env", action="store_true", help=argparse.SUPPRESS)
+    add_verbose(r)
     r.set_defaults(func=run, extra_dest="items")
 
-    rs = sub.add_parser("resume", help="continue an interrupted sweep without redoing trials")
-    rs.add_argument("name")
-    rs.add_argument("--storage-path", default="outputs", help="the sweep's storage_path")
-    rs.add_argument("--address")
+    rs = add_command(
+        sub,
+        "resume",
+        help="continue an interrupted sweep without redoing finished trials",
+        example_lines=[
+            "mor sweep resume quickstart",
+            "mor sweep resume my-sweep --storage-path /data/sweeps",
+        ],
+    )
+    rs.add_argument("name", help="the sweep's name (its spec's `name:`)")
+    rs.add_argument(
+        "--storage-path", default="outputs", help="the sweep's storage_path, where it saved state"
+    )
+    rs.add_argument("--address", help="Ray cluster address (default: as for `mor sweep run`)")
+    add_verbose(rs)
     rs.set_defaults(func=resume)
 
-    s = sub.add_parser("submit", help="submit a sweep to a Ray cluster as a Ray Job")
-    s.add_argument("items", nargs="*", metavar="SPEC.yaml|key=value")
+    s = add_command(
+        sub,
+        "submit",
+        help="submit a sweep to a Ray cluster as a Ray Job (prints the job id)",
+        example_lines=[
+            "mor sweep submit sweeps/configs/quickstart.yaml            # to the `mor up` stack",
+            "mor sweep submit sweeps/configs/search.yaml --address http://HEAD:8265 --wait",
+        ],
+    )
+    s.add_argument("items", nargs="*", metavar="SPEC.yaml|key=value", help="as for `sweep run`")
     s.add_argument(
         "--address",
         default=None,
@@ -41,13 +88,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=submit, extra_dest="items")
 
     for name, fn, text in (
-        ("status", job_status, "status of a submitted sweep job"),
-        ("logs", job_logs, "logs of a submitted sweep job"),
-        ("stop", job_stop, "stop a submitted sweep job"),
+        ("status", job_status, "status of a submitted sweep job (one JSON line)"),
+        ("logs", job_logs, "console output of a submitted sweep job so far"),
+        ("stop", job_stop, "stop a submitted sweep job (its finished trials stay in MLflow)"),
     ):
-        q = sub.add_parser(name, help=text)
-        q.add_argument("job_id")
-        q.add_argument("--address", default=None)
+        q = add_command(
+            sub,
+            name,
+            help=text,
+            example_lines=[
+                f"mor sweep {name} raysubmit_XXXXXXXX",
+                f"mor sweep {name} raysubmit_XXXXXXXX --address http://HEAD:8265",
+            ],
+        )
+        q.add_argument("job_id", help="the id `mor sweep submit` printed (raysubmit_...)")
+        q.add_argument(
+            "--address",
+            default=None,
+            help="the Ray job server (default: $RAY_API_SERVER_ADDRESS or the `mor up` stack)",
+        )
         q.set_defaults(func=fn)
 
 
@@ -94,8 +153,10 @@ def _print_result(res) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sweeps.driver import run_sweep
+    from core.quiet import configure
     from sweeps.spec import plan_sweep
+
+    configure(args.verbose)  # before Ray starts: its processes inherit the mode
 
     if args.spec_from_env:
         from sweeps.jobs import spec_from_env
@@ -104,13 +165,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = _spec(args.items)
     plan = plan_sweep(spec)  # every trial validated, once, before Ray starts
+    from sweeps.driver import run_sweep  # torch, Ray, MLflow: after the spec is known good
+
     res = run_sweep(plan, address=args.address)  # None: core.endpoints decides
     _print_result(res)
     return 1 if res.errors else 0
 
 
 def resume(args: argparse.Namespace) -> int:
+    from core.quiet import configure
     from sweeps.driver import load_saved_spec, run_sweep
+
+    configure(args.verbose)
     from sweeps.spec import plan_sweep
 
     plan = plan_sweep(load_saved_spec(args.name, args.storage_path))

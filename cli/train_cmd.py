@@ -7,12 +7,26 @@ import json
 import sys
 from typing import Any
 
+DESCRIPTION = """Train one MoR configuration on Ray Train workers (DeepSpeed), logged to MLflow.
+
+The config is the defaults, then CONFIG.yaml, then each key=value override (dotted paths
+such as model.sharing=cycle); `mor train --print-config` lists every field. Rerunning a
+run's name resumes it from its last checkpoint."""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    from cli.help import add_command, add_verbose
+
+    p = add_command(
+        subparsers,
         "train",
         help="train one MoR configuration (Ray Train + DeepSpeed), logged to MLflow",
-        description=__doc__,
+        description=DESCRIPTION,
+        example_lines=[
+            "mor train trainers/configs/tiny-mor.yaml budget.steps=50",
+            "mor train model.sharing=cycle model.num_recursions=3 optim.lr=1e-3 name=my-run",
+            "mor train --print-config    # every config field, its default and meaning",
+        ],
     )
     p.add_argument(
         "items",
@@ -25,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Ray cluster address (default: $RAY_ADDRESS, else the `mor up` stack, else local Ray)",
     )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config sections and fields (docstrings and defaults), then exit; "
+        "with CONFIG.yaml/overrides, show their values instead of the defaults",
+    )
+    add_verbose(p)
     p.set_defaults(func=run, extra_dest="items")
 
 
@@ -39,6 +60,16 @@ def describe_run(name: str, plan: Any) -> str:
     )
 
 
+def print_config(cfg: Any) -> None:
+    """Every section and field of ``cfg`` with its value and docstring; ``model`` lists the
+    resolved MoRConfig fields (vocab_size becomes the tokenizer's at run time)."""
+    from mor.overrides import describe_fields
+
+    print("# mor train: config fields (set with CONFIG.yaml or key=value overrides)")
+    for line in describe_fields(cfg, expand={"model": cfg.mor_config()}):
+        print(line)
+
+
 def run(args: argparse.Namespace) -> int:
     from core.endpoints import redact, strip_credentials
     from trainers.config import load_train_config
@@ -50,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"address={args.address}")
     cfg = load_train_config(path, overrides)  # validated before Ray starts
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    from core.quiet import configure
+
+    configure(args.verbose)  # before Ray starts: its processes inherit the mode
 
     # Ray address, Ray auth and MLflow URI: core.endpoints.resolve_endpoints, called by
     # plan_run (MLflow) and run_training (Ray), so that the `mor up` stack is the default.

@@ -149,6 +149,36 @@ def resolve_tracking_uri(
     ).tracking_uri
 
 
+def missing_local_store(uri: str) -> Path | None:
+    """The file a local MLflow store would live in (``sqlite:///PATH``, ``file:PATH`` or a
+    plain folder) when it does not exist yet, else None. MLflow creates a local store when it
+    first connects, so a read-only command checks this first and creates nothing."""
+    from urllib.parse import urlparse
+
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :].split("?", 1)[0]
+    else:
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("", "file"):  # a server (http, databricks, ...)
+            return None
+        path = parsed.path if parsed.scheme == "file" else uri
+    if not path or path == ":memory:":
+        return None
+    p = Path(path).expanduser()
+    return None if p.exists() else p
+
+
+def require_store(uri: str, names: list[str]) -> None:
+    """Refuse to read sweeps ``names`` from a local store that does not exist (ValueError):
+    connecting would create an empty one."""
+    missing = missing_local_store(uri)
+    if missing is not None:
+        raise ValueError(
+            f"no sweep {', '.join(names)}: no tracking store at {missing} (run the sweep first, "
+            "or give --tracking-uri or $MLFLOW_TRACKING_URI)"
+        )
+
+
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][\w+.-]*://)[^/@\s]+@")
 
 

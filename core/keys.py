@@ -45,6 +45,10 @@ TAG_SKIPPED = "mor.skipped"
 reasons: the artifact ``skipped.jsonl``)."""
 TAG_RESUMED_FROM_STEP = "mor.resumed_from_step"
 """On a training run restarted from a checkpoint: the step it resumed at."""
+TAG_RUN_NAME = "mor.run_name"
+"""On a training run: its internal name (``TrainConfig.name``: the storage folder
+``runs/<name>`` and its writer lock), what code searches by. ``mlflow.runName`` is for people
+and may differ: a sweep trial's is its variant and budget (``mor-ec-middle-cycle-3 @ 2e12``)."""
 TAG_SHARING = "mor.sharing"
 TAG_ROUTER = "mor.router"
 TAG_NUM_RECURSIONS = "mor.num_recursions"

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 from mlflow import MlflowClient
 
+from core.endpoints import require_store
 from core.keys import (
     ARTIFACT_ITEMS,
     KIND_EVAL,
@@ -80,7 +81,9 @@ def resolve(client: MlflowClient, name: str) -> tuple[list[str], list[str]]:
 
 def load_runs(tracking_uri: str, names: list[str], items: bool = True) -> SweepRuns:
     """Trials and their per-depth evaluation points for one or more sweeps or experiments;
-    ``items`` also reads each eval run's per-item scores (one small file per eval run)."""
+    ``items`` also reads each eval run's per-item scores (one small file per eval run).
+    A local store that does not exist is an error, never created (a report is read-only)."""
+    require_store(tracking_uri, names)
     client = MlflowClient(tracking_uri)
     exp_ids: list[str] = []
     parents: list[str] = []

@@ -228,22 +228,26 @@ def log_to_mlflow(
     parent_run_id: str | None = None,
     experiment: str = "mor",
     artifacts_dir: Path | None = None,
-    run_name: str = "eval",
+    run_name: str | None = None,
 ) -> str:
-    """A child run of the training run (or a top-level run) holding the whole depth curve."""
+    """A child run of the training run (or a top-level run) holding the whole depth curve,
+    named for people by its model (default ``eval · <the training run's name>``)."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
     client = MlflowClient(tracking_uri=tracking_uri)
+    model = report.meta.get("run_name") or Path(report.model).parent.name or report.model
     if parent_run_id:
-        exp_id = client.get_run(parent_run_id).info.experiment_id
+        parent = client.get_run(parent_run_id)
+        exp_id = parent.info.experiment_id
+        model = parent.data.tags.get("mlflow.runName") or model
     else:
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
     tags = {TAG_KIND: KIND_EVAL}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    rid = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    rid = client.create_run(exp_id, run_name=run_name or f"eval · {model}", tags=tags).info.run_id
     params = [
         Param("tasks", ",".join(report.tasks)),
         Param("limit", str(report.limit)),

@@ -11,10 +11,13 @@ nodes once copied or validated; such a file is refused before anything expands i
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
+import textwrap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -25,6 +28,7 @@ __all__ = [
     "MAX_CONFIG_NODES",
     "ConfigError",
     "apply_overrides",
+    "describe_fields",
     "format_validation_error",
     "load_yaml",
     "parse_override",
@@ -163,12 +167,45 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """Render a pydantic error as one line per field: ``field.path: message``."""
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``X``, ``X | None``, ``list[X]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def nearest_key(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """For an unknown key at ``loc`` (its path in ``model``), the closest valid key there."""
+    cls: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of models
+            continue
+        field = cls.model_fields.get(part) if cls is not None else None
+        cls = _model_in(field.annotation) if field is not None else None
+        if cls is None:
+            return None
+    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def format_validation_error(
+    exc: ValidationError, prefix: str = "", model: type[BaseModel] | None = None
+) -> str:
+    """Render a pydantic error as one line per field: ``field.path: message``; an unknown key
+    of ``model`` gets the nearest valid one (``did you mean model.sharing?``)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"]
+        if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+            near = nearest_key(model, tuple(err["loc"]))
+            msg = f"unknown key {err['loc'][-1]!r}"
+            if near is not None:
+                msg += f"; did you mean {'.'.join([*(str(x) for x in err['loc'][:-1]), near])}?"
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         if msg.startswith("invalid config:"):
@@ -181,7 +218,9 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
             loc = field if not loc or field.startswith(loc + ".") else f"{loc}.{field}"
             msg = msg[named.end() :]
         if prefix:
+            prefix = prefix.rstrip(".")
             loc = f"{prefix}.{loc}" if loc else prefix
+            msg = msg.replace("did you mean ", f"did you mean {prefix}.")
         lines.append(f"{loc or '<config>'}: {msg}")
     return "invalid config:\n  " + "\n  ".join(lines)
 
@@ -191,4 +230,30 @@ def validate(model: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, prefix)) from None
+        raise ConfigError(format_validation_error(exc, prefix, model)) from None
+
+
+def describe_fields(
+    values: BaseModel, prefix: str = "", expand: Mapping[str, BaseModel] | None = None
+) -> list[str]:
+    """Document a config: ``path = value`` per field, then its docstring, indented.
+
+    Nested models become ``[section]`` blocks; ``expand`` maps a dotted path whose value is a
+    plain dict (e.g. a train config's ``model`` section) to the model instance to list there."""
+    lines: list[str] = []
+    expand = expand or {}
+    sections: list[tuple[str, str, BaseModel]] = []  # listed after the plain fields
+    for name, field in type(values).model_fields.items():
+        path, value = prefix + name, getattr(values, name)
+        doc = " ".join((field.description or "").split())
+        nested = expand.get(path, value)
+        if isinstance(nested, BaseModel):
+            sections.append((path, doc, nested))
+            continue
+        lines.append(f"{path} = {json.dumps(value, default=str)}")
+        lines += textwrap.wrap(doc, 96, initial_indent="    ", subsequent_indent="    ")
+    for path, doc, nested in sections:
+        lines += ["", f"[{path}]"]
+        lines += textwrap.wrap(doc, 96, initial_indent="  # ", subsequent_indent="  # ")
+        lines += describe_fields(nested, path + ".", expand)
+    return lines

@@ -261,8 +261,9 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         store.home.child(SPEC_FILE).write_text(spec.model_dump_json(indent=2))
     if not ray.is_initialized():  # the stack's head when it is up, with its token auth
         from core.endpoints import resolve_endpoints
+        from core.quiet import ray_init_kwargs
 
-        ray.init(address=resolve_endpoints(ray_address=address).ray_address)
+        ray.init(address=resolve_endpoints(ray_address=address).ray_address, **ray_init_kwargs())
     res = spec.resources
     try:  # a trial that can never be placed would make Tune wait forever
         check_resources(res.num_workers, res.cpus_per_worker, res.gpus_per_worker, 0, "resources")
@@ -314,6 +315,7 @@ def _new_tuner(
     spec's ``metric`` and the scheduler's ``val/loss``), so Tune is given none."""
     from ray import tune
 
+    from core.quiet import tune_verbosity
     from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE, PlacementGroupJanitor
 
     spec, state_dir = plan.spec, store.state_dir
@@ -344,7 +346,10 @@ def _new_tuner(
             max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=store.tune_storage, callbacks=[PlacementGroupJanitor()]
+            name=spec.name,
+            storage_path=store.tune_storage,
+            callbacks=[PlacementGroupJanitor()],
+            verbose=tune_verbosity(),
         ),
     )
 

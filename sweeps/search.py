@@ -239,7 +239,7 @@ class FlopsASHA(ASHAScheduler):
             rung = max((m for m in self.milestones if m <= result["flops"]), default=0.0)
             record = {
                 "trial": trial.trial_id,
-                "run_name": f"{self.sweep}-{trial.trial_id}",
+                "run_name": f"{self.sweep}-{trial.trial_id}",  # TrainConfig.name (TAG_RUN_NAME)
                 "rung_flops": rung,
                 "flops": result["flops"],
                 "step": int(result.get("step", 0)),
@@ -268,7 +268,7 @@ def mark_stopped(uri: str, parent_run_id: str, records: list[dict]) -> list[str]
     FLOPs): partial results, never finished models."""
     from mlflow import MlflowClient
 
-    from core.keys import TAG_STOPPED_EARLY
+    from core.keys import TAG_RUN_NAME, TAG_STOPPED_EARLY
 
     client = MlflowClient(uri)
     exp = client.get_run(parent_run_id).info.experiment_id
@@ -277,7 +277,7 @@ def mark_stopped(uri: str, parent_run_id: str, records: list[dict]) -> list[str]
         runs = client.search_runs(
             [exp],
             f"tags.mlflow.parentRunId = '{parent_run_id}' "
-            f"and tags.mlflow.runName = '{r['run_name']}'",
+            f"and tags.`{TAG_RUN_NAME}` = '{r['run_name']}'",
         )
         for run in runs:
             client.set_tag(run.info.run_id, TAG_STOPPED_EARLY, f"{r['rung_flops']:.6g}")

@@ -395,6 +395,7 @@ def trial_config(
         "experiment": spec.tracking.experiment,
         "parent_run_id": parent_run_id,
         "tags": {
+            "mlflow.runName": trial_title(with_sampled(point.label, sampled)),
             TAG_LABEL: with_sampled(point.label, sampled),
             TAG_REPLICATE_OF: with_sampled(point.replicate_of or point.label, sampled),
             TAG_SEED: str(data.get("seed", 0)),
@@ -417,6 +418,21 @@ def with_sampled(label: str, sampled: dict[str, Any] | None) -> str:
     parts = [x for x in label.split(",") if x and x != "base"]
     at = next((i for i, x in enumerate(parts) if x.startswith(("budget=", "seed="))), len(parts))
     return ",".join(parts[:at] + drawn + parts[at:])
+
+
+def trial_title(label: str) -> str:
+    """A trial's MLflow run name, for people: 'mor-ec-middle-cycle-3 @ 2e12' for the label
+    'mor-ec-middle-cycle-3,budget=2e+12'; grid values and draws stay, a seed goes last
+    ('cycle, lr=0.0034 @ 2e11 · seed 1'). Code finds runs by their tags, not by this."""
+    parts = [p for p in label.split(",") if p]
+    budget = next((p[len("budget=") :] for p in parts if p.startswith("budget=")), None)
+    seed = next((p[len("seed=") :] for p in parts if p.startswith("seed=")), None)
+    title = ", ".join(p for p in parts if not p.startswith(("budget=", "seed="))) or "base"
+    if budget is not None:
+        title += " @ " + f"{float(budget):.3g}".replace("e+0", "e").replace("e+", "e")
+    if seed is not None:
+        title += f" · seed {seed}"
+    return title
 
 
 def _yaml(v: Any) -> str:

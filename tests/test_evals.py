@@ -498,6 +498,7 @@ def test_mor_eval_export_logs_under_the_training_run(
     run = client.get_run(eval_id)
     assert run.data.tags["mlflow.parentRunId"] == train_run_id
     assert run.data.tags["mor.kind"] == "eval" and run.info.status == "FINISHED"
+    assert run.info.run_name == "eval · evalcli"  # named by its model (the training run)
     assert "eval/drouter/mor_heldout_mc/acc" in run.data.metrics
     assert eval_id in proc.stdout
 

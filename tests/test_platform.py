@@ -516,6 +516,14 @@ def test_train_with_the_stack_up(stack: Stack, tmp_path: Path) -> None:
     run = _mor(["train", str(config), *TINY_TRAIN, f"data.source={prepared}"], stack.env, tmp_path)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert f"at {stack.mlflow}" in run.stdout  # tracked on the stack with no flag
+    # The console: each progress line once (Ray Train's print patch printed them twice), the
+    # validation loss named val_loss, no `Reporting training result N: TrainingReport(...)`.
+    console = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
+    for step in (1, 2, 3):
+        assert len(re.findall(rf"\[mor\] on-stack step {step}/3 \(", console)) == 1, console
+    assert re.search(r"step 3/3 \(100%\) [0-9:]+ elapsed, ETA 0:00 \| train_loss [0-9.]+ \| "
+                     r"val_loss [0-9.]+ \| [0-9,]+ tok/s", console), console  # fmt: skip
+    assert "TrainingReport(" not in console
     run_id = re.search(r"done: MLflow run (\w+)", run.stdout).group(1)
     info = MlflowClient(stack.mlflow).get_run(run_id)
     assert info.info.status == "FINISHED" and info.info.run_name == "on-stack"
@@ -529,6 +537,7 @@ def test_train_with_the_stack_up(stack: Stack, tmp_path: Path) -> None:
     eval_id = re.search(r"MLflow eval run: (\w+)", ev.stdout).group(1)
     eval_run = MlflowClient(stack.mlflow).get_run(eval_id)
     assert eval_run.data.tags["mlflow.parentRunId"] == run_id
+    assert eval_run.info.run_name == "eval · on-stack"  # named by its model
 
 
 @pytest.mark.slow
@@ -563,7 +572,9 @@ def test_sweep_submitted_to_the_stack(
     assert parent["status"] == "FINISHED"
     trials = [r for r, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["run_id"]]
     assert len(trials) == 1 and trials[0]["info"]["status"] == "FINISHED"
-    assert trials[0]["info"]["run_name"].startswith("stack-sweep-")
+    # Named for people by variant and budget; the internal name (storage folder) is a tag.
+    assert trials[0]["info"]["run_name"] == "mor-ec @ 6e9"
+    assert tags[runs.index(trials[0])]["mor.run_name"].startswith("stack-sweep-")
 
 
 @pytest.mark.slow

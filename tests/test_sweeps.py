@@ -152,6 +152,7 @@ def test_seeds_replicate_every_point_and_tag_their_group(tmp_path: Path) -> None
     built = trial_config(spec, plan.points[1], {}, name="t", tracking_uri="x")
     assert built.seed == 1
     assert built.tracking.tags == {
+        "mlflow.runName": "vanilla @ 1e9 · seed 1",  # for people; code reads the tags below
         "mor.label": "vanilla,budget=1e+09,seed=1",
         "mor.replicate_of": "vanilla,budget=1e+09",
         "mor.seed": "1",
@@ -218,6 +219,7 @@ def test_trial_config_is_built_once_and_validated(tmp_path: Path) -> None:
     )
     assert cfg.tracking.parent_run_id == "parent" and cfg.tracking.experiment == "sweeps-test"
     assert cfg.tracking.tags == {  # the searcher's draws name the model, before its budget
+        "mlflow.runName": "mor-ec, lr=0.003 @ 6e9",
         "mor.label": "mor-ec,lr=0.003,budget=6e+09",
         "mor.replicate_of": "mor-ec,lr=0.003,budget=6e+09",  # no seeds: its own group
         "mor.seed": "0",

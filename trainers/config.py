@@ -295,6 +295,7 @@ def mor_config_from(section: dict[str, Any]) -> MoRConfig:
         return build_config(preset, **data)
     except ConfigError as exc:
         msg = str(exc).replace("invalid config:\n  ", "")
+        msg = msg.replace("did you mean ", "did you mean model.")
         lines = [f"model.{line.strip()}" for line in msg.splitlines() if line.strip()]
         raise ConfigError("\n  ".join(lines)) from None
 

@@ -21,6 +21,7 @@ from core.keys import (
     TAG_ROUTER,
     TAG_SHARING,
 )
+from core.quiet import ray_init_kwargs, ray_train_log_level
 from core.storage import Location
 from mor.flops import steps_for_budget, training_flops_per_token
 from mor.overrides import ConfigError
@@ -233,7 +234,7 @@ def _run_training(cfg: TrainConfig, callbacks: list[Any] | None, plan: TrainPlan
         address = resolve_endpoints(ray_address=cfg.address).ray_address
         try:
             check_ray_reachable(address)
-            ray.init(address=address)
+            ray.init(address=address, **ray_init_kwargs())
         except Exception as exc:  # the run exists in MLflow: it must not stay RUNNING
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             reason = f"could not start or connect to Ray at {address!r}: {first}"
@@ -299,7 +300,7 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
 
 def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Any:
     """The Ray Train TorchTrainer; the plan crosses to the workers as JSON (TrainPlan)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from trainers.loop import train_loop_per_worker
 
@@ -320,6 +321,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> 
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),
         ),
     )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from core.quiet import quiet_worker
 from core.storage import Location
 from trainers.checkpointing import Checkpointer, resume
 from trainers.components import (
@@ -54,6 +55,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, plan: TrainPlan) -> None:
         self.cfg, self.plan = cfg, plan
+        quiet_worker()  # DeepSpeed's info logs off unless --verbose / MOR_VERBOSE=1
         home = Location.parse(plan.state_dir)
         self.worker = w = Worker.start(cfg, plan.use_gpu, home)
         self.engine = build_engine(cfg, plan.model, plan.total_steps, w.device)
@@ -78,7 +80,8 @@ class Trainer:
         cfg, total, device = self.cfg, self.plan.total_steps, self.worker.device
         restored = resume(self.engine, device, self.worker.rank, RunStore.of(cfg).ray_run_dir)
         progress = restored or Progress()
-        log = RunLog(self.plan, self.worker.rank, cfg.log_every_steps)
+        title = cfg.tracking.tags.get("mlflow.runName", cfg.name)  # a sweep trial's variant
+        log = RunLog(self.plan, self.worker.rank, cfg.log_every_steps, title)
         if restored is not None:
             log.resumed(restored.step)
         # Router metrics (and FLOPs at the measured active fractions) only for recursive models.

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from core.endpoints import check_mlflow_reachable, redact
-from core.keys import TAG_INTERRUPTED
+from core.keys import TAG_INTERRUPTED, TAG_RUN_NAME
 from core.storage import Location
 from mor.overrides import ConfigError
 from trainers.writer_lock import is_stale, read_holder, stale_locks
@@ -121,10 +121,11 @@ def find_or_create_run(
                 return run.info.run_id, True
         except MlflowException:
             pass
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    # ``tags`` may give a display name (mlflow.runName); the internal name stays searchable.
+    all_tags = {"mlflow.runName": run_name, TAG_RUN_NAME: run_name, **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run = client.create_run(experiment_id, run_name=all_tags["mlflow.runName"], tags=all_tags)
     run_id = run.info.run_id
     safe = {k: v for k, v in params.items() if not is_secret_key(k)}
     items = [Param(k, v) for k, v in sorted(safe.items())]

@@ -1,0 +1,96 @@
+"""How much of Ray's and DeepSpeed's own logging reaches the console: the one home of it.
+
+By default a run shows the platform's own lines (progress, summary) and every warning and
+error; Ray's informational logs (start-up banner, ``Reporting training result N:
+TrainingReport(...)`` dumps, worker-group set-up) and DeepSpeed's info logs stay in Ray's
+log files (``/tmp/ray/session_latest/logs``). ``--verbose`` on train/sweep commands, or
+``MOR_VERBOSE=1``, brings them back. Errors are never filtered.
+
+Ray Train's print patch (``RAY_TRAIN_ENABLE_PRINT_PATCH``) is turned off in both modes: on
+a worker it both prints and logs each ``print`` to the console, so every line appeared twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+VERBOSE_ENV = "MOR_VERBOSE"
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+QUIET_LOGGERS = {
+    # "Token authentication is enabled for this Ray cluster" at every local start: the
+    # platform turns token auth on itself (core.endpoints.enable_ray_token_auth).
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    # "Creating initial MLflow database tables..." when a sqlite store is first used.
+    "mlflow.store.db.utils": logging.WARNING,
+    "alembic": logging.WARNING,
+}
+"""Driver-side loggers that are quieter by default (their errors still show)."""
+BENIGN_WORKER_LINES = (
+    # DeepSpeed on a CPU worker, once per worker: the expected accelerator, and its op build.
+    "Setting accelerator to CPU",
+    "deepspeed_shm_comm_op built successfully",
+    # Ray Train's controller, every run: a C++ notice about its preemption watcher actor.
+    "PreemptionWatcher' and ID: .* has constructor arguments in the object store",
+    # Ray Train's placement-group cleaner told to stop without waiting (trainers/launcher.py).
+    "Monitor thread did not exit within",
+)
+"""Worker log lines Ray's driver drops by default (``RAY_DEDUP_LOGS_SKIP_REGEX``): specific,
+known-benign notices, never a warning class or an error."""
+
+
+def verbose() -> bool:
+    """True when ``MOR_VERBOSE`` is set to anything but 0/false/no (``--verbose`` sets it)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def configure(flag: bool = False) -> None:
+    """Set this process's console mode before Ray starts: ``flag`` (``--verbose``) turns
+    verbose on; environment variables carry the mode to Ray's processes, which inherit them
+    (and Ray Train forwards ``RAY_TRAIN_ENABLE_PRINT_PATCH`` to its workers itself)."""
+    if flag:
+        os.environ[VERBOSE_ENV] = "1"
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
+    # Ray's driver merges worker lines that differ only in numbers ("[repeated 3x across
+    # cluster]"): progress lines are exactly that, so they are never merged. Read at import.
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[mor\] ")
+    if not verbose():
+        os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(BENIGN_WORKER_LINES))
+        # Ray Data's progress bars (the data stage, before training starts).
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """Extra ``ray.init`` arguments: the driver's ``ray`` logger at WARNING (no start-up
+    banner) unless verbose. Workers' output still reaches the console (``log_to_driver``)."""
+    return {} if verbose() else {"logging_level": logging.WARNING}
+
+
+def ray_train_log_level() -> str:
+    """``ray.train.LoggingConfig(log_level=...)``: Ray Train's own console logs (report dumps,
+    worker-group start-up) at WARNING unless verbose."""
+    return "INFO" if verbose() else "WARNING"
+
+
+def tune_verbosity() -> int:
+    """``tune.RunConfig(verbose=...)``: 0 = Tune prints only errors (the platform prints its
+    own per-trial lines); 2 = Tune's status table and trial results."""
+    return 2 if verbose() else 0
+
+
+def quiet_worker() -> None:
+    """On a training worker, before DeepSpeed starts, unless verbose: the root logger and
+    DeepSpeed's at WARNING. Ray Train logs each ``Reporting training result N:
+    TrainingReport(...)`` at INFO through a logger named by its file path, which its own
+    ``LoggingConfig`` level does not cover; it reaches the console through the root logger."""
+    if verbose():
+        return
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        from deepspeed.utils import logger as ds_logger
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return
+    ds_logger.setLevel(logging.WARNING)
