@@ -1,0 +1,235 @@
+"""A real two-node Ray cluster on one machine (`mor up --nodes 2`): DeepSpeed training with one
+worker per node (STRICT_SPREAD, gloo over TCP between the nodes), a node lost mid-run and
+restarted (the run resumes from its last checkpoint), and an impossible placement refused.
+
+One cluster for the module, started as a user does and stopped by the stack's recorded pids.
+Where runs and data are stored is one constant (``storage`` below): a local folder today,
+an ``s3://`` URI (the ``s3`` fixture of conftest.py) once object storage is the norm.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from core.keys import TAG_RESUMED_FROM_STEP
+from trainers.checkpointing import RAY_SUBDIR, SNAPSHOT
+from trainers.config import load_train_config
+from trainers.launcher import ResourceError, check_resources, run_training
+
+pytestmark = pytest.mark.slow
+
+STACK_ENV = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")
+# The head's GCS declares a node dead after 3 failed health checks 0.5 s apart (Ray's
+# default: 5 × 3 s), so a lost node is noticed in seconds.
+FAST_FAILURE_DETECTION = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    state: Path
+    env: dict[str, str]
+    dashboard: str
+    mlflow: str
+
+    def record(self) -> Any:
+        from core.stack import read_record
+
+        return read_record(self.state)
+
+    def mor_up(self) -> subprocess.CompletedProcess:
+        """`mor up --nodes 2` as a user types it (a running stack: a lost node restarted)."""
+        return subprocess.run(
+            ["mor", "up", "--nodes", "2", "--cpus-per-node", "1"],
+            env=self.env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """`mor up --nodes 2 --cpus-per-node 1`: a head and a second node, 1 CPU each."""
+    from core.stack import down
+
+    state = tmp_path_factory.mktemp("multinode-stack")
+    env = {k: v for k, v in os.environ.items() if k not in STACK_ENV}
+    env.update(FAST_FAILURE_DETECTION, MOR_STACK_DIR=str(state))
+    ports = {"--ray-port": _free_port(), "--dashboard-port": _free_port()}
+    ports["--mlflow-port"] = _free_port()
+    argv = ["mor", "up", "--nodes", "2", "--cpus-per-node", "1"]
+    argv += [x for kv in ports.items() for x in (kv[0], str(kv[1]))]
+    with pytest.MonkeyPatch.context() as mp:  # this process uses the cluster too
+        for var in STACK_ENV:
+            mp.delenv(var, raising=False)
+        mp.setenv("MOR_STACK_DIR", str(state))
+        try:
+            up = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=400)
+            assert up.returncode == 0, up.stdout + up.stderr
+            yield Cluster(
+                state, env,
+                f"http://127.0.0.1:{ports['--dashboard-port']}",
+                f"http://127.0.0.1:{ports['--mlflow-port']}",
+            )  # fmt: skip
+        finally:
+            down(state)  # by the recorded pids, sessions and the stack's tag
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Where runs, checkpoints and prepared data go: the one place to switch to s3://."""
+    return str(tmp_path_factory.mktemp("multinode-storage"))
+
+
+@pytest.fixture(scope="module")
+def prepared(storage: str) -> str:
+    """The tiny sweeps' corpus and tokenizer, prepared once (in this process) for the module."""
+    from trainers.data import DataConfig, prepare_data
+
+    data = DataConfig(source="default", vocab_size=512, seq_len=64, max_documents=150,
+                      prepare_workers=1, cache_dir=f"{storage}/cache")  # fmt: skip
+    return str(prepare_data(data, out=f"{storage}/data").dir)
+
+
+@pytest.fixture(scope="module")
+def driver(cluster: Cluster):
+    """This process's Ray driver on the cluster (on the head: Ray prefers it), for the
+    module: `run_training` then uses it instead of connecting for each run."""
+    import ray
+
+    from core.endpoints import resolve_endpoints
+
+    ray.init(address=resolve_endpoints().ray_address, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _config(storage: str, data: str, name: str, *extra: str) -> Any:
+    return load_train_config(
+        None,
+        [
+            f"name={name}", f"storage_path={storage}", f"data.source={data}",
+            "data.seq_len=64", "model.preset=micro", "model.num_layers=6",
+            "model.max_seq_len=64", "batch.micro_batch_size=4", "eval.every_steps=1000",
+            "eval.batches=1", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+            "scaling.placement_strategy=STRICT_SPREAD", "deepspeed.zero_stage=2",
+            "log_every_steps=3", *extra,
+        ],
+    )  # fmt: skip
+
+
+def _workers(dashboard: str) -> dict[str, tuple[str, str]]:
+    """Every Ray Train worker actor the cluster has had (dead ones stay listed): actor id →
+    (its node's ``mor_node_<i>`` resource, node id). Ray's State API."""
+    from ray.util.state import list_actors, list_nodes
+
+    names = {}
+    for n in list_nodes(address=dashboard, detail=True, raise_on_missing_output=False):
+        for key in n.resources_total or {}:
+            if key.startswith("mor_node_"):
+                names[n.node_id] = key
+    actors = list_actors(
+        address=dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+        limit=1000, raise_on_missing_output=False,
+    )  # fmt: skip
+    return {a.actor_id: (names.get(a.node_id, "?"), a.node_id) for a in actors}
+
+
+def _new_workers(dashboard: str, before: dict[str, Any]) -> list[tuple[str, str]]:
+    return sorted(v for k, v in _workers(dashboard).items() if k not in before)
+
+
+def _checkpointed(storage: str, name: str) -> bool:
+    """Ray Train registered a checkpoint of the run (its snapshot names it)."""
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(f"{storage}/{RAY_SUBDIR}/{name}/{SNAPSHOT}")
+    return fs.get_file_info(root).type == pafs.FileType.File
+
+
+# ------------------------------------------------------------------ tests
+def test_status_lists_the_second_node(cluster: Cluster) -> None:
+    """`mor status` shows node 1 healthy; both nodes are registered with the head."""
+    from core.nodes import registered
+
+    status = subprocess.run(["mor", "status"], env=cluster.env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stdout
+    assert "node 1  healthy" in status.stdout and "mor_node_1, 1 CPU" in status.stdout
+    assert registered(cluster.dashboard) == {"mor_node_0": "ALIVE", "mor_node_1": "ALIVE"}
+
+
+def test_strict_spread_needs_a_node_per_worker(driver: None) -> None:
+    """Three workers, one per node, on two nodes: refused in seconds, naming the field."""
+    t0 = time.monotonic()
+    with pytest.raises(ResourceError, match=r"scaling\.placement_strategy=STRICT_SPREAD"):
+        check_resources(3, 1.0, 0.0, placement_strategy="STRICT_SPREAD")
+    assert time.monotonic() - t0 < 5
+    check_resources(2, 1.0, 0.0, placement_strategy="STRICT_SPREAD")  # fits: no error
+
+
+def test_two_workers_one_per_node(
+    cluster: Cluster, driver: None, storage: str, prepared: str
+) -> None:
+    before = _workers(cluster.dashboard)
+    result = run_training(_config(storage, prepared, "spread", "budget.steps=3"))
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert result.tracking_uri == cluster.mlflow and run.info.status == "FINISHED"
+    workers = _new_workers(cluster.dashboard, before)
+    assert [n for n, _ in workers] == ["mor_node_0", "mor_node_1"]  # one worker per node
+
+
+def test_lost_node_resumes_from_checkpoint(cluster: Cluster, storage: str, prepared: str) -> None:
+    """Node 1's raylet killed after the first checkpoint, the node restarted (`mor up
+    --nodes 2`): Ray Train restarts the workers on both nodes from the last checkpoint."""
+    name, events = "lose-a-node", {}
+    cfg = _config(storage, prepared, name, "budget.steps=12", "checkpoint.every_steps=3",
+                  "checkpoint.max_failures=3")  # fmt: skip
+    raylet = cluster.record().nodes[0].raylet_pid
+
+    def kill_then_restart() -> None:
+        deadline = time.time() + 300
+        while not _checkpointed(storage, name) and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(raylet, signal.SIGKILL)
+        events["killed"] = time.time()
+        events["up"] = cluster.mor_up()
+        events["restarted"] = time.time()
+
+    before = _workers(cluster.dashboard)
+    killer = threading.Thread(target=kill_then_restart, daemon=True)
+    killer.start()
+    result = run_training(cfg)
+    killer.join(timeout=400)
+    assert "killed" in events, "no checkpoint was written"
+    up = events["up"]
+    assert up.returncode == 0 and "node 1 is not running: restarting it" in up.stdout, up.stdout
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    resumed = int(run.data.tags[TAG_RESUMED_FROM_STEP])
+    assert resumed >= 3 and resumed % 3 == 0  # from a checkpoint, not from step 0
+    steps = [m.step for m in client.get_metric_history(result.run_id, "train/loss")]
+    assert steps == list(range(1, 13))  # no gaps, no repeats
+    # Two workers before the loss, two after it on the restarted node 1 (a new node id).
+    workers = _new_workers(cluster.dashboard, before)
+    assert [n for n, _ in workers] == ["mor_node_0", "mor_node_0", "mor_node_1", "mor_node_1"]
+    assert len({node_id for n, node_id in workers if n == "mor_node_1"}) == 2
+    print(f"kill → restarted node: {events['restarted'] - events['killed']:.1f} s")
