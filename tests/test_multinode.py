@@ -233,3 +233,37 @@ def test_lost_node_resumes_from_checkpoint(cluster: Cluster, storage: str, prepa
     assert [n for n, _ in workers] == ["mor_node_0", "mor_node_0", "mor_node_1", "mor_node_1"]
     assert len({node_id for n, node_id in workers if n == "mor_node_1"}) == 2
     print(f"kill → restarted node: {events['restarted'] - events['killed']:.1f} s")
+
+
+def test_sweep_trials_use_both_nodes(
+    cluster: Cluster, driver: None, storage: str, prepared: str
+) -> None:
+    """Two one-worker trials at once on two 1-CPU nodes: one trial's worker on each."""
+    from mor.overrides import validate
+    from sweeps.driver import run_sweep
+    from sweeps.spec import SweepSpec
+
+    spec = validate(
+        SweepSpec,
+        {
+            "name": "two-nodes",
+            "storage_path": storage,
+            "base": {
+                "model": {"preset": "micro", "num_layers": 6, "max_seq_len": 64},
+                "data": {"source": prepared, "seq_len": 64},
+                "batch": {"micro_batch_size": 4},
+                "eval": {"every_steps": 1000, "batches": 1},
+            },
+            "variants": [
+                {"name": "vanilla", "model.sharing": "none", "model.num_recursions": 1},
+                {"name": "mor", "model.sharing": "middle_cycle", "model.num_recursions": 2},
+            ],
+            "budgets": [1e9],
+            "eval": {"enabled": False},
+            "resources": {"num_workers": 1, "cpus_per_worker": 1, "max_concurrent": 2},
+        },
+    )
+    before = _workers(cluster.dashboard)
+    result = run_sweep(spec)
+    assert not result.errors and len(result.rows) == 2
+    assert [n for n, _ in _new_workers(cluster.dashboard, before)] == ["mor_node_0", "mor_node_1"]
