@@ -31,12 +31,22 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from core.procs import console_script, free_port, same_process, session_pids, tail
+from core.procs import (
+    console_script,
+    free_port,
+    owned,
+    same_process,
+    session_pids,
+    stop,
+    tail,
+)
 
 NODE_RESOURCE = "mor_node_{}"
 """Custom resource of node i (the head is node 0): ``{"mor_node_1": 1}``."""
@@ -120,6 +130,70 @@ def start_node(
             f"`ray start` of node {node.index} failed (exit {rc}); its log {node.log}:\n"
             f"{tail(node.log)}"
         )
+
+
+def node_processes(node: RayNode) -> list[Any]:
+    """What is left of one extra node: its session, its raylet, their descendants."""
+    return owned(node.session, None, None, node.pids.values())
+
+
+def ensure_nodes(
+    nodes: list[RayNode],
+    target: int,
+    make: Callable[[int], RayNode],
+    start: Callable[[RayNode], None],
+    save: Callable[[list[RayNode]], None],
+) -> list[RayNode]:
+    """Extra nodes 1..target-1 running: a lost one (its raylet gone) cleared and started
+    again, a missing one made and started, one beyond ``target`` stopped. ``save`` records
+    the list before each start (so that `mor down` finds a half-started node) and after.
+    Returns the nodes started."""
+    by_index: dict[int, RayNode] = {}
+    for node in nodes:
+        if node.index >= target:
+            print(f"[mor] stopping node {node.index}")
+            stop(lambda n=node: node_processes(n))
+        else:
+            by_index[node.index] = node
+    started = []
+    for i in range(1, target):
+        node = by_index.get(i)
+        if node is not None and node.alive():
+            continue
+        if node is not None:  # lost: its agents and workers may outlive the raylet
+            print(f"[mor] node {i} is not running: restarting it")
+            stop(lambda n=node: node_processes(n))
+        else:
+            node = make(i)
+        by_index[i] = node
+        save(sorted(by_index.values(), key=lambda n: n.index))
+        try:
+            start(node)
+        finally:
+            save(sorted(by_index.values(), key=lambda n: n.index))
+        started.append(node)
+    save(sorted(by_index.values(), key=lambda n: n.index))
+    return started
+
+
+def wait_registered(dashboard: str, nodes: list[RayNode], timeout: float) -> None:
+    """Until each of ``nodes`` is ALIVE in the head's node table; NodeStartError if one
+    exits or ``timeout`` passes."""
+    deadline = time.time() + timeout
+    while nodes:
+        try:
+            states = registered(dashboard)
+        except Exception:  # the dashboard is still starting
+            states = {}
+        waiting = [n for n in nodes if states.get(n.resource) != "ALIVE"]
+        if not waiting:
+            return
+        dead = [n for n in waiting if not n.alive()]
+        if dead or time.time() > deadline:
+            n = (dead or waiting)[0]
+            why = "exited" if dead else f"not registered with the head after {timeout}s"
+            raise NodeStartError(f"node {n.index} {why}; its log {n.log}:\n{tail(n.log)}")
+        time.sleep(1.0)
 
 
 def registered(dashboard: str) -> dict[str, str]:

@@ -6,7 +6,9 @@ Both run as background services bound to 127.0.0.1 and are recorded in ``STATE/s
 that every command uses (``core/endpoints.py`` turns it into Ray and MLflow addresses): the
 recorded processes are alive (pid and start time: a reused pid does not count) and both
 endpoints answer over HTTP. ``mor up|status`` add the deep check: an authenticated Ray job
-list, and the head's agent serving (jobs go through it).
+list, and the head's agent serving (jobs go through it). Extra Ray nodes on this machine
+(``mor up --nodes N``, ``core.nodes``) are recorded with it; a lost one leaves the stack up
+(commands still find the head) and is reported by ``check_nodes``, restarted by ``up``.
 
 Ownership: every process the stack starts carries ``MOR_STACK_ID=<uuid>`` in its environment
 (children inherit it, including Ray workers and Ray Job drivers, which Ray starts in sessions
@@ -37,7 +39,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError, model_validator
 
-from core.nodes import NODE_RESOURCE, NodeStartError, RayNode, new_node, registered, start_node
+from core.nodes import (
+    NODE_RESOURCE,
+    NodeStartError,
+    RayNode,
+    ensure_nodes,
+    new_node,
+    registered,
+    start_node,
+    wait_registered,
+)
 from core.procs import (
     adopt,
     console_script,
@@ -431,11 +442,6 @@ def up(
     return record, True
 
 
-def _node_processes(node: RayNode) -> list[Any]:
-    """What is left of one extra node: its session, its raylet, their descendants."""
-    return owned(node.session, None, None, node.pids.values())
-
-
 def _ensure_nodes(
     record: StackRecord,
     target: int,
@@ -443,57 +449,24 @@ def _ensure_nodes(
     timeout: float,
     env: dict[str, str] | None = None,
 ) -> None:
-    """Extra nodes 1..target-1 running and registered with the head: a lost one (its raylet
-    gone) is cleared and started again, one beyond ``target`` stopped."""
-    by_index: dict[int, RayNode] = {}
-    for node in record.nodes:
-        if node.index >= target:
-            print(f"[mor] stopping node {node.index}")
-            stop(lambda n=node: _node_processes(n))
-        else:
-            by_index[node.index] = node
-    started = []
-    for i in range(1, target):
-        node = by_index.get(i)
-        if node is not None and node.alive():
-            continue
-        if node is not None:  # lost: its agents and workers may outlive the raylet
-            print(f"[mor] node {i} is not running: restarting it")
-            stop(lambda n=node: _node_processes(n))
-        else:
-            node = new_node(record.id, i, cpus, Path(record.state_dir))
-        by_index[i] = node
-        record.nodes = sorted(by_index.values(), key=lambda n: n.index)
-        write_record(record)  # before it starts: `down` finds it
-        try:
-            start_node(node, record.ray.address, record.host, record.ray.loopback_only,
-                       env if env is not None else _stack_env(record))  # fmt: skip
-        except NodeStartError as exc:
-            raise StackError(str(exc)) from None
-        finally:
-            write_record(record)
-        started.append(node)
-    record.nodes = sorted(by_index.values(), key=lambda n: n.index)
-    write_record(record)
-    _wait_registered(record, started, timeout)
+    """Extra nodes 1..target-1 running and registered with the head (``core.nodes``)."""
+    ray = record.ray
 
+    def start(node: RayNode) -> None:
+        start_node(node, ray.address, record.host, ray.loopback_only, env or _stack_env(record))
 
-def _wait_registered(record: StackRecord, nodes: list[RayNode], timeout: float) -> None:
-    deadline = time.time() + timeout
-    while nodes:
-        try:
-            states = registered(record.ray.dashboard)
-        except Exception:  # the dashboard is still starting
-            states = {}
-        waiting = [n for n in nodes if states.get(n.resource) != "ALIVE"]
-        if not waiting:
-            return
-        dead = [n for n in waiting if not n.alive()]
-        if dead or time.time() > deadline:
-            n = (dead or waiting)[0]
-            why = "exited" if dead else f"not registered with the head after {timeout}s"
-            raise StackError(f"node {n.index} {why}; its log {n.log}:\n{tail(n.log)}")
-        time.sleep(1.0)
+    def save(nodes: list[RayNode]) -> None:
+        record.nodes = nodes
+        write_record(record)
+
+    def make(index: int) -> RayNode:
+        return new_node(record.id, index, cpus, Path(record.state_dir))
+
+    try:
+        started = ensure_nodes(record.nodes, target, make, start, save)
+        wait_registered(ray.dashboard, started, timeout)
+    except NodeStartError as exc:
+        raise StackError(str(exc)) from None
 
 
 def check_nodes(record: StackRecord, deep: bool = False) -> dict[str, ServiceHealth]:
