@@ -157,6 +157,7 @@ def _workers(dashboard: str) -> dict[str, tuple[str, str]]:
 
 
 def _new_workers(dashboard: str, before: dict[str, Any]) -> list[tuple[str, str]]:
+    """(node resource, node id) of the worker actors not in ``before``, sorted."""
     return sorted(v for k, v in _workers(dashboard).items() if k not in before)
 
 
@@ -201,7 +202,7 @@ def test_one_worker_per_node_and_a_lost_node(cluster: Cluster, driver: None, sto
         deadline = time.time() + 300
         while not _checkpointed(storage, name) and time.time() < deadline:
             time.sleep(0.2)
-        events["first"] = _new_workers(cluster.dashboard, before)
+        events["first"] = {k: v for k, v in _workers(cluster.dashboard).items() if k not in before}
         os.kill(raylet, signal.SIGKILL)
         events["killed"] = time.time()
         events["up"] = cluster.mor_up()
@@ -215,7 +216,8 @@ def test_one_worker_per_node_and_a_lost_node(cluster: Cluster, driver: None, sto
     killer.join(timeout=400)
     assert "killed" in events, "no checkpoint was written"
     # The first attempt: one worker per node (a node's mor_node_<i> resource names it).
-    assert [n for n, _ in events["first"]] == ["mor_node_0", "mor_node_1"]
+    first = sorted(events["first"].values())
+    assert [n for n, _ in first] == ["mor_node_0", "mor_node_1"]
     up = events["up"]
     assert up.returncode == 0 and "node 1 is not running: restarting it" in up.stdout, up.stdout
     client = MlflowClient(result.tracking_uri)
@@ -226,9 +228,10 @@ def test_one_worker_per_node_and_a_lost_node(cluster: Cluster, driver: None, sto
     steps = [m.step for m in client.get_metric_history(result.run_id, "train/loss")]
     assert steps == list(range(1, 13))  # no gaps, no repeats
     # The second attempt: one worker per node again, node 1's on the restarted raylet.
-    second = sorted(set(_new_workers(cluster.dashboard, before)) - set(events["first"]))
+    second = _new_workers(cluster.dashboard, {**before, **events["first"]})
     assert [n for n, _ in second] == ["mor_node_0", "mor_node_1"]
-    assert second[1][1] != events["first"][1][1]  # a new node id: the restarted node
+    assert second[0][1] == first[0][1]  # the head, as before
+    assert second[1][1] != first[1][1]  # a new node id: the restarted node 1
     print(f"[test] kill → node back: {events['restarted'] - events['killed']:.1f} s, "
           f"kill → run finished: {done - events['killed']:.1f} s")  # fmt: skip
 
