@@ -161,6 +161,20 @@ def _new_workers(dashboard: str, before: dict[str, Any]) -> list[tuple[str, str]
     return sorted(v for k, v in _workers(dashboard).items() if k not in before)
 
 
+def _listening(procs: list[Any]) -> set[tuple[int, str]]:
+    """(pid, address) of each listening TCP socket of ``procs``."""
+    import psutil
+
+    out = set()
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="tcp")
+        except psutil.Error:
+            continue
+        out |= {(p.pid, c.laddr.ip) for c in conns if c.status == psutil.CONN_LISTEN}
+    return out
+
+
 def _checkpointed(storage: str, name: str) -> bool:
     """Ray Train registered a checkpoint of the run (its snapshot names it)."""
     import pyarrow.fs as pafs
@@ -172,12 +186,18 @@ def _checkpointed(storage: str, name: str) -> bool:
 # ------------------------------------------------------------------ tests
 def test_status_lists_the_second_node(cluster: Cluster) -> None:
     """`mor status` shows node 1 healthy; both nodes are registered with the head."""
-    from core.nodes import registered
+    from core.nodes import node_processes, registered
+    from core.stack import owned_processes
 
     status = subprocess.run(["mor", "status"], env=cluster.env, capture_output=True, text=True)
     assert status.returncode == 0, status.stdout
     assert "node 1  healthy" in status.stdout and "mor_node_1, 1 CPU" in status.stdout
     assert registered(cluster.dashboard) == {"mor_node_0": "ALIVE", "mor_node_1": "ALIVE"}
+    # Node 1 is loopback-only like the head: no listening socket of the stack elsewhere.
+    node1 = {p.pid for p in node_processes(cluster.record().nodes[0])}
+    listening = _listening(owned_processes(cluster.record()))
+    assert {pid for pid, _ in listening} & node1  # node 1's raylet and agents listen...
+    assert {ip for _, ip in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}  # ...on loopback
 
 
 def test_strict_spread_needs_a_node_per_worker(driver: None) -> None:
