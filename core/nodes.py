@@ -4,9 +4,12 @@ Each extra node is a second (third, ...) raylet joined to the stack's head with 
 --address``, for rehearsing what a real cluster does (placement across nodes, a node lost
 mid-run and its return) before paying for one. What Ray 2.60 needs for it, found by trying:
 
-- Its own ``--temp-dir`` (short: Unix socket paths under it must stay under 108 bytes) and its
-  own ``--dashboard-agent-listen-port`` (Ray's fixed default, 52365, is the head's or another
-  cluster's). Every other port (raylet, object manager, agents' gRPC, workers) Ray picks free.
+- Its own ``--dashboard-agent-listen-port``: Ray's fixed default, 52365, may be taken (here
+  by another user's cluster; Ray's own ``cluster_utils`` frees it for extra nodes too). Every
+  other port (raylet, object manager, agents' gRPC, workers) Ray picks free.
+- Its own ``--temp-dir`` (Ray's ``cluster_utils`` shares the head's; a separate one keeps the
+  node's sessions, sockets and logs apart and `mor down` deletes it). Short: Unix socket
+  paths under it must stay under 108 bytes.
 - Node ``i`` carries the custom resource ``mor_node_<i>`` (the head ``mor_node_0``), so that
   work can be pinned to a node; all nodes have the address 127.0.0.1. A driver started on
   this machine attaches to the head (Ray prefers the head among nodes with its address).
