@@ -7,7 +7,9 @@ Builds synthetic corpora of 1×, 8×, 64× a base size by repeating the shared E
 (49,152 ids, as in the paper) on a local Ray cluster, measuring in the same run:
 
 - tokens/s of the whole stage, and peak RSS of the driver and of each Ray worker (sampled
-  every 0.2 s with psutil), and disk bytes per token of the shards;
+  every 0.2 s with psutil), and disk bytes per token of the shards; each measurement runs in a
+  fresh process (``--child``), so the driver's figure is the stage's alone, not what building
+  the corpora or another measurement left in this process's allocator;
 - at 1×, the same stage on a 1-CPU cluster (the 2-CPU/1-CPU throughput ratio), the raw
   ``Tokenizer.encode_batch`` rate on one core on the same text (the per-core ceiling), and
   ``datasets.map(batched=True, num_proc=2)`` on the same files.
@@ -22,6 +24,8 @@ import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -38,10 +42,13 @@ FILE_CHARS = 8 << 20  # one parquet file (one unit) of the synthetic corpus
 
 
 class PeakRSS:
-    """Peak resident memory of this process and of every Ray worker, sampled in a thread."""
+    """Peak resident memory of this process and of every Ray worker, sampled in a thread;
+    ``driver_uss``: the driver's own pages (RSS less what it shares, e.g. Ray's object store
+    and shared libraries)."""
 
     def __init__(self) -> None:
         self.driver = 0
+        self.driver_uss = 0
         self.workers: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -49,7 +56,9 @@ class PeakRSS:
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            self.driver = max(self.driver, me.memory_info().rss)
+            full = me.memory_full_info()
+            self.driver = max(self.driver, full.rss)
+            self.driver_uss = max(self.driver_uss, full.uss)
             for p in psutil.process_iter(["name", "cmdline"]):
                 try:
                     cmd = " ".join(p.info["cmdline"] or [])
@@ -120,6 +129,7 @@ def prepare(source: Path, out: Path, cpus: int) -> dict[str, Any]:
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "driver_peak_mb": rss.driver / 2**20,
+        "driver_uss_peak_mb": rss.driver_uss / 2**20,
         "worker_peak_mb": max(rss.workers.values(), default=0) / 2**20,
         "bytes_per_token": disk / tokens,
         "shards": len(data.shards["train"]) + len(data.shards["val"]),
@@ -169,9 +179,29 @@ def datasets_map(source: Path, work: Path) -> dict[str, Any]:
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "driver_peak_mb": rss.driver / 2**20,
+        "driver_uss_peak_mb": rss.driver_uss / 2**20,
         "worker_peak_mb": max(rss.workers.values(), default=0) / 2**20,
         "bytes_per_token": disk / tokens,
     }
+
+
+def in_child(kind: str, **kwargs: Any) -> dict[str, Any]:
+    """Run one measurement (``prepare`` or ``datasets_map``) in a fresh Python process."""
+    args = [sys.executable, "-m", "benchmarks.data_prep", "--child", kind, json.dumps(kwargs)]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(kind: str, kwargs: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process, as in the stage
+    a = json.loads(kwargs)
+    if kind == "prepare":
+        row = prepare(Path(a["source"]), Path(a["out"]), a["cpus"])
+    else:
+        row = datasets_map(Path(a["source"]), Path(a["work"]))
+    print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -181,27 +211,24 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/mor-data-bench"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--skip-datasets", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("KIND", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per process, as in the stage
+    if args.child:
+        return child(*args.child)
     docs = base_documents()
     rows: list[dict[str, Any]] = []
     for scale in [int(s) for s in args.scales.split(",")]:
         source = args.work / f"corpus-{scale}x"
         if not source.is_dir():
             build_corpus(source, scale * args.base_tokens * CHARS_PER_TOKEN, docs)
-        cpu_list = (2, 1) if scale == 1 else (2,)
-        for cpus in cpu_list:
-            row = prepare(source, args.work / f"out-{scale}x-{cpus}cpu", cpus)
+        for cpus in (2, 1) if scale == 1 else (2,):
+            out = str(args.work / f"out-{scale}x-{cpus}cpu")
+            row = in_child("prepare", source=str(source), out=out, cpus=cpus)
             rows.append({"scale": f"{scale}x", "method": f"mor data prepare, {cpus} CPU", **row})
             print(json.dumps(rows[-1]), flush=True)
         if scale == 1 and not args.skip_datasets:
-            rows.append(
-                {
-                    "scale": "1x",
-                    "method": "datasets.map num_proc=2",
-                    **datasets_map(source, args.work),
-                }
-            )
+            row = in_child("datasets_map", source=str(source), work=str(args.work))
+            rows.append({"scale": "1x", "method": "datasets.map num_proc=2", **row})
             print(json.dumps(rows[-1]), flush=True)
     raw = raw_encode_rate(docs * 4, 20e6)
     write(args.out, rows, raw)
@@ -215,6 +242,7 @@ def write(out: Path, rows: list[dict[str, Any]], raw: float) -> None:
         "speedup_2cpu_vs_1cpu": two[0]["tokens_per_s"] / one["tokens_per_s"] if one else None,
         "per_core_vs_raw": one["tokens_per_s"] / raw if one else None,
         "driver_peak_ratio_max_vs_1x": two[-1]["driver_peak_mb"] / two[0]["driver_peak_mb"],
+        "driver_uss_ratio_max_vs_1x": two[-1]["driver_uss_peak_mb"] / two[0]["driver_uss_peak_mb"],
         "worker_peak_ratio_max_vs_1x": two[-1]["worker_peak_mb"] / two[0]["worker_peak_mb"],
     }
     record = {
@@ -229,14 +257,15 @@ def write(out: Path, rows: list[dict[str, Any]], raw: float) -> None:
     lines = [
         f"Data preparation, {record['date']}, {record['machine']}; SmolLM2 tokenizer.",
         "",
-        "| scale | method | tokens | s | tokens/s | driver peak MB | worker peak MB "
+        "| scale | method | tokens | s | tokens/s | driver peak MB (RSS / own) | worker peak MB "
         "| bytes/token |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['scale']} | {r['method']} | {r['tokens']:,} | {r['seconds']:.0f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['driver_peak_mb']:.0f} | {r['worker_peak_mb']:.0f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['driver_peak_mb']:.0f} / "
+            f"{r['driver_uss_peak_mb']:.0f} | {r['worker_peak_mb']:.0f} | "
             f"{r['bytes_per_token']:.2f} |"
         )
     lines += ["", "Summary: " + "; ".join(f"{k} = {v:.3g}" for k, v in summary.items() if v), ""]

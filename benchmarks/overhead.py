@@ -168,7 +168,7 @@ def run(quick: bool = False, sweep: bool = True) -> BenchResult:
 
 def _sweep_rows(res: BenchResult, tmp: Path) -> None:
     from mor.overrides import validate
-    from sweeps.driver import run_sweep, sweep_dirs
+    from sweeps.driver import run_sweep, sweep_store
     from sweeps.spec import SweepSpec
 
     spec = validate(
@@ -198,8 +198,7 @@ def _sweep_rows(res: BenchResult, tmp: Path) -> None:
     t0 = time.perf_counter()
     out = run_sweep(spec)
     wall = time.perf_counter() - t0
-    tune_dir, _ = sweep_dirs(spec)
-    trial_times = _trial_times(tune_dir / spec.name)
+    trial_times = _trial_times(Path(sweep_store(spec).experiment))
     total = sum(trial_times)
     res.rows.append(
         {

@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate an exported model at every test-time depth (lm-eval), log to MLflow",
         description=__doc__,
     )
-    p.add_argument("model", help="an exported model folder (written by `mor train`)")
+    p.add_argument(
+        "model", help="an exported model folder (written by `mor train`), or its s3:// URI"
+    )
     p.add_argument(
         "--tasks",
         default="mor_heldout_bpb,mor_heldout_mc",

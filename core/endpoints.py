@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from core.stack import RAY_LOCAL_ONLY_ENV, StackRecord, healthy_stack, is_loopback
+from core.storage import is_uri
+from mor.overrides import ConfigError
 
 Target = Literal["ray", "jobs"]
 
@@ -117,6 +119,12 @@ def resolve_endpoints(
         foreign = target == "jobs" and jobs is not None
         if not (foreign and not _same_server(jobs, s.ray.dashboard)):
             uri = s.mlflow.url
+    if not uri and is_uri(storage_path):  # sqlite needs a local file, which other nodes lack
+        raise ConfigError(
+            f"tracking.uri: storage_path {storage_path} is an object store, and MLflow's default "
+            "store is a sqlite file beside a local storage path; give a tracking server "
+            "(tracking.uri, $MLFLOW_TRACKING_URI, or start the `mor up` stack)"
+        )
     if not uri:  # absolute: a submitted job runs in another working directory
         uri = f"sqlite:///{os.path.abspath(os.path.expanduser(storage_path))}/mlflow.db"
     if target == "ray" and _loopback_stack_gcs(ray, stack):

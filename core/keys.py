@@ -96,3 +96,13 @@ def eval_points(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
         if parsed is not None:
             out.setdefault(parsed[0], {})[parsed[1]] = value
     return out
+
+
+LOWER_IS_BETTER = ("nll", "bits_per_byte", "perplexity", "loss")
+"""Metric names (or their last part) where lower is better; everything else is accuracy-like."""
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (e.g. 'average', 'piqa/acc_norm', 'nll',
+    'mor_heldout_bpb/bits_per_byte', 'lambada_openai/perplexity') is better."""
+    return not metric.rsplit("/", 1)[-1].endswith(LOWER_IS_BETTER)

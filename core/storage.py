@@ -15,6 +15,7 @@ file itself, or a download into a cache folder), so readers can memory-map eithe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -22,13 +23,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["Location", "atomic_write", "is_uri"]
+__all__ = [
+    "Location",
+    "atomic_write",
+    "is_uri",
+    "local_cache_root",
+    "local_mirror",
+    "resolve_storage",
+]
 
 
 def is_uri(where: str | Path) -> bool:
     """``scheme://...`` other than ``file://``: a remote store."""
     text = str(where)
     return "://" in text and not text.startswith("file://")
+
+
+def resolve_storage(where: str | Path) -> str:
+    """A storage path as every process must see it: an absolute local path (a trial runs in its
+    own working directory), or an object-store URI unchanged (never through ``pathlib``)."""
+    return Location.parse(where).uri
+
+
+def local_cache_root() -> Path:
+    """This machine's cache folder (downloads, tokenizers, driver-only state of runs kept in
+    an object store): $MOR_CACHE_DIR, else ~/.cache/mor-platform."""
+    return Path(os.environ.get("MOR_CACHE_DIR") or "~/.cache/mor-platform").expanduser()
+
+
+def local_mirror(where: str | Path) -> Path:
+    """A local folder standing for ``where``: itself when local; for an object-store URI, a
+    folder under the cache named after it (``s3://b/p`` → ``<cache>/stores/s3/b/p``). For what
+    must live on this machine's disk whatever the storage is: writer locks, a driver's own
+    bookkeeping, downloads."""
+    loc = Location.parse(where)
+    if loc.is_local:
+        return Path(loc.path)
+    scheme = loc.uri.split("://", 1)[0]
+    return local_cache_root() / "stores" / scheme / loc.path.strip("/")
 
 
 @dataclass(frozen=True)
@@ -92,6 +124,9 @@ class Location:
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
 
+    def read_json(self) -> Any:
+        return json.loads(self.read_text())
+
     def local_copy(self, cache: Path) -> Path:
         """A local path holding this file: itself when local, else a download into
         ``cache`` (keyed by the URI; reused while the object's size is unchanged)."""
@@ -101,15 +136,34 @@ class Location:
         key = hashlib.blake2b(f"{self.uri}|{size}".encode(), digest_size=12).hexdigest()
         target = cache / f"{key}-{self.uri.rsplit('/', 1)[-1]}"
         if not target.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-
-            def download(f: BinaryIO) -> None:
-                with self.fs.open_input_stream(self.path) as src:
-                    while block := src.read(8 << 20):
-                        f.write(block)
-
-            atomic_write(target, download)
+            atomic_write(target, self._copy_into)
         return target
+
+    def local_folder(self, cache: Path | None = None) -> Path:
+        """A local folder holding this folder's files: itself when local, else a download into
+        ``cache`` (default: this location's ``local_mirror``), refreshed file by file when a
+        file's size changed. For an export read by an evaluation on any node."""
+        if self.is_local:
+            return Path(self.path)
+        import pyarrow.fs as pafs
+
+        target = cache or local_mirror(self.uri)
+        selector = pafs.FileSelector(self.path, recursive=True)
+        infos = [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+        if not infos:
+            raise FileNotFoundError(f"{self.uri}: no such folder, or it is empty")
+        for info in infos:
+            local = target / info.path[len(self.path) :].lstrip("/")
+            if local.is_file() and local.stat().st_size == info.size:
+                continue
+            src = Location(f"{self.uri}{info.path[len(self.path) :]}", self.fs, info.path)
+            atomic_write(local, src._copy_into)
+        return target
+
+    def _copy_into(self, f: BinaryIO) -> None:
+        with self.fs.open_input_stream(self.path) as src:
+            while block := src.read(8 << 20):
+                f.write(block)
 
     # ------------------------------------------------------------------ writing
 
@@ -127,8 +181,43 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
+    def write_json(self, data: Any) -> None:
+        self.write_text(json.dumps(data, indent=2, default=str))
+
     def make_dirs(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
+
+    def delete(self) -> None:
+        """Remove this file (nothing when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self.path).type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def delete_tree(self) -> None:
+        """Remove this folder and everything in it (nothing when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+
+    def copy_tree_from(self, src_fs: Any, src_path: str) -> None:
+        """Replace this folder with a copy of ``src_path`` on ``src_fs`` (e.g. a folder inside a
+        Ray checkpoint, local or remote). Files are written whole (uploads appear complete)."""
+        import pyarrow.fs as pafs
+
+        self.delete_tree()
+        self.make_dirs()
+        pafs.copy_files(
+            src_path, self.path, source_filesystem=src_fs, destination_filesystem=self.fs
+        )
+
+    def check_writable(self) -> None:
+        """Write and remove a small probe file: ``OSError`` when this folder cannot take one."""
+        probe = self.child(f".mor-write-check-{os.getpid()}")
+        self.make_dirs()
+        probe.write_bytes(b"\0" * 4096)
+        probe.delete()
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -7,14 +7,9 @@ import warnings
 
 import pandas as pd
 
-LOWER_IS_BETTER = ("nll", "bits_per_byte", "perplexity", "loss")
-"""Metric names (or their last part) where lower is better; everything else is accuracy-like."""
+from core.keys import higher_is_better
 
-
-def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of ``metric`` (e.g. 'average', 'piqa/acc_norm', 'nll',
-    'mor_heldout_bpb/bits_per_byte', 'lambada_openai/perplexity') is better."""
-    return not metric.rsplit("/", 1)[-1].endswith(LOWER_IS_BETTER)
+__all__ = ["VS_FRONT", "front_status", "higher_is_better", "pareto_front"]
 
 
 def pareto_front(

@@ -19,7 +19,6 @@ model is scored in float64 and a bf16 one does not lose the softmax's precision.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -276,8 +275,14 @@ def _dtype(name: str | None, device: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def export_path(model_ref: str) -> Path:
-    p = Path(model_ref)
-    if not (p / "config.json").is_file():
+def export_path(model_ref: str) -> str:
+    """An exported model: a folder, or an object-store URI of one (a run stored there)."""
+    from core.storage import Location
+
+    try:
+        found = Location.parse(model_ref).child("config.json").is_file()
+    except (OSError, ValueError) as exc:  # an unreachable store, a malformed URI
+        raise FileNotFoundError(f"{model_ref}: cannot be read: {exc}") from None
+    if not found:
         raise FileNotFoundError(f"{model_ref}: not an exported MoR model folder (no config.json)")
-    return p
+    return model_ref

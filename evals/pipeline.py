@@ -17,6 +17,7 @@ from core.endpoints import (
     resolve_tracking_uri,
     strip_credentials,
 )
+from core.storage import Location
 from evals.default_tasks import heldout_documents
 from evals.reporting import log_to_mlflow, write_artifacts
 from evals.runner import EvalReport, evaluate_model
@@ -65,12 +66,14 @@ def evaluate_export(
     """Evaluate an exported model at every depth and write its artifacts; (report, folder).
 
     The export's ``eos_id`` reaches the lm-eval backend; ``report.meta`` is the export's
-    metadata (its recorded MLflow run and tracking URI, used by ``log_eval``).
+    metadata (its recorded MLflow run and tracking URI, used by ``log_eval``). ``model_dir``
+    may be an object-store URI (a run whose storage is one): it is read through a local copy.
     """
     from tokenizers import Tokenizer
 
-    model, meta = load_pretrained(model_dir, device=device)
-    tok_path = tokenizer_file(model_dir)
+    local = Location.parse(model_dir).local_folder()
+    model, meta = load_pretrained(local, device=device)
+    tok_path = tokenizer_file(local)
     report = evaluate_model(
         model,
         tasks,
@@ -85,7 +88,7 @@ def evaluate_export(
         eos_id=meta.get("eos_id"),
     )
     report.model, report.meta = str(model_dir), meta
-    out = Path(out_dir) if out_dir else Path(model_dir).parent / "eval"
+    out = Path(out_dir) if out_dir else local.parent / "eval"
     sample = next((d for d in heldout_documents() if len(d) > 800), "")[:1500]
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path else None
     write_artifacts(report, out, model=model, tokenizer=tokenizer, sample_text=sample)
@@ -96,8 +99,8 @@ def eval_tracking_uri(report: EvalReport, explicit: str | None = None) -> str:
     """Where the eval run goes: the one resolution (``core.endpoints``), with the URI the
     export recorded ranking right after an explicit one, so the run lands beside its training
     run. Without any, the sqlite store of the export's storage root (STORAGE/runs/NAME/export)."""
-    export = Path(report.model).resolve()
-    storage = export.parents[2] if export.parent.parent.name == "runs" else Path("outputs")
+    export = Location.parse(report.model).uri.split("/")
+    storage = "/".join(export[:-3]) if export[-3:-2] == ["runs"] else "outputs"
     return resolve_tracking_uri(explicit, storage, recorded=report.meta.get("tracking_uri"))
 
 

@@ -37,6 +37,7 @@ from sweeps.spec import (
     trial_config,
     with_sampled,
 )
+from sweeps.store import SweepStore
 from trainers.data import prepare_data
 from trainers.launcher import ResourceError, check_resources
 from trainers.tracking import connect, find_or_create_run, flatten, mark_interrupted_run
@@ -69,13 +70,8 @@ def tracking_uri_for(spec: SweepSpec) -> str:
     return resolve_tracking_uri(spec.tracking.uri, spec.resolved_storage_path)
 
 
-def sweep_dirs(spec_or_storage: SweepSpec | str, name: str | None = None) -> tuple[Path, Path]:
-    """(Tune storage folder, this sweep's own state folder)."""
-    if isinstance(spec_or_storage, SweepSpec):
-        root, name = Path(spec_or_storage.resolved_storage_path), spec_or_storage.name
-    else:
-        root = Path(spec_or_storage).expanduser().resolve()
-    return root / "tune", root / "sweeps" / str(name)
+def sweep_store(spec: SweepSpec) -> SweepStore:
+    return SweepStore.of(spec.resolved_storage_path, spec.name)
 
 
 # The headline eval metrics a trial reports, per depth point and for its own operating point.
@@ -134,7 +130,7 @@ def _evaluate(
     """
     from evals.pipeline import run_eval
 
-    done = finished_eval(tracking_uri, result.run_id)
+    done = finished_eval(tracking_uri, result.run_id, spec.headline)
     if done is not None:
         return done
     report, eval_run_id, _ = run_eval(
@@ -147,20 +143,23 @@ def _evaluate(
         batch_size=spec.eval.batch_size,
         tracking_uri=tracking_uri,
         parent_run_id=result.run_id,
-        work_dir=Path(spec.resolved_storage_path) / "eval_tasks",
+        work_dir=sweep_store(spec).eval_work_dir,
     )
-    points = {
-        p.label: {"average": p.average, "flops_per_token": p.flops_per_token, "nll": p.nll}
-        for p in report.points
-    }
+    points = {}
+    for p in report.points:
+        values = {"average": p.average, "flops_per_token": p.flops_per_token, "nll": p.nll}
+        if "/" in spec.headline:  # TASK/METRIC: the sweep's ranking needs it per trial
+            task, metric = spec.headline.split("/", 1)
+            values[spec.headline] = p.metrics.get(task, {}).get(metric)
+        points[p.label] = values
     return eval_run_id, points
 
 
 def finished_eval(
-    tracking_uri: str, train_run_id: str
+    tracking_uri: str, train_run_id: str, headline: str = "average"
 ) -> tuple[str, dict[str, dict[str, float | None]]] | None:
     """(eval run id, {point: {key: value}}) of a finished evaluation, if any, in evaluation
-    order, with the keys a trial reports (``_TRIAL_EVAL_KEYS``)."""
+    order, with the keys a trial reports (``_TRIAL_EVAL_KEYS`` and the headline)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -172,7 +171,8 @@ def finished_eval(
         return None
     logged = eval_points(run.data.metrics)
     order = [p for p in run.data.params.get(PARAM_EVAL_POINTS, "").split(",") if p]
-    points = {p: {k: logged.get(p, {}).get(k) for k in _TRIAL_EVAL_KEYS} for p in order}
+    keys = (*_TRIAL_EVAL_KEYS, *([headline] if "/" in headline else []))
+    points = {p: {k: logged.get(p, {}).get(k) for k in keys} for p in order}
     return (eval_id, points) if points else None
 
 
@@ -227,7 +227,7 @@ def run_sweep(
     if isinstance(plan, SweepSpec):
         plan = plan_sweep(plan)
     started_ray = not ray.is_initialized()
-    _, state_dir = sweep_dirs(plan.spec)
+    state_dir = sweep_store(plan.spec).state_dir
     acquire(state_dir, f"sweep {plan.spec.name!r}")  # one driver per sweep name
     try:
         return _run_sweep(plan, resume, address)
@@ -246,18 +246,19 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         print(f"[mor] skipped invalid {msg}")
     uri = tracking_uri_for(spec)
     client, exp_id = connect(uri, spec.tracking.experiment)
-    tune_dir, state_dir = sweep_dirs(spec)
+    store = sweep_store(spec)
+    state_dir = store.state_dir
     parent_run_id, _ = find_or_create_run(
         client,
         exp_id,
         spec.name,
-        state_dir,
+        store.home,
         flatten(spec.model_dump(mode="json")),
         tags={TAG_KIND: KIND_SWEEP},
     )
     state_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (state_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
+        store.home.child(SPEC_FILE).write_text(spec.model_dump_json(indent=2))
     if not ray.is_initialized():  # the stack's head when it is up, with its token auth
         from core.endpoints import resolve_endpoints
 
@@ -283,15 +284,14 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         ),
         TRIAL_RESOURCES,
     )
-    experiment_path = tune_dir / spec.name
     if resume:
         for run_id in mark_interrupted(client, parent_run_id):
             print(f"[mor] marked interrupted run {run_id} as KILLED")
-        if not tune.Tuner.can_restore(str(experiment_path)):
-            raise ConfigError(f"name: no sweep {spec.name!r} to resume under {tune_dir}")
-        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+        if not tune.Tuner.can_restore(store.experiment):
+            raise ConfigError(f"name: no sweep {spec.name!r} to resume under {store.tune_storage}")
+        tuner = tune.Tuner.restore(store.experiment, trainable=trainable, resume_errored=True)
     else:
-        tuner = _new_tuner(plan, trainable, tune_dir, state_dir, (uri, parent_run_id))
+        tuner = _new_tuner(plan, trainable, store, (uri, parent_run_id))
     grid = tuner.fit()
     return summarise(spec, grid, client, parent_run_id, uri, state_dir)
 
@@ -310,7 +310,7 @@ def prepare_sweep_data(plan: SweepPlan) -> None:
 
 
 def _new_tuner(
-    plan: SweepPlan, trainable: Any, tune_dir: Path, state_dir: Path, tracking: tuple[str, str]
+    plan: SweepPlan, trainable: Any, store: SweepStore, tracking: tuple[str, str]
 ) -> Any:
     """A fresh Tuner: the spec's searcher, its ASHA scheduler on cumulative training FLOPs (if
     any) and its concurrency. The searcher and the scheduler carry their own metrics (the
@@ -319,7 +319,7 @@ def _new_tuner(
 
     from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE, PlacementGroupJanitor
 
-    spec = plan.spec
+    spec, state_dir = plan.spec, store.state_dir
     for stale in (SKIPPED_FILE, STOPPED_FILE, RUNGS_FILE):  # a new search starts clean
         (state_dir / stale).unlink(missing_ok=True)
     concurrent = max_concurrent_trials(spec)
@@ -347,7 +347,7 @@ def _new_tuner(
             max_concurrent_trials=concurrent,
         ),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(tune_dir), callbacks=[PlacementGroupJanitor()]
+            name=spec.name, storage_path=store.tune_storage, callbacks=[PlacementGroupJanitor()]
         ),
     )
 
@@ -420,6 +420,7 @@ def summarise(
     except Exception as exc:  # a report problem must not lose the sweep's results
         print(f"[mor] report not built: {exc}")
     mark_interrupted(client, parent_run_id)  # e.g. an evaluation cut short by a failed trial
+    sweep_store(spec).publish([csv, state_dir / "summary.json", *artifacts])
     client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
     return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors, artifacts, outcome)
 
@@ -500,9 +501,11 @@ def search_outcome(
 
 
 def load_saved_spec(name: str, storage_path: str = "outputs") -> SweepSpec:
-    """The spec a sweep was started with (for `mor sweep resume NAME`)."""
-    _, state_dir = sweep_dirs(storage_path, name)
-    path = state_dir / SPEC_FILE
+    """The spec a sweep was started with (for `mor sweep resume NAME`), from its record in
+    the storage path (a folder or an object-store URI)."""
+    home = SweepStore.of(storage_path, name).home
+    path = home.child(SPEC_FILE)
     if not path.is_file():
-        raise ConfigError(f"name: no sweep {name!r} under {state_dir.parent} (no {SPEC_FILE})")
+        where = home.uri.rsplit("/", 1)[0]
+        raise ConfigError(f"name: no sweep {name!r} under {where} (no {SPEC_FILE})")
     return SweepSpec.model_validate_json(path.read_text())

@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.keys import TAG_LABEL, TAG_REPLICATE_OF, TAG_SEED, eval_key
+from core.keys import TAG_LABEL, TAG_REPLICATE_OF, TAG_SEED, eval_key, higher_is_better
 from core.names import check_name
+from core.storage import resolve_storage
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
 from sweeps.space import asha_milestones, draw_order, sample_defaults
 from trainers.config import PlacementStrategy, TrainConfig
@@ -201,9 +202,11 @@ class SweepSpec(BaseModel):
     tasks), 'nll' (held-out NLL) or TASK/METRIC, e.g. 'mor_heldout_bpb/bits_per_byte'. NLL,
     bits per byte and perplexity count lower as better. Accuracy stays a second panel."""
     metric: str = eval_key("average")
-    """What the searcher optimises."""
+    """What the searcher optimises and the sweep's best trial is chosen by; default: the
+    headline (``eval/<headline>``), with ``mode`` from it (NLL, bits per byte: min)."""
     mode: Literal["min", "max"] = "max"
-    """Whether the metric is better high or low."""
+    """Whether the metric is better high or low (default: from the headline, when ``metric``
+    is not given)."""
     scheduler: SchedulerSpec | None = None
     """Optional early stopping (ASHA on cumulative FLOPs)."""
     resources: Resources = Field(default_factory=Resources)
@@ -213,7 +216,9 @@ class SweepSpec(BaseModel):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     """MLflow location."""
     storage_path: str = "outputs"
-    """Folder for Tune/Train state, checkpoints, exports and the local MLflow store."""
+    """Folder or object-store URI (``s3://bucket/prefix``) for Tune/Train state, checkpoints,
+    exports, prepared data (on a URI) and the sweep's summary and report; a folder also holds
+    the default local MLflow store (a URI needs a tracking server: ``tracking.uri``)."""
     skip_invalid: bool = False
     """Drop grid points whose config is invalid (listed in the log) instead of failing."""
     max_total_flops: float | None = Field(None, gt=0, allow_inf_nan=False)
@@ -241,6 +246,17 @@ class SweepSpec(BaseModel):
         if v not in ("average", "nll") and not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
             raise ValueError(f"use 'average', 'nll' or TASK/METRIC (got {v!r})")
         return v
+
+    @model_validator(mode="after")
+    def _metric_from_headline(self) -> SweepSpec:
+        """One ranking per sweep: the best trial is the headline's best unless the spec
+        names another metric (a searcher may optimise ``val/loss`` while reports rank by
+        bits per byte)."""
+        if "metric" not in self.model_fields_set:
+            self.metric = eval_key(self.headline)
+            if "mode" not in self.model_fields_set:
+                self.mode = "max" if higher_is_better(self.headline) else "min"
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -289,7 +305,8 @@ class SweepSpec(BaseModel):
 
     @property
     def resolved_storage_path(self) -> str:
-        return str(Path(self.storage_path).expanduser().resolve())
+        """Absolute local path (against this process's working directory), or the URI."""
+        return resolve_storage(self.storage_path)
 
 
 def trial_count(spec: SweepSpec) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -146,3 +147,41 @@ def s3() -> str:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --------------------------------------------------------------------------- tracking server
+def start_mlflow(port: int, root: Path, artifacts: str | None = None) -> subprocess.Popen:
+    """A real MLflow server on 127.0.0.1:``port`` with its store under ``root``; artifacts in
+    ``root/art``, or served by the server from ``artifacts`` (e.g. an s3:// URI)."""
+    import urllib.request
+
+    where = (
+        ["--serve-artifacts", "--artifacts-destination", artifacts]
+        if artifacts
+        else ["--default-artifact-root", str(root / "art")]
+    )
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", *where,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 240  # creating the store's tables takes a while on a busy machine
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return proc
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                stop(proc)
+                raise RuntimeError("the MLflow server did not start") from None
+            time.sleep(0.3)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a server started in its own session, and its workers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 9)
+    proc.wait()

@@ -23,9 +23,11 @@ import pytest
 from mlflow import MlflowClient
 
 from core.keys import TAG_RESUMED_FROM_STEP
-from trainers.checkpointing import RAY_SUBDIR, SNAPSHOT
+from core.storage import Location
+from trainers.checkpointing import SNAPSHOT
 from trainers.config import load_train_config
 from trainers.launcher import ResourceError, check_resources, run_training
+from trainers.run_store import RAY_SUBDIR
 
 pytestmark = pytest.mark.slow
 
@@ -177,10 +179,7 @@ def _listening(procs: list[Any]) -> set[tuple[int, str]]:
 
 def _checkpointed(storage: str, name: str) -> bool:
     """Ray Train registered a checkpoint of the run (its snapshot names it)."""
-    import pyarrow.fs as pafs
-
-    fs, root = pafs.FileSystem.from_uri(f"{storage}/{RAY_SUBDIR}/{name}/{SNAPSHOT}")
-    return fs.get_file_info(root).type == pafs.FileType.File
+    return Location.parse(storage).child(RAY_SUBDIR, name, SNAPSHOT).is_file()
 
 
 # ------------------------------------------------------------------ tests

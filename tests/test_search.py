@@ -11,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
-from conftest import TINY_BASE
+from conftest import TINY_BASE, _free_port, start_mlflow, stop
 from mlflow import MlflowClient
 from test_sweeps import _kill_tagged, spec_dict
 
 from cli.main import main as mor_main
+from core.storage import Location, local_mirror
 from mor.overrides import validate
 from sweeps.driver import run_sweep
 from sweeps.spec import SweepSpec
@@ -131,10 +133,10 @@ def _first_finished_training(client: MlflowClient, proc: subprocess.Popen, log: 
             return done[0].info.run_id
 
 
-def _validated_at_milestones(trial_dir: Path, milestones: list[float]) -> int:
+def _validated_at_milestones(trial_dir: Location, milestones: list[float]) -> int:
     """Tune got a validation loss at the first step past every rung the trial reached (a trial
     restarted by the resume reports from where it was: its earlier rungs are not checked)."""
-    results = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines()]
+    results = [json.loads(x) for x in trial_dir.child("result.json").read_text().splitlines()]
     results = [r for r in results if "flops" in r and "step" in r]
     per_step = results[-1]["flops"] / results[-1]["step"]
     checked = 0
@@ -142,18 +144,35 @@ def _validated_at_milestones(trial_dir: Path, milestones: list[float]) -> int:
         if results[-1]["flops"] < m or results[0]["flops"] - per_step * 1.01 >= m:
             continue
         at = [r for r in results if m <= r["flops"] < m + per_step * 1.01]
-        assert at and "val/loss" in at[0], (trial_dir.name, m, at[:1])
+        assert at and "val/loss" in at[0], (trial_dir.uri, m, at[:1])
         checked += 1
     return checked
 
 
-def test_optuna_asha_sweep_resumes_after_driver_sigkill(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+def test_optuna_asha_sweep_on_s3_resumes_after_driver_sigkill(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, s3: str
 ) -> None:
     """Optuna (TPE) + ASHA on FLOPs, driver SIGKILLed after the first trial: `mor sweep resume`
     continues the same search (the proposal count goes on, the finished trial is neither
     re-proposed nor retrained, 3 trials in all); ASHA's rungs are FLOPs milestones where
-    every trial reports a validation loss; a stopped trial is a tagged, partial point."""
+    every trial reports a validation loss; a stopped trial is a tagged, partial point.
+
+    Everything the sweep persists is in an S3 bucket (moto's server): Tune's experiment, the
+    trials' checkpoints and exports, prepared data, the sweep's record, summary and report; the
+    MLflow server stores its artifacts there too. The finished trials are evaluated from there."""
+    store = f"{s3}/opt-store"
+    monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "cache"))  # this machine's own files
+    mlflow_port = _free_port()
+    server = start_mlflow(mlflow_port, tmp_path, artifacts=f"{s3}/mlflow")
+    try:
+        _optuna_asha_on_s3(tmp_path, capsys, store, f"http://127.0.0.1:{mlflow_port}", s3)
+    finally:
+        stop(server)
+
+
+def _optuna_asha_on_s3(
+    tmp_path: Path, capsys: pytest.CaptureFixture, store: str, uri: str, s3: str
+) -> None:
     data = search_spec(
         tmp_path,
         "opt",
@@ -164,7 +183,9 @@ def test_optuna_asha_sweep_resumes_after_driver_sigkill(
         metric="val/loss",
         mode="min",
         resources={"max_concurrent": 1},
-        eval={"enabled": False},
+        eval={"limit": 4, "tasks": ["mor_heldout_mc"]},
+        storage_path=store,
+        tracking={"experiment": "sweeps-test", "uri": uri},
     )
     data["space"] = {
         **SEARCH_SPACE,
@@ -185,7 +206,7 @@ def test_optuna_asha_sweep_resumes_after_driver_sigkill(
         cwd=tmp_path,
         env=env,
     )
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(uri)
     try:
         first = _first_finished_training(client, proc, log)
     finally:
@@ -194,12 +215,13 @@ def test_optuna_asha_sweep_resumes_after_driver_sigkill(
         _kill_tagged(tag)  # the driver's own local Ray, and nothing else
     assert "search (optuna): trial 1/3 proposed" in log.read_text()
     steps_before = len(client.get_metric_history(first, "train/loss"))
-    assert mor_main(["sweep", "resume", "opt", "--storage-path", str(tmp_path)]) == 0
+    assert mor_main(["sweep", "resume", "opt", "--storage-path", store]) == 0
     after = capsys.readouterr().out
     # The search went on where its last saved state was: no new first proposal, 3 in all.
     assert "trial 1/3 proposed" not in after and "trial 3/3 proposed" in after
-    state = tmp_path / "sweeps" / "opt"
-    outcome = json.loads((state / "summary.json").read_text())
+    state = local_mirror(store) / "sweeps" / "opt"  # the driver's own bookkeeping
+    home = Location.parse(store).child("sweeps", "opt")  # what the sweep published
+    outcome = home.child("summary.json").read_json()
     parent = client.search_runs([client.get_experiment_by_name("sweeps-test").experiment_id],
                                 "tags.`mor.kind` = 'sweep'")  # fmt: skip
     trains = _check_draws(client.tracking_uri, parent[0].info.run_id, state)
@@ -213,13 +235,16 @@ def test_optuna_asha_sweep_resumes_after_driver_sigkill(
     exp_id = client.get_experiment_by_name("sweeps-test").experiment_id
     assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")  # none left
     milestones = [2.5e8, 5e8]
-    trial_dirs = list((tmp_path / "tune" / "opt").glob("trial_fn_*"))
+    experiment = Location.parse(store).child("tune", "opt")
+    trial_dirs = [experiment.child(n) for n in experiment.names() if n.startswith("trial_fn_")]
     assert sum(_validated_at_milestones(d, milestones) for d in trial_dirs) >= 2
     rungs = json.loads((state / "asha_rungs.json").read_text())  # [[FLOPs, {trial: -loss}]]
     assert set(milestones) <= {m for m, recorded in rungs if recorded}
     stopped = [t for t in trains if "mor.stopped_early" in t.data.tags]
     assert len(stopped) == len(outcome["stopped_early"]) >= 1
-    results_md = (state / "report" / "results.md").read_text()
+    results_md = home.child("report", "results.md").read_text()
+    _check_stored_on_s3(client, trains, stopped, store, s3)
+    assert not any((tmp_path / d).exists() for d in ("tune", "runs", "sweeps", "outputs"))
     for t in trains:
         if t in stopped:
             assert t.info.status == "KILLED"
@@ -231,3 +256,22 @@ def test_optuna_asha_sweep_resumes_after_driver_sigkill(
     assert outcome["best"]["value"] == min(
         t.data.metrics["val/loss"] for t in trains if t not in stopped
     )
+
+
+def _check_stored_on_s3(
+    client: MlflowClient, trains: list, stopped: list, store: str, s3: str
+) -> None:
+    """Each finished trial was evaluated from its export in the bucket, and MLflow's artifacts
+    (exports, evaluations, the sweep's summary and report) are objects in the bucket too."""
+    finished = [t for t in trains if t not in stopped]
+    for t in finished:
+        name = t.data.params["name"]
+        assert Location.parse(store).child("runs", name, "export", "config.json").is_file()
+        assert t.data.tags["mor.export_dir"] == f"{store}/runs/{name}/export"
+        assert client.get_run(t.data.tags["mor.eval_run_id"]).info.status == "FINISHED"
+    mlflow_root = Location.parse(f"{s3}/mlflow")
+    selector = pafs.FileSelector(mlflow_root.path, recursive=True)
+    objects = [i.path for i in mlflow_root.fs.get_file_info(selector)]
+    assert sum(p.endswith("/model/config.json") for p in objects) == len(finished)
+    assert any(p.endswith("/summary.csv") for p in objects)
+    assert any(p.endswith("/results.md") for p in objects)

@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from core.storage import Location
+from core.storage import Location, local_mirror
+from mor.overrides import ConfigError
 from trainers.data import DataConfig, prepare_data
 from trainers.windows import TokenWindows, _shard_cache
 
@@ -55,3 +57,49 @@ def test_prepare_to_s3_and_read_back(s3: str, tmp_path: Path) -> None:
     kept = list((_shard_cache() / "train-rank1").glob("*.npy"))
     assert 0 < len(kept) <= 4
     assert np.load(kept[0]).dtype == np.uint16
+
+
+def test_folders_copy_and_download(s3: str, tmp_path: Path, monkeypatch) -> None:
+    """An export-like folder copied into the bucket (as the driver copies the final
+    checkpoint's export), then read back on 'another node' through its local mirror."""
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "ckpt" / "export"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "model.pt").write_bytes(os.urandom(3 << 20))
+    dest = Location.parse(f"{s3}/store/runs/r/export")
+    dest.child("stale.txt").write_text("from an earlier attempt")
+    dest.copy_tree_from(pafs.LocalFileSystem(), str(src))
+    assert dest.names() == ["config.json", "sub"]  # replaced, not merged
+    local = dest.local_folder()
+    assert local == local_mirror(dest.uri) and str(local).startswith(str(tmp_path / "cache"))
+    assert (local / "sub" / "model.pt").read_bytes() == (src / "sub" / "model.pt").read_bytes()
+    assert Location.parse(src).local_folder() == src  # a local folder is its own copy
+    with pytest.raises(FileNotFoundError):
+        Location.parse(f"{s3}/store/nothing").local_folder()
+
+
+def test_storage_uri_errors_are_clear_before_anything_runs(s3: str, tmp_path: Path) -> None:
+    """A bucket that does not exist, and a URI storage without a tracking server: config errors
+    naming the field, in seconds, with no MLflow run created and no Ray started."""
+    import ray
+
+    from trainers.config import load_train_config
+    from trainers.launcher import plan_run
+
+    base = [
+        "data.source=default", "data.max_documents=200", "model.preset=micro",
+        f"data.cache_dir={tmp_path / 'cache'}", "budget.steps=1",
+    ]  # fmt: skip
+    cfg = load_train_config(None, [*base, "storage_path=s3://no-such-bucket/x"])
+    with pytest.raises(ConfigError, match=r"storage_path: s3://no-such-bucket/x is not writable"):
+        plan_run(cfg)
+    cfg = load_train_config(None, [*base, f"storage_path={s3}/runs-here"])
+    assert cfg.storage_path == f"{s3}/runs-here"
+    with pytest.raises(ConfigError, match=r"tracking\.uri: storage_path .* is an object store"):
+        plan_run(cfg)
+    relative = load_train_config(None, [*base, "storage_path=outputs"])
+    assert relative.storage_path == os.path.abspath("outputs")  # every process sees one path
+    assert not ray.is_initialized()

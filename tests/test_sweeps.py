@@ -166,6 +166,11 @@ def test_seeds_replicate_every_point_and_tag_their_group(tmp_path: Path) -> None
         validate(SweepSpec, spec_dict(tmp_path, "h", headline="bits per byte"))
     quick = load_spec_file(ROOT / "sweeps" / "configs" / "quickstart.yaml")
     assert quick.headline == "mor_heldout_bpb/bits_per_byte"
+    # The best trial is the headline's best: bits per byte, lower is better.
+    assert (quick.metric, quick.mode) == ("eval/mor_heldout_bpb/bits_per_byte", "min")
+    assert SweepSpec.model_validate(quick.model_dump()).metric == quick.metric  # round trip
+    own = validate(SweepSpec, spec_dict(tmp_path, "o", headline="nll", metric="val/loss"))
+    assert (own.metric, own.mode) == ("val/loss", "max")  # a named metric wins (mode too)
 
 
 def test_inference_rule_is_a_search_axis() -> None:

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 from pydantic import ValidationError
 
 from cli.main import main as mor_main
+from core.storage import Location
 from mor.checkpoint import load_pretrained
 from mor.config import build_config
 from mor.flops import steps_for_budget
@@ -27,6 +28,7 @@ from trainers.faults import FaultInjector
 from trainers.launcher import TrainingError, plan_run, run_training
 from trainers.plan import TrainPlan
 from trainers.step_metrics import MicroBatchTotals, Progress, StepMeter, peak_flops
+from trainers.tracking import RUN_ID_FILE
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SHAKESPEARE = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
@@ -234,7 +236,8 @@ def test_budget_becomes_steps(workdir: Path) -> None:
 def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path, s3: str) -> None:
     # The corpus as a folder of parquet files (documents in rows, several row groups), put
     # through the Ray Data stage into an S3 bucket; the workers stream their shards and the
-    # tokenizer from there: no disk is shared between the driver and the workers' data.
+    # tokenizer from there, and the run's storage is the bucket too (Ray Train's checkpoints,
+    # the run's record, the export): no disk is shared between the driver and the workers.
     parquet = shakespeare_parquet(workdir / "parquet", files=3)
     data = DataConfig(source=str(parquet), tokenizer=str(SMOLLM), seq_len=64)
     prepared = prepare_data(data, out=f"{s3}/shakespeare")
@@ -250,9 +253,19 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path, s3
             "checkpoint.every_steps=6",
             "eval.every_steps=6",
             "eval.batches=2",
+            f"storage_path={s3}/store",
+            f"tracking.uri=sqlite:///{workdir}/mlflow.db",
         ),
     )
     result = run_training(cfg)
+    store = Location.parse(f"{s3}/store")
+    assert result.export_dir == f"{s3}/store/runs/two-workers/export"
+    assert {"config.json", "model.pt", "tokenizer.json"} <= set(
+        Location.parse(result.export_dir).names()
+    )
+    assert any(n.startswith("checkpoint_") for n in store.child("ray", "two-workers").names())
+    assert store.child("runs", "two-workers", RUN_ID_FILE).read_json()["run_id"] == result.run_id
+    assert not (workdir / "ray").exists() and not (workdir / "runs").exists()  # nothing local
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -264,7 +277,8 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path, s3
     assert all(b > a for a, b in itertools.pairwise(flops))
     assert {m.step for m in client.get_metric_history(result.run_id, "val/loss")} == {6, 12}
     # The router metrics the loop logged are exactly RoutingStats.to_metrics's keys.
-    model, _ = load_pretrained(result.export_dir)
+    export = Location.parse(result.export_dir).local_folder()  # a download of the export
+    model, _ = load_pretrained(export)
     x = torch.randint(0, 100, (2, 64))
     expected = model.train()(x, labels=x).stats.to_metrics()
     assert {k for k in run.data.metrics if k.startswith("router/")} == expected.keys()
@@ -285,7 +299,7 @@ import json, sys, torch
 from mor.checkpoint import load_pretrained
 from trainers.windows import TokenWindows
 from trainers.components import validation_metrics
-model, meta = load_pretrained({str(result.export_dir)!r})
+model, meta = load_pretrained({str(export)!r})
 path = sys.argv[1]  # an s3:// URI: never a Path
 losses = [validation_metrics(model, TokenWindows(path, "val", 64, r, 2), 4, 2, torch.device("cpu"))
           ["val/loss"] for r in range(2)]

@@ -43,19 +43,12 @@ from trainers.step_metrics import Progress, all_mean
 from trainers.writer_lock import pid_alive
 
 MANIFEST_PREFIX = "mor_manifest_rank"
-RAY_SUBDIR = "ray"  # Ray Train's storage under the storage path: <storage>/ray/<run name>/
 TMP_PREFIX = "mor-ckpt-"  # <tmp>/mor-ckpt-<pid>-*: a rank's checkpoint before Ray copies it
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 
 
 class CheckpointIntegrityError(RuntimeError):
     """A checkpoint does not match the manifest the platform wrote with it."""
-
-
-def ray_run_dir(cfg: TrainConfig) -> Path | None:
-    """This run's folder of Ray Train checkpoints; None on remote (URI) storage."""
-    root = cfg.resolved_storage_path
-    return None if "://" in root else Path(root) / RAY_SUBDIR / cfg.name
 
 
 class Checkpointer:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from core.storage import Location
 from mor.analysis import RoutingDrift, drift_from_depths
 from mor.config import MoRConfig
 from mor.model import MoRModel
@@ -98,7 +98,7 @@ class Worker:
     device: torch.device
 
     @classmethod
-    def start(cls, cfg: TrainConfig, use_gpu: bool, state_dir: Path) -> Worker:
+    def start(cls, cfg: TrainConfig, use_gpu: bool, home: Location) -> Worker:
         """Claim the device and threads; record the pid (operators and the fault tests signal
         a worker by rank)."""
         import ray.train
@@ -109,8 +109,7 @@ class Worker:
         if torch.cuda.is_available() and use_gpu:
             device = torch.device("cuda", ctx.get_local_rank())
             torch.cuda.set_device(device)
-        state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / f"worker_rank{ctx.get_world_rank()}.pid").write_text(str(os.getpid()))
+        home.child(f"worker_rank{ctx.get_world_rank()}.pid").write_text(str(os.getpid()))
         return cls(ctx.get_world_rank(), ctx.get_world_size(), device)
 
     def device_name(self) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.names import check_name
+from core.storage import is_uri, resolve_storage
 from mor.config import MoRConfig, build_config
 from mor.flops import training_flops_per_token
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
@@ -204,7 +205,11 @@ class TrainConfig(BaseModel):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow tracking."""
     storage_path: str = "outputs"
-    """Folder (or URI) for Ray run state, checkpoints and exports."""
+    """Where the run persists everything: Ray Train state and checkpoints, the export, the
+    run's record; a folder (shared by all nodes on a cluster) or an object-store URI
+    (``s3://bucket/prefix``, ``gs://...``; credentials from the environment or instance role,
+    ``AWS_ENDPOINT_URL`` for S3-compatible stores). With a URI, prepared data defaults to
+    ``<storage_path>/data`` and no node's local disk is assumed visible to another."""
     seed: int = 0
     """Seed for initialisation and data order."""
     log_every_steps: int = Field(1, ge=1)
@@ -228,6 +233,19 @@ class TrainConfig(BaseModel):
         v = {"preset": DEFAULT_PRESET, **v}
         mor_config_from(v)  # raises ConfigError naming model.<field>
         return v
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        return resolve_storage(v)
+
+    @model_validator(mode="after")
+    def _data_beside_remote_storage(self) -> TrainConfig:
+        """On object storage, prepared data goes to the same store (workers on any node read
+        it); a local cache would be the driver's disk only."""
+        if is_uri(self.storage_path) and self.data.cache_dir is None:
+            self.data = self.data.model_copy(update={"cache_dir": f"{self.storage_path}/data"})
+        return self
 
     @model_validator(mode="after")
     def _budget_pays_for_a_step(self) -> TrainConfig:
@@ -279,9 +297,8 @@ class TrainConfig(BaseModel):
 
     @property
     def resolved_storage_path(self) -> str:
-        if "://" in self.storage_path:
-            return self.storage_path
-        return str(Path(self.storage_path).expanduser().resolve())
+        """The storage path as every process sees it (validated: absolute, or a URI)."""
+        return self.storage_path
 
 
 def mor_config_from(section: dict[str, Any]) -> MoRConfig:

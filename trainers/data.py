@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 from tokenizers import Tokenizer
 
-from core.storage import Location
+from core.storage import Location, is_uri, local_cache_root
 from mor.corpus import _is_val, default_corpus_documents, split_documents
 from mor.overrides import ConfigError
 from trainers.sources import (
@@ -93,8 +92,10 @@ class DataConfig(BaseModel):
     """Fraction of documents held out for validation, chosen by a hash of the document text
     (deterministic, and identical documents always land in the same split)."""
     cache_dir: str | None = None
-    """Where tokenizers and prepared shards are cached; default $MOR_CACHE_DIR, else
-    ~/.cache/mor-platform."""
+    """Where prepared shards are cached: a folder or an object-store URI (``s3://...``); default
+    ``<storage_path>/data`` when the run's storage is an object store, else $MOR_CACHE_DIR, else
+    ~/.cache/mor-platform. Trained tokenizers are cached on this machine (beside local shards,
+    in $MOR_CACHE_DIR or ~/.cache/mor-platform for remote ones)."""
     max_documents: int | None = None
     """Keep only the first N documents (before the split), for quick runs; read in order by
     one task."""
@@ -234,8 +235,15 @@ class PreparedMix:
 
 
 def _cache_root(cfg: DataConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("MOR_CACHE_DIR") or "~/.cache/mor-platform"
-    return Path(root).expanduser()
+    """This machine's cache of tokenizers (and of shards when ``cache_dir`` is local)."""
+    if cfg.cache_dir and not is_uri(cfg.cache_dir):
+        return Path(cfg.cache_dir).expanduser()
+    return local_cache_root()
+
+
+def _data_root(cfg: DataConfig) -> Location:
+    """Where prepared folders are cached: ``cache_dir`` (a folder or a URI), else locally."""
+    return Location.parse(cfg.cache_dir) if cfg.cache_dir else Location.parse(_cache_root(cfg))
 
 
 def _source_fingerprint(cfg: DataConfig) -> str:
@@ -360,7 +368,7 @@ def prepare_data(
     else:
         tok, tok_path = build_tokenizer(cfg)
         key = cache_key(_corpus_key(cfg), file_sha256(tok_path), cfg.shard_tokens)
-        folder = Location.parse(out if out else _cache_root(cfg) / "data" / key)
+        folder = Location.parse(out) if out else _data_root(cfg).child("data", key)
         if _manifest_key(folder) == key:
             data = PreparedData.load(folder)
         else:

@@ -9,10 +9,9 @@ default) every hook is a no-op and the loop behaves exactly as without it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from core.storage import Location
 from trainers.config import FaultInjection
 
 
@@ -20,8 +19,8 @@ class FaultInjector:
     """The loop calls ``before_step`` at the start of each optimizer step and ``on_loss`` on each
     micro-batch's loss before the backward pass."""
 
-    def __init__(self, cfg: FaultInjection, state_dir: Path, rank: int) -> None:
-        self.cfg, self.state_dir, self.rank = cfg, state_dir, rank
+    def __init__(self, cfg: FaultInjection, home: Location, rank: int) -> None:
+        self.cfg, self.home, self.rank = cfg, home, rank
 
     def before_step(self, step: int) -> None:
         """``fail_at_step``: rank 0 raises before the step runs, once per run (a marker file in
@@ -29,7 +28,7 @@ class FaultInjector:
         fail = self.cfg.fail_at_step
         if fail != step or self.rank != 0:
             return
-        marker = self.state_dir / f"fault_injected_step{fail}"
+        marker = self.home.child(f"fault_injected_step{fail}")
         if marker.exists():
             return
         marker.write_text("injected")

@@ -6,7 +6,6 @@ cached here, once), the model/tokenizer vocabulary, the budget, and that MLflow 
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,13 +21,15 @@ from core.keys import (
     TAG_ROUTER,
     TAG_SHARING,
 )
+from core.storage import Location
 from mor.flops import steps_for_budget, training_flops_per_token
 from mor.overrides import ConfigError
-from trainers.checkpointing import RAY_SUBDIR, ray_run_dir, tidy_run_dir
+from trainers.checkpointing import tidy_run_dir
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import prepare_data
 from trainers.plan import TrainPlan
 from trainers.run_log import SPOOL_FILE
+from trainers.run_store import RunStore, save_export
 from trainers.tracking import (
     connect,
     find_or_create_run,
@@ -51,7 +52,8 @@ class TrainingError(RuntimeError):
 class TrainResult:
     run_id: str
     tracking_uri: str
-    export_dir: Path
+    export_dir: str
+    """The exported model: a local folder, or a folder URI on object storage."""
     metrics: dict[str, float]
     total_steps: int
 
@@ -66,17 +68,14 @@ def parameter_counts(mor_cfg: Any) -> dict[str, int]:
         return MoRModel(mor_cfg).num_parameters()
 
 
-def run_dirs(cfg: TrainConfig) -> tuple[str, Path]:
-    """(Ray storage path, this run's own state folder)."""
-    root = cfg.resolved_storage_path
-    return f"{root}/{RAY_SUBDIR}", Path(root) / "runs" / cfg.name
-
-
 def plan_run(cfg: TrainConfig, world_size: int | None = None, lock: bool = True) -> TrainPlan:
     """Validate and prepare everything that does not need Ray (data, budget, MLflow run).
 
     ``lock``: take the run's writer lock (released by ``run_training``); a sweep's trials run
     under their sweep's lock instead."""
+    store = RunStore.of(cfg)
+    check_storage(store.storage)  # seconds, before the data stage may start Ray
+    default_tracking_uri(cfg)  # an object store without a tracking server: refused here
     prepared = prepare_data(cfg.data, address=cfg.address)
     mor_cfg = cfg.mor_config(prepared.vocab_size)
     world = world_size or cfg.scaling.num_workers
@@ -85,14 +84,13 @@ def plan_run(cfg: TrainConfig, world_size: int | None = None, lock: bool = True)
     total = _total_steps(cfg, mor_cfg, tokens_per_step)
     _check_shards(cfg, prepared, world)
     need = parameter_counts(mor_cfg)["total"] * CHECKPOINT_BYTES_PER_PARAM
-    check_storage(cfg.resolved_storage_path, need * (cfg.checkpoint.keep + 1))
-    _, state_dir = run_dirs(cfg)
+    check_free_space(store.storage, need * (cfg.checkpoint.keep + 1))
     if lock:
-        acquire(state_dir, f"run {cfg.name!r}")
+        acquire(store.local_dir, f"run {cfg.name!r}")
     try:
         return _plan_tracking(cfg, mor_cfg, prepared, total, tokens_per_step)
     except BaseException:
-        release(state_dir)
+        release(store.local_dir)
         raise
 
 
@@ -103,8 +101,8 @@ def _plan_tracking(
     seq = cfg.data.seq_len
     uri = default_tracking_uri(cfg)
     client, exp_id = connect(uri, cfg.tracking.experiment)
-    _, state_dir = run_dirs(cfg)
-    for run_id in mark_killed_writers(client, state_dir.parent):
+    store = RunStore.of(cfg)
+    for run_id in mark_killed_writers(client, store.local_dir.parent):
         print(f"[mor] run {run_id} was left RUNNING by a killed process: marked KILLED")
     params = flatten(cfg.model_dump(mode="json"))
     params.update(flatten(mor_cfg.model_dump(mode="json"), "resolved_model."))
@@ -116,7 +114,7 @@ def _plan_tracking(
         client,
         exp_id,
         cfg.name,
-        state_dir,
+        store.home,
         params,
         parent_run_id=cfg.tracking.parent_run_id,
         tags={
@@ -137,7 +135,7 @@ def _plan_tracking(
         experiment_id=exp_id,
         run_id=run_id,
         resumed_run=resumed,
-        state_dir=str(state_dir),
+        state_dir=store.home.uri,
         meta={
             "run_name": cfg.name,
             "mlflow_run_id": run_id,
@@ -149,22 +147,23 @@ def _plan_tracking(
     )
 
 
-def check_storage(root: str, need_bytes: int) -> None:
-    """The storage path takes a file and has room for the run's checkpoints; else a clear
-    error in seconds (a read-only or full disk gave ~100 s of Ray retries and a RUNNING run)."""
-    if "://" in root:  # remote storage: Ray checks it itself
-        return
-    path = Path(root)
-    probe = path / f".mor-write-check-{os.getpid()}"
+def check_storage(root: Location) -> None:
+    """The storage path takes a file; else a clear error in seconds (a read-only disk gave
+    ~100 s of Ray retries and a RUNNING run; a missing bucket or wrong credentials, Ray's
+    retries and a traceback)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            os.fsync(f.fileno())
-        probe.unlink()
+        root.check_writable()
     except OSError as exc:
-        raise ConfigError(f"storage_path: {root} is not writable: {exc.strerror or exc}") from None
-    free = shutil.disk_usage(path).free
+        first = (str(exc.strerror or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"storage_path: {root} is not writable: {first[:300]}") from None
+
+
+def check_free_space(root: Location, need_bytes: int) -> None:
+    """A local storage path has room for the run's checkpoints (an object store has no
+    free-space figure to check)."""
+    if not root.is_local:
+        return
+    free = shutil.disk_usage(root.path).free
     if free < need_bytes:
         raise ConfigError(
             f"storage_path: {root} has {free / 2**20:.0f} MiB free; this run's checkpoints need "
@@ -221,7 +220,7 @@ def run_training(
     try:
         return _run_training(cfg, callbacks, plan)
     finally:  # the lock plan_run took (a no-op when this process does not hold it)
-        release(run_dirs(cfg)[1])
+        release(RunStore.of(cfg).local_dir)
 
 
 def _run_training(cfg: TrainConfig, callbacks: list[Any] | None, plan: TrainPlan) -> TrainResult:
@@ -267,11 +266,10 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
         raise
     # The plan is frozen: a validated copy carries the settled GPU choice to the workers.
     plan = TrainPlan.model_validate(plan.model_dump() | {"use_gpu": bool(use_gpu)})
-    _, state_dir = run_dirs(cfg)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tidy_run_dir(ray_run_dir(cfg), cfg.checkpoint.keep)  # torn Ray state, `keep` on restart
+    store = RunStore.of(cfg)
+    tidy_run_dir(store.ray_run_dir, cfg.checkpoint.keep)  # torn Ray state, `keep` on restart
     trainer = _trainer(cfg, plan, callbacks)
-    spool = state_dir / SPOOL_FILE
+    spool = store.home.child(SPOOL_FILE)
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -281,26 +279,23 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
         record_failure(plan, reason, spool)
         raise TrainingError(f"training run {cfg.name!r} failed: {reason}") from exc
     finally:  # Ray deletes only the checkpoints it knows of: `keep` bounds the others too
-        tidy_run_dir(ray_run_dir(cfg), cfg.checkpoint.keep)
+        tidy_run_dir(store.ray_run_dir, cfg.checkpoint.keep)
     sync_spool(plan.tracking_uri, plan.run_id, spool)
     if result.checkpoint is None:
         raise TrainingError(f"training run {cfg.name!r} finished without a checkpoint")
-    export_dir = state_dir / "export"
-    with result.checkpoint.as_directory() as ckpt_dir:
-        src = Path(ckpt_dir) / "export"
-        if not src.is_dir():
-            raise TrainingError(f"the final checkpoint of {cfg.name!r} holds no export")
-        if export_dir.exists():
-            shutil.rmtree(export_dir)
-        shutil.copytree(src, export_dir)
+    try:
+        export = save_export(result.checkpoint, store)
+    except FileNotFoundError:
+        raise TrainingError(f"the final checkpoint of {cfg.name!r} holds no export") from None
     client = MlflowClient(tracking_uri=plan.tracking_uri)
-    client.log_artifacts(plan.run_id, str(export_dir), artifact_path="model")
-    client.set_tag(plan.run_id, TAG_EXPORT_DIR, str(export_dir))
+    # MLflow uploads from a local folder; its artifact store (local, S3, ...) is MLflow's own.
+    client.log_artifacts(plan.run_id, str(export.local_folder()), artifact_path="model")
+    client.set_tag(plan.run_id, TAG_EXPORT_DIR, export.uri)
     client.set_terminated(plan.run_id, status="FINISHED")
     metrics = {
         k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
     }
-    return TrainResult(plan.run_id, plan.tracking_uri, export_dir, metrics, plan.total_steps)
+    return TrainResult(plan.run_id, plan.tracking_uri, export.uri, metrics, plan.total_steps)
 
 
 def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Any:
@@ -309,7 +304,6 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> 
 
     from trainers.loop import train_loop_per_worker
 
-    storage, _ = run_dirs(cfg)
     return _torch_trainer_class()(
         train_loop_per_worker,
         train_loop_config={
@@ -324,7 +318,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> 
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=storage,
+            storage_path=RunStore.of(cfg).ray_storage,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             callbacks=callbacks,

@@ -14,10 +14,10 @@ trainers/checkpointing.py; the test-only fault hook in trainers/faults.py.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
-from trainers.checkpointing import Checkpointer, ray_run_dir, resume
+from core.storage import Location
+from trainers.checkpointing import Checkpointer, resume
 from trainers.components import (
     BatchSampler,
     Worker,
@@ -30,6 +30,7 @@ from trainers.config import TrainConfig
 from trainers.faults import FaultInjector
 from trainers.plan import TrainPlan
 from trainers.run_log import RunLog
+from trainers.run_store import RunStore
 from trainers.step_metrics import (
     FlopMilestones,
     Progress,
@@ -53,15 +54,15 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, plan: TrainPlan) -> None:
         self.cfg, self.plan = cfg, plan
-        state_dir = Path(plan.state_dir)
-        self.worker = w = Worker.start(cfg, plan.use_gpu, state_dir)
+        home = Location.parse(plan.state_dir)
+        self.worker = w = Worker.start(cfg, plan.use_gpu, home)
         self.engine = build_engine(cfg, plan.model, plan.total_steps, w.device)
         seq, mb = cfg.data.seq_len, cfg.batch.micro_batch_size
         train_ds = open_windows(plan.data, "train", seq, w.rank, w.world)
         self.val_ds = open_windows(plan.data, "val", seq, w.rank, w.world)
         # One seed for all ranks: they share the epoch's order, each taking its positions.
         self.sampler = BatchSampler(train_ds, mb, cfg.seed)
-        self.faults = FaultInjector(cfg.fault_injection, state_dir, w.rank)
+        self.faults = FaultInjector(cfg.fault_injection, home, w.rank)
         self.meter = StepMeter(
             cfg,
             plan.model,
@@ -75,7 +76,7 @@ class Trainer:
     def train(self) -> None:
         """Resume if Ray holds a checkpoint, then run the remaining optimizer steps."""
         cfg, total, device = self.cfg, self.plan.total_steps, self.worker.device
-        restored = resume(self.engine, device, self.worker.rank, ray_run_dir(cfg))
+        restored = resume(self.engine, device, self.worker.rank, RunStore.of(cfg).ray_run_dir)
         progress = restored or Progress()
         log = RunLog(self.plan, self.worker.rank, cfg.log_every_steps)
         if restored is not None:

@@ -43,7 +43,8 @@ class TrainPlan(BaseModel):
     resumed_run: bool
     """Whether ``run_id`` existed before (a rerun) rather than being created by this plan."""
     state_dir: str
-    """This run's own folder: worker pid files, the metric spool, fault-injection markers."""
+    """This run's own persisted folder (``RunStore.home``: a local path or an object-store URI):
+    worker pid files, the metric spool, fault-injection markers."""
     use_gpu: bool = False
     """One GPU per worker; the driver settles 'auto' against the Ray cluster before dispatch."""
     meta: dict[str, Any] = Field(default_factory=dict)

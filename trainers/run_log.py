@@ -7,9 +7,8 @@ Other ranks get a ``RunLog`` that does nothing.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from core.keys import TAG_RESUMED_FROM_STEP
+from core.storage import Location
 from trainers.plan import TrainPlan
 
 SPOOL_FILE = "metrics_spool.jsonl"
@@ -20,7 +19,7 @@ class RunLog:
         from trainers.tracking import StepMetricLogger
 
         self.total, self.every = plan.total_steps, log_every_steps
-        spool = Path(plan.state_dir) / SPOOL_FILE
+        spool = Location.parse(plan.state_dir).child(SPOOL_FILE)
         self.logger = StepMetricLogger(plan.tracking_uri, plan.run_id, spool) if rank == 0 else None
 
     def resumed(self, step: int) -> None:

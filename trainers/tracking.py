@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from core.endpoints import check_mlflow_reachable, redact
 from core.keys import TAG_INTERRUPTED
+from core.storage import Location
 from mor.overrides import ConfigError
 from trainers.writer_lock import is_stale, read_holder, stale_locks
 
@@ -100,15 +101,16 @@ def find_or_create_run(
     client: MlflowClient,
     experiment_id: str,
     run_name: str,
-    state_dir: Path,
+    home: Location,
     params: Mapping[str, str],
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> tuple[str, bool]:
-    """Return (run_id, resumed). The run id is remembered in ``state_dir`` for reruns."""
-    marker = state_dir / RUN_ID_FILE
+    """Return (run_id, resumed). The run id is remembered in ``home`` (the run's persisted
+    folder, local or in an object store) for reruns."""
+    marker = home.child(RUN_ID_FILE)
     if marker.is_file():
-        saved = json.loads(marker.read_text())
+        saved = marker.read_json()
         try:
             run = client.get_run(saved["run_id"])
             if run.info.lifecycle_stage == "active":
@@ -128,8 +130,7 @@ def find_or_create_run(
     items = [Param(k, v) for k, v in sorted(safe.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=items[i : i + 100])
-    state_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"run_id": run_id, "experiment_id": experiment_id}))
+    marker.write_json({"run_id": run_id, "experiment_id": experiment_id})
     return run_id, False
 
 
@@ -166,7 +167,7 @@ class StepMetricLogger:
 
     RETRY_AFTER_S = 5.0
 
-    def __init__(self, uri: str, run_id: str, spool: Path | None = None) -> None:
+    def __init__(self, uri: str, run_id: str, spool: Location | None = None) -> None:
         # Fail fast instead of MLflow's minutes of retries: the spool keeps what failed.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -174,6 +175,7 @@ class StepMetricLogger:
         self.run_id = run_id
         self.spool = spool
         self._pending: list[Metric] = _read_spool(spool)
+        self._spooled = bool(self._pending)  # a spool exists (no storage request per step)
         self.last_step = max([self._last_logged_step(), *(m.step for m in self._pending)])
         self._retry_at = 0.0
         self._down = False
@@ -208,8 +210,9 @@ class StepMetricLogger:
             if self._down:
                 print("[mlflow] tracking server is back: pending metrics sent")
             self._down = False
-            if self.spool is not None and self.spool.exists():
-                self.spool.unlink()
+            if self.spool is not None and self._spooled:
+                self.spool.delete()
+                self._spooled = False
             return True
         except Exception as exc:  # the server is down: keep training, keep the metrics
             if not self._down:
@@ -232,11 +235,10 @@ class StepMetricLogger:
     def _write_spool(self) -> None:
         if self.spool is None:
             return
-        tmp = self.spool.with_suffix(".tmp")
-        tmp.write_text(
+        self.spool.write_text(  # atomic on both kinds of storage
             "".join(json.dumps([m.key, m.value, m.timestamp, m.step]) + "\n" for m in self._pending)
         )
-        os.replace(tmp, self.spool)
+        self._spooled = True
 
     def set_tag(self, key: str, value: str) -> None:
         try:
@@ -245,7 +247,7 @@ class StepMetricLogger:
             print(f"[mlflow] tag {key} not set: {exc}")
 
 
-def _read_spool(spool: Path | None) -> list[Metric]:
+def _read_spool(spool: Location | None) -> list[Metric]:
     if spool is None or not spool.is_file():
         return []
     out = []
@@ -256,7 +258,7 @@ def _read_spool(spool: Path | None) -> list[Metric]:
     return out
 
 
-def sync_spool(uri: str, run_id: str, spool: Path) -> int:
+def sync_spool(uri: str, run_id: str, spool: Location) -> int:
     """Send a spool left by a worker (driver side, after training); returns values sent."""
     pending = _read_spool(spool)
     if not pending:
@@ -264,7 +266,7 @@ def sync_spool(uri: str, run_id: str, spool: Path) -> int:
     client = MlflowClient(tracking_uri=uri)
     for i in range(0, len(pending), 500):
         client.log_batch(run_id, metrics=pending[i : i + 500])
-    spool.unlink()
+    spool.delete()
     return len(pending)
 
 

@@ -13,24 +13,21 @@ from __future__ import annotations
 
 import bisect
 import operator
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.storage import Location
+from core.storage import Location, local_cache_root
 from trainers.data import PreparedData
 
 __all__ = ["MixedWindows", "TokenWindows", "open_windows"]
 
 
 def _shard_cache() -> Path:
-    """Where shards streamed from object storage land: $MOR_CACHE_DIR/shards, else a temp dir."""
-    root = os.environ.get("MOR_CACHE_DIR") or tempfile.gettempdir()
-    return Path(root).expanduser() / "mor-shards"
+    """Where shards streamed from object storage land on this node."""
+    return local_cache_root() / "shards"
 
 
 class TokenWindows(torch.utils.data.Dataset):

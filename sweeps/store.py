@@ -1,0 +1,69 @@
+"""Where one sweep's files live, whatever the storage is (the sweep's side of
+``trainers.run_store``, which places each trial's training run).
+
+Persisted under the storage path (a folder or an object-store URI):
+
+- ``<storage>/tune/<name>/``: Tune's experiment state (what ``mor sweep resume`` restores);
+- ``<storage>/sweeps/<name>/``: the sweep's record: its MLflow run id, ``spec.json``, and at the
+  end ``summary.csv``, ``summary.json`` and ``report/``.
+
+The driver's own bookkeeping (writer lock, searcher draws, ASHA rungs, the report being built)
+lives in ``state_dir`` on the driver's machine: the same folder as ``home`` when the storage is
+local, a folder under the local cache mirroring the URI otherwise; what a reader needs is
+published to ``home`` at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.storage import Location, local_mirror, resolve_storage
+
+TUNE_SUBDIR = "tune"
+SWEEPS_SUBDIR = "sweeps"
+
+
+@dataclass(frozen=True)
+class SweepStore:
+    storage: Location
+    """The storage path."""
+    name: str
+    """The sweep's name."""
+
+    @classmethod
+    def of(cls, storage_path: str, name: str) -> SweepStore:
+        return cls(Location.parse(resolve_storage(storage_path)), name)
+
+    @property
+    def tune_storage(self) -> str:
+        """Tune's ``RunConfig.storage_path``."""
+        return self.storage.child(TUNE_SUBDIR).uri
+
+    @property
+    def experiment(self) -> str:
+        """Tune's experiment folder (``Tuner.restore``)."""
+        return self.storage.child(TUNE_SUBDIR, self.name).uri
+
+    @property
+    def home(self) -> Location:
+        return self.storage.child(SWEEPS_SUBDIR, self.name)
+
+    @property
+    def state_dir(self) -> Path:
+        """The driver's local folder of the sweep."""
+        return local_mirror(self.storage.uri) / SWEEPS_SUBDIR / self.name
+
+    @property
+    def eval_work_dir(self) -> Path:
+        """This node's folder of materialised lm-eval task files."""
+        return local_mirror(self.storage.uri) / "eval_tasks"
+
+    def publish(self, files: list[Path]) -> None:
+        """Copy files of ``state_dir`` (summary, report) to ``home`` when they differ (on
+        object storage); on a local disk they are already there."""
+        if self.storage.is_local:
+            return
+        for f in files:
+            rel = f.relative_to(self.state_dir).as_posix()
+            self.home.child(rel).write_bytes(f.read_bytes())
