@@ -3,8 +3,9 @@ worker per node (STRICT_SPREAD, gloo over TCP between the nodes), a node lost mi
 restarted (the run resumes from its last checkpoint), and an impossible placement refused.
 
 One cluster for the module, started as a user does and stopped by the stack's recorded pids.
-Where runs and data are stored is one constant (``storage`` below): a local folder today,
-an ``s3://`` URI (the ``s3`` fixture of conftest.py) once object storage is the norm.
+Prepared data, checkpoints and exports live only on object storage (the ``storage`` fixture:
+moto's S3 server on 127.0.0.1, no disk shared through the storage path); MLflow is the
+stack's server.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Where runs, checkpoints and prepared data go: the one place to switch to s3://."""
-    return str(tmp_path_factory.mktemp("multinode-storage"))
+def storage(s3: str) -> str:
+    """Where runs, checkpoints and prepared data go: only object storage (moto's S3 server on
+    127.0.0.1, started first so that every node's processes inherit its AWS_* variables), as
+    on a cluster without a shared disk. A local folder works the same: return one instead."""
+    return f"{s3}/multinode"
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, storage: str):
                               text=True)  # fmt: skip
         try:
             data = DataConfig(source="default", vocab_size=512, seq_len=64, max_documents=150,
-                              prepare_workers=1, cache_dir=f"{storage}/cache")  # fmt: skip
+                              prepare_workers=1, cache_dir=str(state / "cache"))  # fmt: skip
             prepared = str(prepare_data(data, out=f"{storage}/data").dir)
             out, _ = up.communicate(timeout=400)
             assert up.returncode == 0, out
@@ -246,6 +249,10 @@ def test_one_worker_per_node_and_a_lost_node(cluster: Cluster, driver: None, sto
     assert resumed >= 3 and resumed % 3 == 0  # from a checkpoint, not from step 0
     steps = [m.step for m in client.get_metric_history(result.run_id, "train/loss")]
     assert steps == list(range(1, 13))  # no gaps, no repeats
+    run_home = Location.parse(storage).child("runs", name)
+    assert run_home.child("export", "model.pt").is_file()  # in the bucket
+    assert any(n.startswith("checkpoint_") for n in Location.parse(storage).child(
+        RAY_SUBDIR, name).names())  # fmt: skip
     # The second attempt: one worker per node again, node 1's on the restarted raylet.
     second = _new_workers(cluster.dashboard, {**before, **events["first"]})
     assert [n for n, _ in second] == ["mor_node_0", "mor_node_1"]
