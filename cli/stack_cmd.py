@@ -1,11 +1,15 @@
 """``mor up|status|down``: a local Ray head and MLflow server that sweeps and training use.
 
     mor up [--state-dir DIR] [--ray-port 6379] [--dashboard-port 8265] [--mlflow-port 5000]
+           [--nodes N [--cpus-per-node C]]
     mor status [--json]
     mor down
 
 While the stack is up, ``mor sweep submit`` sends jobs to its Ray head; ``mor train`` and
 ``mor sweep run`` use it as their Ray cluster and track runs on its MLflow server.
+``--nodes N`` starts N Ray nodes on this machine (the head and N - 1 more, each with its own
+temp dir and the custom resource ``mor_node_<i>``): a multi-node cluster for rehearsing
+placement and node failures; ``mor up --nodes N`` again restarts a lost node.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ STACK_NOTE = """While the stack is up, `mor sweep submit` sends jobs to its Ray 
 `mor train` and `mor sweep run` use it as their Ray cluster, and runs are tracked on its
 MLflow server (unless --address, $RAY_ADDRESS, tracking.uri or $MLFLOW_TRACKING_URI say otherwise).
 State lives in --state-dir, else $MOR_STACK_DIR, else ~/.mor/stack; use $MOR_STACK_DIR for a
-non-default place so that every command finds it."""
+non-default place so that every command finds it.
+--nodes N starts N Ray nodes on this machine (the head and N - 1 more, each with its own temp
+dir and the custom resource mor_node_<i>): a multi-node cluster for rehearsing placement and
+node failures; `mor up --nodes N` again restarts a lost node."""
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
@@ -32,6 +39,16 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
         help="where the stack keeps stack.json, logs, mlflow.db and artifacts "
         "(default: $MOR_STACK_DIR, else ~/.mor/stack)",
     )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         example_lines=[
             "mor up",
             "mor up --mlflow-port 5001 --state-dir /data/mor-stack",
+            "mor up --nodes 2 --cpus-per-node 1     # rehearse a two-node cluster",
         ],
     )
     _state_arg(u)
@@ -59,6 +77,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     u.add_argument(
         "--mlflow-port", type=int, help=f"MLflow server port (default {DEFAULT_PORTS['mlflow']})"
+    )
+    u.add_argument(
+        "--nodes",
+        type=_positive,
+        help="Ray nodes on this machine: the head and N-1 more (default 1; on a running "
+        "stack: as recorded, a lost node restarted)",
+    )
+    u.add_argument(
+        "--cpus-per-node",
+        type=_positive,
+        help="CPUs each Ray node offers (default with --nodes: the cores split between them)",
     )
     u.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for health")
     u.set_defaults(func=run_up)
@@ -90,6 +119,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _print_addresses(record: StackRecord) -> None:
     print(f"[mor]   Ray dashboard + jobs : {record.ray.dashboard}")
     print(f"[mor]   Ray address          : {record.ray.address}")
+    if record.nodes:
+        print(f"[mor]   Ray nodes            : {len(record.nodes) + 1} (mor_node_0 .. "
+              f"mor_node_{len(record.nodes)}), {record.ray.num_cpus} CPU each")  # fmt: skip
     print(f"[mor]   MLflow               : {record.mlflow.url}")
     print(f"[mor]   state                : {record.state_dir}")
 
@@ -110,6 +142,8 @@ def run_up(args: argparse.Namespace) -> int:
             dashboard_port=args.dashboard_port,
             mlflow_port=args.mlflow_port,
             timeout=args.timeout,
+            nodes=args.nodes,
+            cpus_per_node=args.cpus_per_node,
         )
     except StackError as exc:
         print(f"error: {exc}")
@@ -121,19 +155,23 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from core.stack import check, is_healthy, read_record, resolve_dir
+    from core.stack import check, check_nodes, is_healthy, read_record, resolve_dir
 
     state = resolve_dir(args.state_dir)
     record = read_record(state)
     report = check(record, deep=True) if record else {}
     ok = record is not None and record.status == "up" and is_healthy(report)
+    nodes = check_nodes(record, deep=True) if ok and record else {}
+    lost = [name for name, n in nodes.items() if not n.healthy]
+    report.update(nodes)
     if args.json:
         services = {k: {**asdict(v), "healthy": v.healthy} for k, v in report.items()}
         out: dict[str, Any] = {"healthy": ok, "state_dir": str(state), "services": services}
         if record:
             out["status"] = record.status
+        out["nodes_lost"] = lost
         print(json.dumps(out, indent=2))
-        return 0 if ok else 1
+        return 0 if ok and not lost else 1
     if not record:
         print(f"[mor] no stack recorded in {state} (start one with `mor up`)")
         return 1
@@ -142,6 +180,10 @@ def run_status(args: argparse.Namespace) -> int:
             "not answering" if svc.pid_alive else "not running"
         )  # fmt: skip
         print(f"[mor] {name:<7} {state_word:<14} pid {svc.pid}  {svc.where}")
+    if ok and lost:
+        print(f"[mor] stack degraded: {', '.join(lost)} lost (restart with `mor up --nodes "
+              f"{len(record.nodes) + 1}`)")  # fmt: skip
+        return 1
     print("[mor] stack healthy" if ok else "[mor] stack NOT healthy (try `mor down && mor up`)")
     return 0 if ok else 1
 

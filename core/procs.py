@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 # Popen handles of the servers this process started, so that `down` in the same process (the
@@ -70,23 +73,26 @@ def alive(p: Any) -> bool:
 
 
 def owned(
-    session: int | None,
-    tag_env: str,
-    tag: str,
+    sessions: int | Iterable[int | None] | None,
+    tag_env: str | None,
+    tag: str | None,
     recorded: Iterable[tuple[int | None, float | None]],
 ) -> list[Any]:
-    """Every live process in ``session``, or with ``tag_env=tag`` in its environment, or
-    recorded as (pid, create_time), and all their descendants; never this process."""
+    """Every live process in one of ``sessions``, or with ``tag_env=tag`` in its environment
+    (unless None), or recorded as (pid, create_time), and all their descendants; never this
+    process."""
     import psutil
 
+    wanted = {sessions} if isinstance(sessions, int) else set(sessions or ())
+    wanted.discard(None)
     roots: dict[int, Any] = {}
     me = os.getpid()
     for p in psutil.process_iter(["pid"]):
         if p.pid == me:
             continue
         try:
-            ours = session is not None and os.getsid(p.pid) == session
-            if not ours:
+            ours = bool(wanted) and os.getsid(p.pid) in wanted
+            if not ours and tag_env:
                 ours = p.environ().get(tag_env) == tag
         except (psutil.Error, OSError):
             continue
@@ -142,3 +148,38 @@ def stop(find: Callable[[], list[Any]], grace: float = 10.0, rounds: int = 4) ->
         time.sleep(0.2)
         _reap([p.pid for p in procs])
     return stopped
+
+
+def session_pids(session: int, names: Iterable[str]) -> dict[str, tuple[int, float]]:
+    """(pid, create_time) of the first process in ``session`` named each of ``names`` (an
+    executable's name, or a ``/<name>.py`` script on its command line)."""
+    import psutil
+
+    found: dict[str, tuple[int, float]] = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
+        try:
+            if os.getsid(p.pid) != session:
+                continue
+        except OSError:
+            continue
+        cmdline = " ".join(p.info["cmdline"] or [])
+        name = p.info["name"] or ""
+        for key in names:
+            if key not in found and (name == key or f"/{key}.py" in cmdline):
+                found[key] = (p.pid, p.info["create_time"])
+    return found
+
+
+def tail(path: str | Path, n: int = 40) -> str:
+    """The last ``n`` lines of a log, for an error message."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def console_script(name: str) -> str:
+    """A console script (``ray``, ``mlflow``) of this Python environment, not whatever is on
+    PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)

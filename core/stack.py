@@ -6,7 +6,9 @@ Both run as background services bound to 127.0.0.1 and are recorded in ``STATE/s
 that every command uses (``core/endpoints.py`` turns it into Ray and MLflow addresses): the
 recorded processes are alive (pid and start time: a reused pid does not count) and both
 endpoints answer over HTTP. ``mor up|status`` add the deep check: an authenticated Ray job
-list, and the head's agent serving (jobs go through it).
+list, and the head's agent serving (jobs go through it). Extra Ray nodes on this machine
+(``mor up --nodes N``, ``core.nodes``) are recorded with it; a lost one leaves the stack up
+(commands still find the head) and is reported by ``check_nodes``, restarted by ``up``.
 
 Ownership: every process the stack starts carries ``MOR_STACK_ID=<uuid>`` in its environment
 (children inherit it, including Ray workers and Ray Job drivers, which Ray starts in sessions
@@ -23,10 +25,10 @@ clients send it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +39,27 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError, model_validator
 
-from core.procs import adopt, free_port, owned, port_free, same_process, stop
+from core.nodes import (
+    NODE_RESOURCE,
+    NodeStartError,
+    RayNode,
+    ensure_nodes,
+    new_node,
+    registered,
+    start_node,
+    wait_registered,
+)
+from core.procs import (
+    adopt,
+    console_script,
+    free_port,
+    owned,
+    port_free,
+    same_process,
+    session_pids,
+    stop,
+    tail,
+)
 
 STACK_DIR_ENV = "MOR_STACK_DIR"
 STACK_FILE = "stack.json"
@@ -81,6 +103,8 @@ class RayService(BaseModel):
     """Session id of ``ray start`` (its pid): the head's processes live in it."""
     pids: dict[str, tuple[int, float]] = {}
     """(pid, create_time) of gcs_server, raylet and dashboard."""
+    num_cpus: int | None = None
+    """CPUs the head offers (None: Ray's detection); set with extra nodes (``--nodes``)."""
 
     @property
     def pid(self) -> int | None:
@@ -118,6 +142,8 @@ class StackRecord(BaseModel):
     started_at: str = ""
     ray: RayService
     mlflow: MlflowService
+    nodes: list[RayNode] = []
+    """Extra Ray nodes on this machine (``mor up --nodes N``: N - 1 of them)."""
 
 
 def stack_dir() -> Path:
@@ -219,19 +245,6 @@ def healthy_stack(state_dir: str | Path | None = None, deep: bool = False) -> St
 
 
 # ----------------------------------------------------------------------------- up
-def _tail(path: str | Path, n: int = 40) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def _console_script(name: str) -> str:
-    """The ``ray``/``mlflow`` command of this Python environment (not whatever is on PATH)."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
 def _ensure_ray_token(env: dict[str, str], log: Path) -> None:
     """Token mode for the head unless the user chose a mode; make sure a token exists."""
     env.setdefault("RAY_AUTH_MODE", "token")
@@ -243,7 +256,7 @@ def _ensure_ray_token(env: dict[str, str], log: Path) -> None:
     # token is configured ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or that file).
     with open(log, "ab") as err:
         rc = subprocess.run(
-            [_console_script("ray"), "get-auth-token", "--generate"],
+            [console_script("ray"), "get-auth-token", "--generate"],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
@@ -261,7 +274,7 @@ def _start_mlflow(record: StackRecord, env: dict[str, str]) -> None:
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     cmd = [
-        _console_script("mlflow"), "server",
+        console_script("mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
         # Artifacts go through the server (mlflow-artifacts:/ URIs), so clients never need
         # the server's disk: the same setup as a team server with S3 (platform/mlflow).
@@ -284,7 +297,7 @@ def _start_ray(record: StackRecord, env: dict[str, str]) -> None:
     """Run ``ray start --head`` in a new session; record the session and the head's pids."""
     ray, host = record.ray, record.host
     cmd = [
-        _console_script("ray"), "start", "--head",
+        console_script("ray"), "start", "--head",
         f"--node-ip-address={host}", f"--port={ray.ports['gcs']}",
         f"--dashboard-host={host}", f"--dashboard-port={ray.ports['dashboard']}",
         # Ray's fixed defaults (agent 52365, client server 10001) collide with any other Ray
@@ -293,6 +306,8 @@ def _start_ray(record: StackRecord, env: dict[str, str]) -> None:
         f"--ray-client-server-port={ray.client_server_port}",
         "--include-dashboard=true", "--disable-usage-stats",
     ]  # fmt: skip
+    if ray.num_cpus is not None:  # a multi-node stack: the head is node 0 of N
+        cmd += [f"--num-cpus={ray.num_cpus}", f'--resources={{"{NODE_RESOURCE.format(0)}": 1}}']
     with open(ray.log, "ab") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -303,28 +318,9 @@ def _start_ray(record: StackRecord, env: dict[str, str]) -> None:
         except subprocess.TimeoutExpired:
             rc = None
     if rc != 0:
-        raise StackError(f"`ray start` failed (exit {rc}); its log {ray.log}:\n{_tail(ray.log)}")
+        raise StackError(f"`ray start` failed (exit {rc}); its log {ray.log}:\n{tail(ray.log)}")
     ray.session = proc.pid
-    ray.pids = _ray_pids(proc.pid)
-
-
-def _ray_pids(session: int) -> dict[str, tuple[int, float]]:
-    """(pid, create_time) of the head's gcs_server, raylet and dashboard in our session."""
-    import psutil
-
-    found: dict[str, tuple[int, float]] = {}
-    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time"]):
-        try:
-            if os.getsid(p.pid) != session:
-                continue
-        except OSError:
-            continue
-        cmdline = " ".join(p.info["cmdline"] or [])
-        name = p.info["name"] or ""
-        for key in RAY_PROCESSES:
-            if key not in found and (name == key or f"/{key}.py" in cmdline):
-                found[key] = (p.pid, p.info["create_time"])
-    return found
+    ray.pids = session_pids(proc.pid, RAY_PROCESSES)
 
 
 def _check_ports(host: str, ports: dict[str, int]) -> None:
@@ -378,9 +374,21 @@ def _wait_healthy(record: StackRecord, timeout: float) -> None:
         dead = [k for k, s in report.items() if not s.pid_alive]
         if dead or time.time() > deadline:
             why = f"{', '.join(dead)} exited" if dead else f"not answering after {timeout}s"
-            logs = "\n".join(f"--- {p}\n{_tail(p)}" for p in (record.ray.log, record.mlflow.log))
+            logs = "\n".join(f"--- {p}\n{tail(p)}" for p in (record.ray.log, record.mlflow.log))
             raise StackError(f"the stack did not start ({why}):\n{logs}")
         time.sleep(1.0)
+
+
+def _stack_env(record: StackRecord) -> dict[str, str]:
+    """The environment of every process the stack starts: tagged as its own, single-machine
+    mode when loopback-only, Ray token auth (a token generated if none exists)."""
+    env = dict(os.environ)
+    env[TAG_ENV] = record.id
+    env[STACK_DIR_ENV] = record.state_dir  # jobs on this head find the stack (its MLflow) too
+    if record.ray.loopback_only:  # Ray's processes, job drivers and workers inherit it
+        env[RAY_LOCAL_ONLY_ENV] = "0"
+    _ensure_ray_token(env, Path(record.ray.log))
+    return env
 
 
 def up(
@@ -390,11 +398,19 @@ def up(
     dashboard_port: int | None = None,
     mlflow_port: int | None = None,
     timeout: float = 240.0,
+    nodes: int | None = None,
+    cpus_per_node: int | None = None,
 ) -> tuple[StackRecord, bool]:
-    """Start the stack (or find it running); returns (record, started_now)."""
+    """Start the stack (or find it running); returns (record, started_now).
+
+    ``nodes``: Ray nodes in all (the head and ``nodes - 1`` extra ones on this machine, each
+    offering ``cpus_per_node`` CPUs, default the machine's cores split between them). On a
+    running stack, a lost extra node is restarted (None: as many as recorded)."""
     state = resolve_dir(state_dir)
     running = healthy_stack(state, deep=True)
     if running is not None:
+        target = nodes or len(running.nodes) + 1
+        _ensure_nodes(running, target, cpus_per_node or running.ray.num_cpus, timeout)
         return running, False
     if (state / STACK_FILE).exists():  # stale or half-started: clear what is left of it first
         print(f"[mor] the stack recorded in {state} is not healthy: stopping its leftovers")
@@ -407,18 +423,17 @@ def up(
     _check_ports(host, ports)
     state.mkdir(parents=True, exist_ok=True)
     record = _new_record(state, host, ports)
-    env = dict(os.environ)
-    env[TAG_ENV] = record.id
-    env[STACK_DIR_ENV] = str(state)  # jobs on this head find the stack (its MLflow) too
-    if record.ray.loopback_only:  # Ray's processes, job drivers and workers inherit it
-        env[RAY_LOCAL_ONLY_ENV] = "0"
-    _ensure_ray_token(env, Path(record.ray.log))
+    nodes = nodes or 1
+    if nodes > 1 or cpus_per_node:
+        record.ray.num_cpus = cpus_per_node or max(1, (os.cpu_count() or 1) // nodes)
+    env = _stack_env(record)
     try:
         _start_mlflow(record, env)  # first: it warms up (~10-30 s) while `ray start` runs
         write_record(record)  # from here on `down` can find what was started
         _start_ray(record, env)
         write_record(record)
         _wait_healthy(record, timeout)
+        _ensure_nodes(record, nodes, record.ray.num_cpus, timeout, env)
         record.status = "up"
         write_record(record)
     except BaseException:  # includes Ctrl-C: never leave half a stack running
@@ -427,11 +442,57 @@ def up(
     return record, True
 
 
+def _ensure_nodes(
+    record: StackRecord,
+    target: int,
+    cpus: int | None,
+    timeout: float,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Extra nodes 1..target-1 running and registered with the head (``core.nodes``)."""
+    ray = record.ray
+
+    def start(node: RayNode) -> None:
+        start_node(node, ray.address, record.host, ray.loopback_only, env or _stack_env(record))
+
+    def save(nodes: list[RayNode]) -> None:
+        record.nodes = nodes
+        write_record(record)
+
+    def make(index: int) -> RayNode:
+        return new_node(record.id, index, cpus, Path(record.state_dir))
+
+    try:
+        started = ensure_nodes(record.nodes, target, make, start, save)
+        wait_registered(ray.dashboard, started, timeout)
+    except NodeStartError as exc:
+        raise StackError(str(exc)) from None
+
+
+def check_nodes(record: StackRecord, deep: bool = False) -> dict[str, ServiceHealth]:
+    """Per extra node: its raylet alive and (deep) registered ALIVE with the head."""
+    states: dict[str, str] = {}
+    if deep and record.nodes:
+        with contextlib.suppress(Exception):
+            states = registered(record.ray.dashboard)
+    out = {}
+    for n in record.nodes:
+        alive = n.alive()
+        answers = alive and (states.get(n.resource) == "ALIVE" if deep else True)
+        cpus = f"{n.num_cpus} CPU" if n.num_cpus is not None else "all CPUs"
+        out[f"node {n.index}"] = ServiceHealth(
+            n.raylet_pid, alive, answers, f"{n.resource}, {cpus}, {n.temp_dir}"
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- down
 def owned_processes(record: StackRecord) -> list[Any]:
     """Every live process the stack started: tagged, in Ray's session, or descended."""
     recorded = [(record.mlflow.pid, record.mlflow.create_time), *record.ray.pids.values()]
-    return owned(record.ray.session, TAG_ENV, record.id, recorded)
+    sessions = [record.ray.session] + [n.session for n in record.nodes]
+    recorded += [pid for n in record.nodes for pid in n.pids.values()]
+    return owned(sessions, TAG_ENV, record.id, recorded)
 
 
 def down(state_dir: str | Path | None = None, grace: float = 10.0) -> list[int]:
@@ -443,5 +504,7 @@ def down(state_dir: str | Path | None = None, grace: float = 10.0) -> list[int]:
     stopped = stop(lambda: owned_processes(record), grace)
     if owned_processes(record):
         raise StackError(f"some stack processes survived SIGKILL; see {state / STACK_FILE}")
+    for node in record.nodes:  # its Ray temp dir (sessions, sockets, logs) is ours alone
+        shutil.rmtree(Path(node.temp_dir).parent, ignore_errors=True)
     (state / STACK_FILE).unlink(missing_ok=True)
     return sorted(stopped)

@@ -266,7 +266,10 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         ray.init(address=resolve_endpoints(ray_address=address).ray_address, **ray_init_kwargs())
     res = spec.resources
     try:  # a trial that can never be placed would make Tune wait forever
-        check_resources(res.num_workers, res.cpus_per_worker, res.gpus_per_worker, 0, "resources")
+        check_resources(
+            res.num_workers, res.cpus_per_worker, res.gpus_per_worker, 0, "resources",
+            res.placement_strategy,
+        )  # fmt: skip
     except ResourceError:
         client.set_terminated(parent_run_id, status="FAILED")
         raise

@@ -31,7 +31,7 @@ from core.names import check_name
 from core.storage import resolve_storage
 from mor.overrides import ConfigError, apply_overrides, load_yaml, validate
 from sweeps.space import asha_milestones, draw_order, sample_defaults
-from trainers.config import TrainConfig
+from trainers.config import PlacementStrategy, TrainConfig
 
 POINT = "point"
 """The trial config entry holding the trial's TrialPoint (as a plain dict)."""
@@ -107,6 +107,14 @@ class Resources(BaseModel):
     """GPUs per training worker (0 = CPU training)."""
     max_concurrent: int | None = Field(None, ge=1)
     """Trials at once; default: as many as the cluster's CPUs (or GPUs) fit."""
+    placement_strategy: PlacementStrategy = "PACK"
+    """Where Ray places a trial's workers: PACK, SPREAD or STRICT_SPREAD (each worker of a
+    trial on its own node), as ``scaling.placement_strategy`` of a training run."""
+
+    @field_validator("placement_strategy", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
 
 class SchedulerSpec(BaseModel):
@@ -389,6 +397,7 @@ def trial_config(
         "num_workers": res.num_workers,
         "cpus_per_worker": res.cpus_per_worker,
         "use_gpu": res.gpus_per_worker > 0,
+        "placement_strategy": res.placement_strategy,
     }
     data["tracking"] = {
         "uri": tracking_uri,

@@ -75,6 +75,7 @@ def test_eval_keys_build_and_parse() -> None:
             "model.num_layers",
         ),
         ({"resources": {"num_workers": 0}}, "resources.num_workers"),
+        ({"resources": {"placement_strategy": "ROUND"}}, "resources.placement_strategy"),
         ({"name": "bad name"}, "name"),
         ({"scheduler": {"type": "asha"}}, "scheduler.grace_flops"),
         ({"scheduler": {"grace_flops": 1e9}, "budgets": []}, "scheduler"),

@@ -81,6 +81,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["budget.steps=10", "budget.tokens=100"], "budget"),
         (["optim.betas=[0.9, 1.5]"], "optim.betas"),
         (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+        (["scaling.placement_strategy=ROUND"], "scaling.placement_strategy"),
         (["name=has space"], "name"),
         (["data.val_fraction=0.9"], "val_fraction"),
         (["tracking.experiment=../../x"], "tracking.experiment"),

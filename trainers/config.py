@@ -95,6 +95,10 @@ class DeepSpeedConfig(BaseModel):
     """'auto' = bf16 on GPU, fp32 on CPU."""
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_SPREAD"]
+"""Ray placement-group strategies a run's (or a sweep trial's) workers can use."""
+
+
 class ScalingConfigModel(BaseModel):
     model_config = _STRICT
     num_workers: int = Field(1, ge=1)
@@ -106,6 +110,15 @@ class ScalingConfigModel(BaseModel):
     resource_wait_s: float = Field(0.0, ge=0.0, le=86400.0)
     """How long to wait for the cluster to grow (an autoscaling cluster) when it has fewer
     CPUs/GPUs than the workers need; 0 (default): fail at once, saying what is missing."""
+    placement_strategy: PlacementStrategy = "PACK"
+    """Where Ray places the workers (its placement-group strategy): PACK (default: as few
+    nodes as possible), SPREAD (across nodes where possible) or STRICT_SPREAD (each worker on
+    its own node; the run fails at once if fewer nodes can hold a worker)."""
+
+    @field_validator("placement_strategy", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
 
 class CheckpointConfigModel(BaseModel):

@@ -259,8 +259,9 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
     sc = cfg.scaling
     try:  # Ray would wait forever for workers that can never be placed
         check_resources(
-            sc.num_workers, sc.cpus_per_worker, float(bool(use_gpu)), sc.resource_wait_s
-        )
+            sc.num_workers, sc.cpus_per_worker, float(bool(use_gpu)), sc.resource_wait_s,
+            placement_strategy=sc.placement_strategy,
+        )  # fmt: skip
     except ResourceError as exc:
         record_failure(plan, str(exc))
         raise
@@ -314,6 +315,7 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> 
             num_workers=cfg.scaling.num_workers,
             use_gpu=plan.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.name,
@@ -336,25 +338,35 @@ def check_resources(
     gpus_per_worker: float,
     wait_s: float = 0.0,
     field: str = "scaling",
+    placement_strategy: str = "PACK",
 ) -> None:
     """Fail in seconds, naming what is missing, when the cluster cannot place the workers:
-    too few CPUs or GPUs in total, or no node with one worker's share (Ray's own start-up
-    retries without bound). ``wait_s`` > 0 polls that long for an autoscaling cluster;
-    ``field`` is the config section the message names."""
+    too few CPUs or GPUs in total, no node with one worker's share, or (STRICT_SPREAD) fewer
+    alive nodes with a worker's share than workers (Ray's own start-up retries without
+    bound). ``wait_s`` > 0 polls that long for an autoscaling cluster; ``field`` is the
+    config section the message names."""
     import ray
 
     deadline = time.monotonic() + wait_s
     while True:
-        missing = _missing_resources(num_workers, cpus_per_worker, gpus_per_worker, ray.nodes())
+        nodes = ray.nodes()
+        missing = _missing_resources(num_workers, cpus_per_worker, gpus_per_worker, nodes)
+        spread = placement_strategy == "STRICT_SPREAD"
+        if spread and not missing:
+            missing = _missing_nodes(num_workers, cpus_per_worker, gpus_per_worker, nodes)
         if not missing:
             return
         if time.monotonic() >= deadline:
             gpu = f" + {gpus_per_worker:g} GPU" if gpus_per_worker else ""
             hint = f"lower {field}.num_workers or {field}.cpus_per_worker"
+            if spread:
+                hint = f"add nodes, lower {field}.num_workers or set {field}.placement_strategy"
+                hint += " to SPREAD or PACK"
             if field == "scaling":
                 hint += ", or give scaling.resource_wait_s for an autoscaling cluster"
+            where = f"{field}.placement_strategy=STRICT_SPREAD: " if spread else f"{field}: "
             raise ResourceError(
-                f"{field}: {num_workers} worker(s) × {cpus_per_worker:g} CPU{gpu} cannot be "
+                f"{where}{num_workers} worker(s) × {cpus_per_worker:g} CPU{gpu} cannot be "
                 f"placed: {'; '.join(missing)}; {hint}"
             )
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
@@ -376,6 +388,26 @@ def _missing_resources(
         elif max(have, default=0.0) < per_worker:
             missing.append(f"no node has {per_worker:g} {name}s for one worker")
     return missing
+
+
+def _missing_nodes(
+    num_workers: int, cpus: float, gpus: float, nodes: list[dict[str, Any]]
+) -> list[str]:
+    """STRICT_SPREAD: one worker per node, so as many alive nodes with a worker's share."""
+    fit = [
+        n
+        for n in nodes
+        if n.get("Alive")
+        and n.get("Resources", {}).get("CPU", 0.0) >= cpus
+        and n.get("Resources", {}).get("GPU", 0.0) >= gpus
+    ]
+    if len(fit) >= num_workers:
+        return []
+    alive = sum(1 for n in nodes if n.get("Alive"))
+    return [
+        f"each worker needs its own node and {len(fit)} of the cluster's {alive} alive "
+        f"node(s) can hold one"
+    ]
 
 
 def _torch_trainer_class() -> type:
