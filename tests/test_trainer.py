@@ -361,7 +361,7 @@ def test_rerun_resumes_from_latest_checkpoint(ray_session: None, workdir: Path) 
     run = client.get_run(plan.run_id)
     assert run.data.tags["mor.resumed_from_step"] == "3"  # step 4 was redone, not logged twice
     assert run.info.status == "FINISHED"
-    meta = json.loads((result.export_dir / "config.json").read_text())["meta"]
+    meta = json.loads((Path(result.export_dir) / "config.json").read_text())["meta"]
     assert meta["step"] == 6
     # What `mor eval EXPORT` needs to log beside its training run, with no flags.
     assert meta["mlflow_run_id"] == result.run_id and meta["tracking_uri"] == result.tracking_uri
