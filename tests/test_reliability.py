@@ -1,4 +1,5 @@
-"""Faults and bad input: killed workers, corrupt checkpoints, MLflow outages, fuzzed configs."""
+"""Faults and bad input: corrupt checkpoints, NaN losses, MLflow outages, fuzzed configs (a lost
+worker or node: tests/test_multinode.py)."""
 
 from __future__ import annotations
 
