@@ -53,7 +53,6 @@ def _positive(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from cli.help import add_command
-    from core.stack import DEFAULT_PORTS
 
     u = add_command(
         subparsers,
@@ -67,6 +66,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "mor up --nodes 2 --cpus-per-node 1     # rehearse a two-node cluster",
         ],
     )
+    _up_arguments(u)
+    s = add_command(
+        subparsers,
+        "status",
+        help="health of the local stack (exit 0 if healthy, 1 if not)",
+        description="Check each service of the local stack (Ray head, MLflow server): its\n"
+        "process and whether it answers. Exit 0 when all are healthy, else 1.",
+        example_lines=["mor status", "mor status --json"],
+    )
+    _state_arg(s)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=run_status)
+    d = add_command(
+        subparsers,
+        "down",
+        help="stop the local stack (only the processes it started; data is kept)",
+        description="Stop the processes `mor up` started (by their recorded ids, nothing else);\n"
+        "the MLflow database, artifacts and logs stay in the state folder.",
+        example_lines=["mor down", "mor down --state-dir /data/mor-stack"],
+    )
+    _state_arg(d)
+    d.set_defaults(func=run_down)
+
+
+def _up_arguments(u: argparse.ArgumentParser) -> None:
+    from core.stack import DEFAULT_PORTS
+
     _state_arg(u)
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     u.add_argument("--ray-port", type=int, help=f"Ray GCS port (default {DEFAULT_PORTS['ray']})")
@@ -91,29 +117,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     u.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for health")
     u.set_defaults(func=run_up)
-
-    s = add_command(
-        subparsers,
-        "status",
-        help="health of the local stack (exit 0 if healthy, 1 if not)",
-        description="Check each service of the local stack (Ray head, MLflow server): its\n"
-        "process and whether it answers. Exit 0 when all are healthy, else 1.",
-        example_lines=["mor status", "mor status --json"],
-    )
-    _state_arg(s)
-    s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=run_status)
-
-    d = add_command(
-        subparsers,
-        "down",
-        help="stop the local stack (only the processes it started; data is kept)",
-        description="Stop the processes `mor up` started (by their recorded ids, nothing else);\n"
-        "the MLflow database, artifacts and logs stay in the state folder.",
-        example_lines=["mor down", "mor down --state-dir /data/mor-stack"],
-    )
-    _state_arg(d)
-    d.set_defaults(func=run_down)
 
 
 def _print_addresses(record: StackRecord) -> None:

@@ -8,7 +8,7 @@ import time
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cli.help import HelpFormatter, add_command, add_verbose, examples
+    from cli.help import HelpFormatter, examples
 
     p = subparsers.add_parser(
         "sweep",
@@ -26,6 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     sub = p.add_subparsers(dest="sweep_command", metavar="ACTION", required=True)
+    _register_run_and_resume(sub)
+    _register_jobs(sub)
+
+
+def _register_run_and_resume(sub: argparse._SubParsersAction) -> None:
+    from cli.help import add_command, add_verbose
 
     r = add_command(
         sub,
@@ -58,15 +64,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         example_lines=[
             "mor sweep resume quickstart",
             "mor sweep resume my-sweep --storage-path /data/sweeps",
+            "mor sweep resume my-sweep --storage-path s3://my-bucket/mor",
         ],
     )
     rs.add_argument("name", help="the sweep's name (its spec's `name:`)")
     rs.add_argument(
-        "--storage-path", default="outputs", help="the sweep's storage_path, where it saved state"
+        "--storage-path",
+        default="outputs",
+        help="the sweep's storage_path (a folder or an s3:// URI), where it saved state",
     )
     rs.add_argument("--address", help="Ray cluster address (default: as for `mor sweep run`)")
     add_verbose(rs)
     rs.set_defaults(func=resume)
+
+
+def _register_jobs(sub: argparse._SubParsersAction) -> None:
+    """submit, then status/logs/stop of a submitted job."""
+    from cli.help import add_command
 
     s = add_command(
         sub,

@@ -193,6 +193,22 @@ def _optuna_asha_on_s3(
     }
     path = tmp_path / "opt.yaml"
     path.write_text(yaml.safe_dump(data))
+    client = MlflowClient(uri)
+    first, steps_before = _run_and_kill_after_first_trial(tmp_path, path, client)
+    assert mor_main(["sweep", "resume", "opt", "--storage-path", store]) == 0
+    after = capsys.readouterr().out
+    # The search went on where its last saved state was: no new first proposal, 3 in all.
+    assert "trial 1/3 proposed" not in after and "trial 3/3 proposed" in after
+    assert len(client.get_metric_history(first, "train/loss")) == steps_before  # not retrained
+    _check_resumed_search(client, store, s3)
+    assert not any((tmp_path / d).exists() for d in ("tune", "runs", "sweeps", "outputs"))
+
+
+def _run_and_kill_after_first_trial(
+    tmp_path: Path, path: Path, client: MlflowClient
+) -> tuple[str, int]:
+    """`mor sweep run` in its own process, SIGKILLed (with its local Ray) once its first trial
+    finished training; (that trial's run id, its logged steps)."""
     tag = f"optuna-resume-{os.getpid()}-{time.time()}"
     env = {**os.environ, "MOR_TEST_TAG": tag, "MOR_STACK_DIR": str(tmp_path / "no-stack")}
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
@@ -206,7 +222,6 @@ def _optuna_asha_on_s3(
         cwd=tmp_path,
         env=env,
     )
-    client = MlflowClient(uri)
     try:
         first = _first_finished_training(client, proc, log)
     finally:
@@ -214,11 +229,12 @@ def _optuna_asha_on_s3(
         proc.wait()
         _kill_tagged(tag)  # the driver's own local Ray, and nothing else
     assert "search (optuna): trial 1/3 proposed" in log.read_text()
-    steps_before = len(client.get_metric_history(first, "train/loss"))
-    assert mor_main(["sweep", "resume", "opt", "--storage-path", store]) == 0
-    after = capsys.readouterr().out
-    # The search went on where its last saved state was: no new first proposal, 3 in all.
-    assert "trial 1/3 proposed" not in after and "trial 3/3 proposed" in after
+    return first, len(client.get_metric_history(first, "train/loss"))
+
+
+def _check_resumed_search(client: MlflowClient, store: str, s3: str) -> None:
+    """3 distinct trials in all, none left RUNNING; ASHA validated at its FLOPs rungs and
+    stopped at least one (a tagged, partial point); the best is the best finished trial."""
     state = local_mirror(store) / "sweeps" / "opt"  # the driver's own bookkeeping
     home = Location.parse(store).child("sweeps", "opt")  # what the sweep published
     outcome = home.child("summary.json").read_json()
@@ -231,7 +247,6 @@ def _optuna_asha_on_s3(
     assert len(trains) == 3 and outcome["trials"] == 3  # num_samples respected
     configs = {(t.data.tags["mor.label"], t.data.params["optim.lr"]) for t in trains}
     assert len(configs) == 3  # nothing proposed twice
-    assert len(client.get_metric_history(first, "train/loss")) == steps_before  # not retrained
     exp_id = client.get_experiment_by_name("sweeps-test").experiment_id
     assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")  # none left
     milestones = [2.5e8, 5e8]
@@ -244,7 +259,6 @@ def _optuna_asha_on_s3(
     assert len(stopped) == len(outcome["stopped_early"]) >= 1
     results_md = home.child("report", "results.md").read_text()
     _check_stored_on_s3(client, trains, stopped, store, s3)
-    assert not any((tmp_path / d).exists() for d in ("tune", "runs", "sweeps", "outputs"))
     for t in trains:
         if t in stopped:
             assert t.info.status == "KILLED"

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -258,14 +259,7 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path, s3
         ),
     )
     result = run_training(cfg)
-    store = Location.parse(f"{s3}/store")
-    assert result.export_dir == f"{s3}/store/runs/two-workers/export"
-    assert {"config.json", "model.pt", "tokenizer.json"} <= set(
-        Location.parse(result.export_dir).names()
-    )
-    assert any(n.startswith("checkpoint_") for n in store.child("ray", "two-workers").names())
-    assert store.child("runs", "two-workers", RUN_ID_FILE).read_json()["run_id"] == result.run_id
-    assert not (workdir / "ray").exists() and not (workdir / "runs").exists()  # nothing local
+    _check_run_in_bucket(result, f"{s3}/store", "two-workers", workdir)
     client = MlflowClient(result.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -328,6 +322,19 @@ def shakespeare_parquet(folder: Path, files: int) -> Path:
         table = pa.table({"text": docs[i::files], "id": list(range(len(docs)))[i::files]})
         pq.write_table(table, folder / f"part-{i:05d}.parquet", row_group_size=64)
     return folder
+
+
+def _check_run_in_bucket(result: Any, store: str, name: str, workdir: Path) -> None:
+    """Ray Train's checkpoints, the run's record and its export are objects in the bucket;
+    nothing of the run is on local disk."""
+    bucket = Location.parse(store)
+    assert result.export_dir == f"{store}/runs/{name}/export"
+    assert {"config.json", "model.pt", "tokenizer.json"} <= set(
+        Location.parse(result.export_dir).names()
+    )
+    assert any(n.startswith("checkpoint_") for n in bucket.child("ray", name).names())
+    assert bucket.child("runs", name, RUN_ID_FILE).read_json()["run_id"] == result.run_id
+    assert not (workdir / "ray").exists() and not (workdir / "runs").exists()
 
 
 def plan_data_dir(cfg: TrainConfig) -> str:
