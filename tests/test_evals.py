@@ -465,13 +465,15 @@ def trained_run(trained_export: Path, tmp_path_factory: pytest.TempPathFactory) 
     (STORAGE/runs/NAME/export), recording its training run and tracking URI as the launcher
     does (tests/test_trainer.py checks the launcher writes them; tests/test_platform.py runs
     the real `mor train` then `mor eval` on the `mor up` stack)."""
+    from core.storage import Location
     from trainers.tracking import connect, find_or_create_run
 
     tmp = tmp_path_factory.mktemp("trained")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client, exp_id = connect(uri, "mor")
     state = tmp / "runs" / "evalcli"
-    run_id, _ = find_or_create_run(client, exp_id, "evalcli", state, {"model.preset": "micro"})
+    home = Location.parse(state)
+    run_id, _ = find_or_create_run(client, exp_id, "evalcli", home, {"model.preset": "micro"})
     client.set_terminated(run_id, status="FINISHED")
     export = state / "export"
     shutil.copytree(trained_export, export)

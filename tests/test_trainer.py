@@ -197,16 +197,17 @@ def test_loop_router_metrics_are_routing_stats_metrics() -> None:
 
 
 def test_fault_injector_hooks(tmp_path: Path) -> None:
-    faults = FaultInjector(FaultInjection(fail_at_step=3, nan_at_step=2), tmp_path, rank=0)
+    home = Location.parse(tmp_path)  # the run's persisted folder (a local one here)
+    faults = FaultInjector(FaultInjection(fail_at_step=3, nan_at_step=2), home, rank=0)
     faults.before_step(2)  # not the failing step
     with pytest.raises(RuntimeError, match="fault injection"):
         faults.before_step(3)
     faults.before_step(3)  # once per run: the restarted attempt goes on
-    FaultInjector(FaultInjection(fail_at_step=1), tmp_path, rank=1).before_step(1)  # rank 0 only
+    FaultInjector(FaultInjection(fail_at_step=1), home, rank=1).before_step(1)  # rank 0 only
     loss = torch.tensor(1.5)
     assert math.isnan(float(faults.on_loss(2, loss)))
     assert float(faults.on_loss(3, loss)) == 1.5
-    assert float(FaultInjector(FaultInjection(), tmp_path, 0).on_loss(2, loss)) == 1.5
+    assert float(FaultInjector(FaultInjection(), home, 0).on_loss(2, loss)) == 1.5
 
 
 @needs_shared
@@ -334,7 +335,7 @@ def _check_run_in_bucket(result: Any, store: str, name: str, workdir: Path) -> N
     )
     assert any(n.startswith("checkpoint_") for n in bucket.child("ray", name).names())
     assert bucket.child("runs", name, RUN_ID_FILE).read_json()["run_id"] == result.run_id
-    assert not (workdir / "ray").exists() and not (workdir / "runs").exists()
+    assert not (workdir / "ray" / name).exists() and not (workdir / "runs" / name).exists()
 
 
 def plan_data_dir(cfg: TrainConfig) -> str:
