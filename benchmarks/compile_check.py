@@ -198,7 +198,10 @@ def run_speed() -> BenchResult:
         res.summary[f"speed-up {name}"] = e / c
     res.notes += [
         "Batch 8 × 128 tokens, forward + backward + AdamW; fastest of 6 interleaved steps "
-        "after 1 warm-up; the compiled model's first (compiling) step is timed apart.",
+        "after 1 warm-up; the compiled model's first (compiling) step is timed apart. It "
+        "reads inductor's on-disk cache (/tmp/torchinductor_$USER) when a previous run left "
+        "one: then seconds; cold on this loaded 2-core machine it took minutes (187 s vanilla, "
+        "489 s MoR-EC on 2026-12-02).",
         "Loss difference: eager and compiled models start from the same weights and train on "
         "the same batch; compared step by step (float32, CPU).",
         "CPU timings on a shared machine: other processes only add time, so ratios are "
