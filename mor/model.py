@@ -107,14 +107,48 @@ class RoutingStats:
 
 
 @dataclass
+class RoutingCounts:
+    """``RoutingStats`` still on the device: what a forward keeps so that it never waits for
+    the device (a host read per statistic would stall a GPU's stream and break a compiled
+    graph). ``read`` copies everything to the host in one transfer; the trainer reads once
+    per optimizer step (``trainers.step_metrics``)."""
+
+    active_fraction: torch.Tensor  # [N_r] float64: fraction of valid tokens that ran recursion r
+    tokens_per_depth: torch.Tensor  # [N_r + 1] long: valid tokens whose final depth is d
+    losses: dict[str, torch.Tensor]  # unweighted router losses (scalars, detached)
+
+    def vector(self) -> torch.Tensor:
+        """Everything as one float64 vector: active fractions, depth counts, then the losses
+        in ``losses``' key order (what ``read`` and the trainer's all-reduce move)."""
+        parts = [self.active_fraction.double(), self.tokens_per_depth.double()]
+        parts += [v.reshape(1).double() for v in self.losses.values()]
+        return torch.cat(parts)
+
+    def read(self) -> RoutingStats:
+        """The host copy (one device-to-host transfer)."""
+        n, values = len(self.active_fraction), self.vector().tolist()
+        counts = [int(c) for c in values[n : 2 * n + 1]]
+        losses = dict(zip(self.losses, values[2 * n + 1 :], strict=True))
+        return RoutingStats.from_counts(values[:n], counts, losses)
+
+
+@dataclass
 class MoROutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None  # lm_loss + weighted router losses (what to backprop)
     lm_loss: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None
-    stats: RoutingStats | None = None
+    routing: RoutingCounts | None = None  # routing statistics, on the device
     cache: KVCache | None = None
     depth: torch.Tensor | None = None  # [B, T] recursions each token ran
+    _stats: RoutingStats | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> RoutingStats | None:
+        """Routing statistics on the host: reads ``routing`` from the device on first use."""
+        if self._stats is None and self.routing is not None:
+            self._stats = self.routing.read()
+        return self._stats
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -165,10 +199,16 @@ class MoRModel(nn.Module):
         return {"total": total, "embedding": emb, "non_embedding": total - emb}
 
     # ------------------------------------------------------------------ forward
-    def _batch(self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> TokenBatch:
+    def _batch(
+        self, x: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, all_valid: bool | None
+    ) -> TokenBatch:
+        """``all_valid``: True when the caller knows every token is valid (packed batches);
+        None reads it from ``valid`` (padded or routed batches: a host sync, see ``forward``)."""
         cos, sin = self.rotary(pos)
+        if all_valid is None:
+            all_valid = bool(valid.all())
         # cos/sin stay float64: apply_rotary casts them once to its compute dtype (bf16-safe).
-        return TokenBatch(x, pos, valid, cos, sin, bool(valid.all()))
+        return TokenBatch(x, pos, valid, cos, sin, all_valid)
 
     def _run_layer(
         self, i: int, key: tuple, tb: TokenBatch, sites: dict, reuse: KVSite | None = None
@@ -199,7 +239,15 @@ class MoRModel(nn.Module):
         decoding (inference only). Routing is the training routing in ``train()`` mode and the
         causal, per-token inference routing (``Router.decide``) in ``eval()`` mode.
         topk_routing: training's sequence-wide top-k in ``eval()`` mode (the paper's
-        evaluation, non-causal; no router state changes)."""
+        evaluation, non-causal; no router state changes).
+
+        Host syncs: without ``attention_mask`` (packed batches, the training case) every token
+        is valid and every shape is known on the host: expert-choice training keeps a static
+        k = ⌈capacity · T⌉ tokens per row, and the forward never reads the device (it compiles
+        into one graph per recursion block or fewer; ``benchmarks/compile_check.py``). With
+        padding, or with routing decided per token (inference, token-choice), rows keep
+        different numbers of tokens and the gather's width is read from the device, once per
+        recursion (``_recursion``)."""
         cfg = self.cfg
         if cache is not None and (self.training or topk_routing):
             raise ValueError(
@@ -208,9 +256,10 @@ class MoRModel(nn.Module):
         n_rec = self._num_recursions(max_depth, force_depth)
         b, t = input_ids.shape
         dev = input_ids.device
+        packed = attention_mask is None  # no padding: every count below is a Python int
         valid = (
             torch.ones(b, t, dtype=torch.bool, device=dev)
-            if attention_mask is None
+            if packed
             else attention_mask.to(torch.bool)
         )
         offset = torch.zeros(b, dtype=torch.long, device=dev)
@@ -220,11 +269,11 @@ class MoRModel(nn.Module):
         sites: dict[tuple, KVSite] = cache.sites if cache is not None else {}
 
         h = self.embed(input_ids)
-        full = self._batch(h, pos, valid)
+        full = self._batch(h, pos, valid, True if packed else None)
         for i in range(cfg.num_prefix_layers):
             h = self._run_layer(i, ("pre", i), self._with_x(full, h), sites)
-        h, depth, active_frac, losses = self._recursions(
-            h, pos, valid, n_rec, force_depth, sites, self.training or topk_routing
+        h, depth, active, losses = self._recursions(
+            h, pos, valid, packed, n_rec, force_depth, sites, self.training or topk_routing
         )
         for i in range(cfg.num_suffix_layers):
             key = ("post", i)
@@ -236,7 +285,7 @@ class MoRModel(nn.Module):
         if cache is not None:
             cache.seen = offset + valid.long().sum(-1)
         out = MoROutput(logits=logits, cache=cache, depth=depth)
-        self._losses_and_stats(out, labels, valid, active_frac, losses)
+        self._losses_and_stats(out, labels, valid, packed, active, losses)
         return out
 
     def _num_recursions(self, max_depth: int | None, force_depth: int | None) -> int:
@@ -259,44 +308,54 @@ class MoRModel(nn.Module):
         h: torch.Tensor,
         pos: torch.Tensor,
         valid: torch.Tensor,
+        packed: bool,
         n_rec: int,
         force_depth: int | None,
         sites: dict,
         topk: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[float], dict[str, list[torch.Tensor]]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         """The routed recursion stack: recursion r runs the tokens the router keeps (§2.2).
 
         ``topk``: training's routing (``Router.train_decide``), else the causal inference rule.
-        Returns hidden states, each token's depth, the active fraction per recursion and the
-        unweighted router losses (one entry per recursion that produced them).
+        ``packed``: no padding (``valid`` is all True), so routers that know how many tokens
+        each row keeps say so (``Decision.kept``) and the gathers have static shapes.
+        Returns hidden states, each token's depth, the number of tokens that ran each
+        recursion (device scalars) and the unweighted router losses (one entry per recursion
+        that produced them).
         """
         depth = torch.zeros_like(valid, dtype=torch.long)
         losses: dict[str, list[torch.Tensor]] = {}
-        active_frac: list[float] = []
-        n_valid = max(1, int(valid.sum()))
+        ran: list[torch.Tensor] = []
+        # Tokens per row still active, when known on the host (None: read it per recursion).
+        n_active: int | None = valid.shape[1] if packed else None
         active, memo = valid, {}
         for r in range(n_rec):
             # Hierarchical: a token the router drops at r is not eligible at deeper recursions.
-            dec, step_losses = self.router.route(h, r, memo, active, valid, topk, force_depth)
+            dec, step_losses = self.router.route(
+                h, r, memo, active, None if packed else valid, topk, force_depth
+            )
             for k, v in step_losses.items():
                 losses.setdefault(k, []).append(v)
-            memo, active = dec.memo, active & dec.keep
-            active_frac.append(int(active.sum()) / n_valid)
-            if not bool(active.any()):
-                continue
+            memo = dec.memo
+            if not dec.keeps_all:
+                active = active & dec.keep
+                n_active = dec.kept
+            ran.append(active.sum())
             depth = depth + active.long()
-            h = self._recursion(r, h, pos, active, dec.gate, sites)
-        return h, depth, active_frac, losses
+            h = self._recursion(r, h, pos, active, n_active, dec.gate, sites)
+        return h, depth, ran, losses
 
     def _losses_and_stats(
         self,
         out: MoROutput,
         labels: torch.Tensor | None,
         valid: torch.Tensor,
-        active_frac: list[float],
+        packed: bool,
+        ran: list[torch.Tensor],
         losses: dict[str, list[torch.Tensor]],
     ) -> None:
-        """Fill ``out``'s losses (LM + weighted router losses) and routing statistics."""
+        """Fill ``out``'s losses (LM + weighted router losses) and routing statistics (kept on
+        the device: ``RoutingCounts``)."""
         cfg, logits, depth = self.cfg, out.logits, out.depth
         assert depth is not None
         router_loss = logits.new_zeros((), dtype=torch.float32)
@@ -314,7 +373,7 @@ class MoRModel(nn.Module):
             router_loss = router_loss + coefs[k] * v
         if labels is not None:
             shift_logits = logits[:, :-1].float()
-            target = labels[:, 1:].masked_fill(~valid[:, 1:], -100)
+            target = labels[:, 1:] if packed else labels[:, 1:].masked_fill(~valid[:, 1:], -100)
             lm = F.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]),
                 target.reshape(-1),
@@ -324,15 +383,17 @@ class MoRModel(nn.Module):
         else:
             out.router_loss = router_loss
         if cfg.router != "none" or cfg.sharing != "none":
-            d_valid = depth[valid]
-            per_depth = torch.bincount(d_valid, minlength=cfg.num_recursions + 1).tolist()
+            n_r = cfg.num_recursions
+            n_valid = valid.numel() if packed else valid.sum().clamp_min(1)
             # Recursions skipped by a depth cap ran no tokens.
-            active_frac += [0.0] * (cfg.num_recursions - len(active_frac))
-            out.stats = RoutingStats(
-                active_fraction=active_frac,
-                tokens_per_depth=per_depth,
-                mean_depth=float(d_valid.float().mean()) if d_valid.numel() else 0.0,
-                losses={k: float(v.detach()) for k, v in mean_losses.items()},
+            ran = ran + [torch.zeros_like(ran[0])] * (n_r - len(ran))
+            at_depth = depth[..., None] == torch.arange(n_r + 1, device=depth.device)
+            if not packed:
+                at_depth = at_depth & valid[..., None]
+            out.routing = RoutingCounts(
+                active_fraction=torch.stack(ran).double() / n_valid,
+                tokens_per_depth=at_depth.flatten(0, -2).sum(0),
+                losses={k: v.detach() for k, v in mean_losses.items()},
             )
 
     @staticmethod
@@ -345,24 +406,40 @@ class MoRModel(nn.Module):
         h: torch.Tensor,
         pos: torch.Tensor,
         active: torch.Tensor,
+        n_active: int | None,
         gate: torch.Tensor | None,
         sites: dict,
     ) -> torch.Tensor:
-        """Apply recursion r to the active tokens of h and return the updated hidden states."""
+        """Apply recursion r to the active tokens of h and return the updated hidden states.
+
+        ``n_active``: tokens active in every row, when known on the host (packed training
+        batches: static shapes, no host sync); None when rows differ (padding, inference or
+        token-choice routing): the gather is as wide as the fullest row, read from the device
+        (a host sync, and a graph break under ``torch.compile``: shapes depend on the data).
+        """
         cfg = self.cfg
-        counts = active.sum(-1)
-        k = int(counts.max())
-        gathered = k < active.shape[1]
+        t = active.shape[1]
+        if n_active is None:
+            counts = active.sum(-1)
+            k, fewest = torch.stack([counts.max(), counts.min()]).tolist()  # one host read
+            if k == 0:
+                return h
+            sel_valid = torch.arange(k, device=h.device)[None, :] < counts[:, None]
+            all_valid = fewest == k  # every row is full: the causal fast path
+        else:
+            k, all_valid = n_active, True  # every row has exactly k active tokens
+            sel_valid = torch.ones(active.shape[0], k, dtype=torch.bool, device=h.device)
+        gathered = k < t
         if gathered:
             # Active tokens first, in their original (causal) order: a stable sort on ~active.
             order = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices
             idx = order[:, :k]
-            sel_valid = torch.arange(k, device=h.device)[None, :] < counts[:, None]
             x, p = _gather_rows(h, idx), _gather_rows(pos, idx)
             g = None if gate is None else _gather_rows(gate, idx)
         else:
-            idx, sel_valid, x, p, g = None, active, h, pos, gate
-        tb = self._batch(x, p, sel_valid)
+            idx, x, p, g = None, h, pos, gate
+            sel_valid = active if n_active is None else sel_valid
+        tb = self._batch(x, p, sel_valid, all_valid)
         y = x
         for j, layer_idx in enumerate(cfg.recursion_layers(r)):
             if cfg.kv_cache == "shared" and r > 0:
@@ -373,7 +450,8 @@ class MoRModel(nn.Module):
                 y = self._run_layer(layer_idx, ("rec", r, j), self._with_x(tb, y), sites)
         if g is not None:
             y = x + g[..., None] * (y - x)  # H + g · f(H), f = the block's residual branch
-        y = torch.where(sel_valid[..., None], y, x)
+        if n_active is None:
+            y = torch.where(sel_valid[..., None], y, x)
         if not gathered:
             return y
         return h.scatter(1, idx[..., None].expand(-1, -1, h.shape[-1]), y)

@@ -19,7 +19,7 @@ Every router answers ``Router.decide``: the one causal, per-token inference rule
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +52,20 @@ def gate_values(
 
 
 def expert_choice_select(
-    logits: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor
+    logits: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor | int
 ) -> torch.Tensor:
     """Per row, keep the k[b] highest-scoring eligible tokens (training-time top-k).
 
     logits [B, T] float, eligible [B, T] bool, k [B] long → selected [B, T] bool.
     Padding and tokens dropped earlier are never eligible, so they never take capacity.
+    An int ``k`` (packed batches: the same k for every row, at most the eligible tokens of
+    each row) needs no host sync: the top-k has a static width.
     """
     scores = logits.detach().float().masked_fill(~eligible, float("-inf"))
+    if isinstance(k, int):
+        top = scores.topk(k, dim=-1).indices
+        return torch.zeros_like(eligible).scatter_(1, top, True)
+    # Padded rows keep different k (capacity · their own length): the width is read back.
     k_max = int(k.max()) if k.numel() else 0
     if k_max == 0:
         return torch.zeros_like(eligible)
@@ -88,6 +94,29 @@ class Decision:
     """State for the next recursions: pass it back to the next ``decide``."""
     scores: torch.Tensor | None = None
     """The router logits computed for this decision (losses read them), if any."""
+    # Host-side hints (set with ``known``) that let the model gather with static shapes and
+    # no host sync. Not init fields: ``dataclasses.replace`` does not copy them, so a rule
+    # that derives a new ``keep`` from a decision (an override of ``decide``) drops them and
+    # the model counts on the device, as it must.
+    keeps_all: bool = field(default=False, init=False)
+    """Known on the host: ``keep`` is True everywhere (no router, a full-capacity recursion,
+    a forced depth), so the caller's active set and its size do not change."""
+    kept: int | None = field(default=None, init=False)
+    """Known on the host: every row has exactly this many tokens with keep ∧ eligible
+    (expert-choice training on packed batches: its static top-k); None when the count
+    depends on the data."""
+
+    def known(self, keeps_all: bool = False, kept: int | None = None) -> Decision:
+        """This decision with its host-side hints (``keeps_all``, ``kept``) set."""
+        self.keeps_all, self.kept = keeps_all, kept
+        return self
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the entries in ``mask`` (0 when none), with static shapes: the
+    same value as ``x[mask].mean()`` without a data-dependent shape (no host sync)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp_min(1)
 
 
 class Router(nn.Module):
@@ -116,9 +145,11 @@ class Router(nn.Module):
 
     def train_decide(
         self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
-        valid: torch.Tensor, force_depth: int | None = None,
+        valid: torch.Tensor | None, force_depth: int | None = None,
     ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
-        """Training routing and its training-only losses; by default the inference rule."""
+        """Training routing and its training-only losses; by default the inference rule.
+        ``valid`` None: a packed batch (no padding), where shapes and per-row counts are
+        known on the host and the routing must not read the device."""
         return self.decide(hidden, recursion, memo, force_depth), {}
 
     def z_loss(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -127,17 +158,20 @@ class Router(nn.Module):
 
     def route(
         self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
-        valid: torch.Tensor, training: bool, force_depth: int | None = None,
+        valid: torch.Tensor | None, training: bool, force_depth: int | None = None,
     ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
         """The model's call for recursion r: ``train_decide`` in training, else ``decide``;
         plus the unweighted losses. ``eligible`` [B, T]: tokens still active; ``valid``: not
-        padding."""
+        padding, None for a packed batch (no padding)."""
         if training:
             dec, losses = self.train_decide(hidden, recursion, memo, eligible, valid, force_depth)
         else:
             dec, losses = self.decide(hidden, recursion, memo, force_depth), {}
-        if self.cfg.z_loss_coef > 0 and dec.scores is not None and eligible.any():
-            losses["z"] = self.z_loss(dec.scores, eligible)
+        if self.cfg.z_loss_coef > 0 and dec.scores is not None:
+            # Training on a packed batch always has eligible tokens wherever a router scores
+            # (top-k keeps k ≥ 1 per row); otherwise ask the device (padding, inference).
+            if (training and valid is None) or bool(eligible.any()):
+                losses["z"] = self.z_loss(dec.scores, eligible)
         return dec, losses
 
     def update_bias(self) -> None:
@@ -151,7 +185,7 @@ class NoRouter(Router):
         self, hidden: torch.Tensor, recursion: int, memo: Memo, force_depth: int | None = None
     ) -> Decision:
         keep = torch.ones(hidden.shape[:-1], dtype=torch.bool, device=hidden.device)
-        return Decision(keep, None, memo)
+        return Decision(keep, None, memo).known(keeps_all=True)
 
 
 def make_aux_router_net(cfg: MoRConfig) -> nn.Module:
@@ -162,8 +196,9 @@ def make_aux_router_net(cfg: MoRConfig) -> nn.Module:
 
 def topk_cutoff(logits: torch.Tensor, eligible: torch.Tensor, kept: int) -> torch.Tensor | None:
     """The logit threshold that keeps ``kept`` of the eligible tokens of a batch: midway between
-    the kept-th and the next highest logit (None when every eligible token is kept)."""
-    scores = logits.detach().float()[eligible]
+    the kept-th and the next highest logit; -inf when every eligible token is kept (None when
+    that is known on the host). Static shapes: ineligible tokens score -inf (no host sync)."""
+    scores = logits.detach().float().masked_fill(~eligible, float("-inf")).flatten()
     if kept >= scores.numel() or kept <= 0:
         return None
     top = scores.topk(kept + 1).values
@@ -201,12 +236,13 @@ class ExpertChoiceRouter(Router):
         """Causal rule: a token continues iff its own score passes ``cfg.ec_inference``'s
         threshold; a full-capacity recursion (or a forced depth) keeps every token."""
         logits = self.nets[recursion](hidden).squeeze(-1)
-        keep = self.inference_scores(hidden, recursion, logits) > self.inference_threshold(
-            recursion
-        )
-        if force_depth is not None or self.cfg.capacity_schedule[recursion] >= 1.0:
-            keep = torch.ones_like(keep)
-        return Decision(keep, gate_values(self.cfg, logits), memo, logits)
+        keeps_all = force_depth is not None or self.cfg.capacity_schedule[recursion] >= 1.0
+        if keeps_all:
+            keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        else:
+            threshold = self.inference_threshold(recursion)
+            keep = self.inference_scores(hidden, recursion, logits) > threshold
+        return Decision(keep, gate_values(self.cfg, logits), memo, logits).known(keeps_all)
 
     def inference_scores(
         self, hidden: torch.Tensor, recursion: int, logits: torch.Tensor
@@ -227,45 +263,64 @@ class ExpertChoiceRouter(Router):
     ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
         """Each row keeps its top-k eligible tokens, k = capacity · valid tokens; the BCE aux
         loss (paper §2.2.1) teaches each logit to say "selected" on its own, and the inference
-        rule's own state (τ_r or the auxiliary router) learns the same selection."""
+        rule's own state (τ_r or the auxiliary router) learns the same selection.
+
+        Packed batches (``valid`` None, the training case): k = ⌈capacity · T⌉ is the same
+        Python int for every row and never exceeds the eligible tokens (capacities do not
+        increase), so nothing here reads the device. Padded batches read each row's k back."""
         cfg, r = self.cfg, recursion
         if cfg.capacity_schedule[r] >= 1.0:
             return self.decide(hidden, r, memo, force_depth), {}
         logits = self.nets[r](hidden).squeeze(-1)
-        k = torch.tensor(
-            [cfg.capacity_tokens(r, int(n)) if int(n) else 0 for n in valid.sum(-1)],
-            device=hidden.device,
-        )
-        k = torch.minimum(k, eligible.sum(-1))
+        if valid is None:
+            k: torch.Tensor | int = cfg.capacity_tokens(r, hidden.shape[1])
+            kept = k * hidden.shape[0]
+        else:
+            k = torch.tensor(
+                [cfg.capacity_tokens(r, int(n)) if int(n) else 0 for n in valid.sum(-1)],
+                device=hidden.device,
+            )
+            k = torch.minimum(k, eligible.sum(-1))
+            kept = int(k.sum())
         selected = expert_choice_select(logits, eligible, k)
         losses: dict[str, torch.Tensor] = {}
-        if eligible.any():
-            target = selected[eligible].float()
-            losses["aux"] = F.binary_cross_entropy_with_logits(logits[eligible].float(), target)
+        if valid is None or bool(eligible.any()):
+            target = selected.float()
+            bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+            losses["aux"] = masked_mean(bce, eligible)
             if str(r) in self.aux_nets:
                 # Detached input: this loss trains the auxiliary router and nothing else.
                 aux = self.aux_nets[str(r)](hidden.detach()).squeeze(-1)
-                losses["aux_router"] = F.binary_cross_entropy_with_logits(
-                    aux[eligible].float(), target
-                )
+                bce = F.binary_cross_entropy_with_logits(aux.float(), target, reduction="none")
+                losses["aux_router"] = masked_mean(bce, eligible)
             if self.training and cfg.ec_inference == "calibrated":
-                self._calibrate(r, logits, eligible, int(k.sum()))
-        keep = torch.ones_like(selected) if force_depth is not None else selected
-        return Decision(keep, gate_values(cfg, logits), memo, logits), losses
+                self._calibrate(r, logits, eligible, kept)
+        if force_depth is not None:
+            keep = torch.ones_like(selected)
+            dec = Decision(keep, gate_values(cfg, logits), memo, logits).known(keeps_all=True)
+        else:
+            kept_per_row = k if isinstance(k, int) else None
+            dec = Decision(selected, gate_values(cfg, logits), memo, logits)
+            dec = dec.known(kept=kept_per_row)
+        return dec, losses
 
     @torch.no_grad()
     def _calibrate(self, r: int, logits: torch.Tensor, eligible: torch.Tensor, kept: int) -> None:
         """τ_r ← m·τ_r + (1 − m)·(this batch's top-k cut-off): a threshold that keeps, on text
-        like the training batches, the fraction of tokens top-k keeps."""
+        like the training batches, the fraction of tokens top-k keeps. Written with tensor
+        ops (no host sync): a batch whose top-k keeps every eligible token leaves τ_r as is."""
         cut = topk_cutoff(logits, eligible, kept)
         if cut is None:
             return
-        m = self.cfg.calibration_momentum if int(self.calibration_batches[r]) else 0.0
-        self.threshold[r] = m * self.threshold[r] + (1 - m) * cut.to(self.threshold.dtype)
-        self.calibration_batches[r] += 1
+        seen = self.calibration_batches[r] > 0
+        m = torch.where(seen, self.cfg.calibration_momentum, 0.0).to(self.threshold.dtype)
+        new = m * self.threshold[r] + (1 - m) * cut.to(self.threshold.dtype)
+        ok = torch.isfinite(cut)
+        self.threshold[r] = torch.where(ok, new, self.threshold[r])
+        self.calibration_batches[r] += ok.long()
 
     def z_loss(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return scores[mask].float().pow(2).mean()
+        return masked_mean(scores.float().pow(2), mask)
 
 
 class TokenChoiceRouter(Router):
@@ -297,29 +352,39 @@ class TokenChoiceRouter(Router):
             depth = torch.full_like(depth, force_depth)
         last = depth == recursion + 1
         gate = torch.where(last, gate, torch.ones_like(gate))
-        return Decision(depth > recursion, gate, memo, scores)
+        # Every depth is ≥ 1, so recursion 0 keeps every token (known on the host).
+        keeps_all = recursion == 0 or (force_depth is not None and recursion < force_depth)
+        return Decision(depth > recursion, gate, memo, scores).known(keeps_all)
 
     def train_decide(
         self, hidden: torch.Tensor, recursion: int, memo: Memo, eligible: torch.Tensor,
         valid: torch.Tensor, force_depth: int | None = None,
     ) -> tuple[Decision, dict[str, torch.Tensor]]:  # fmt: skip
         """The inference choice plus, at the stack's input, the Switch-style balance loss
-        N_r · Σ f_i P_i or (loss-free balancing) the load the bias update reads."""
+        N_r · Σ f_i P_i or (loss-free balancing) the load the bias update reads.
+
+        Packed batches (``valid`` None) never read the device here; the depths a token chose
+        still differ per row, so the model's gathers read the widest row (``_recursion``)."""
         dec = self.decide(hidden, recursion, memo, force_depth)
         losses: dict[str, torch.Tensor] = {}
-        if dec.scores is None or not valid.any():
+        if dec.scores is None or (valid is not None and not bool(valid.any())):
             return dec, losses
         n_r = self.cfg.num_recursions
-        counts = F.one_hot(dec.memo["depth"][valid] - 1, n_r).float().sum(0)
+
+        def flat(t: torch.Tensor) -> torch.Tensor:  # the valid tokens' rows
+            return t.reshape(-1, *t.shape[2:]) if valid is None else t[valid]
+
+        depth = flat(dec.memo["depth"])
+        counts = (depth[:, None] - 1 == torch.arange(n_r, device=depth.device)).float().sum(0)
         if self.cfg.balancing == "loss":
-            probs = dec.scores[valid].float().softmax(-1).mean(0)
+            probs = flat(dec.scores).float().softmax(-1).mean(0)
             losses["balance"] = n_r * (counts / counts.sum() * probs).sum()
         elif self.training:  # never from an eval-time top-k pass
             self._load += counts
         return dec, losses
 
     def z_loss(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(scores[mask].float(), -1).pow(2).mean()
+        return masked_mean(torch.logsumexp(scores.float(), -1).pow(2), mask)
 
     @torch.no_grad()
     def update_bias(self) -> None:

@@ -188,6 +188,25 @@ def test_benchmark_smoke_schema(tmp_path: Path) -> None:
     assert "### 3." in md and "### 4." in md and "| --- |" in md
 
 
+def test_compile_check_smoke(tmp_path: Path) -> None:
+    """benchmarks/compile_check's measurement on a micro expert-choice MoR N_r=3: the packed
+    training forward is one graph with no break (no host sync, issue #16), and the results
+    files carry the benchmarks' schema and the machine they ran on."""
+    from benchmarks.common import BenchResult, Column, make_config
+    from benchmarks.common import make_model as bench_model
+    from benchmarks.compile_check import MICRO_SHAPE, graph_breaks, write
+
+    fields = dict(num_layers=5, sharing="middle_cycle", num_recursions=3, router="expert_choice")
+    model = bench_model(make_config(MICRO_SHAPE, **fields)).train()
+    found = graph_breaks(model, torch.randint(0, 512, (2, 16)))
+    assert found == {"graphs": 1, "breaks": 0, "reasons": []}
+    res = BenchResult(1, "graph_breaks", "graph breaks", [Column("graphs", "graphs")], [found])
+    doc = write(tmp_path, [res], quick=True)
+    assert doc["meta"]["cpu_count"] and doc["meta"]["created"]
+    assert json.loads((tmp_path / "compile_check.json").read_text()) == doc
+    assert "| graphs |" in (tmp_path / "compile_check.md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="would run the real GPU benchmark")
 def test_gpu_benchmark_exits_clearly_without_cuda(tmp_path: Path) -> None:
     proc = subprocess.run(

@@ -118,7 +118,7 @@ class Worker:
 
 def build_engine(cfg: TrainConfig, mor_cfg: MoRConfig, total_steps: int, device: torch.device):
     """The DeepSpeed engine: the model (same initial weights on every rank), AdamW and the lr
-    schedule of ``lr_factor``."""
+    schedule of ``lr_factor``; compiled when ``cfg.compile``."""
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -137,6 +137,10 @@ def build_engine(cfg: TrainConfig, mor_cfg: MoRConfig, total_steps: int, device:
         config=deepspeed_config(cfg, choose_precision(cfg, device)),
         dist_init_required=False,
     )
+    if cfg.compile:
+        # From outside the model (torchtitan style): the engine compiles its module in place
+        # (nn.Module.compile), so state dicts, checkpoints and the export are unchanged.
+        engine.compile(backend=cfg.compile_backend)
     return engine
 
 
@@ -188,7 +192,9 @@ def validation_metrics(
     was_training = model.training
     model.eval()
     total, count, drifts = 0.0, 0, []
-    with torch.no_grad():
+    # Eager even when training compiled (cfg.compile): inference routing has data-dependent
+    # shapes, which would recompile per batch for no gain.
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for b in range(batches):
             idx = [(b * micro_batch + i) % len(val) for i in range(micro_batch)]
             x = torch.stack([val[i] for i in idx]).to(device)

@@ -219,6 +219,18 @@ class TrainConfig(BaseModel):
     end. Ray Train V2 takes one report per ~2 s controller poll, so each report can block."""
     address: str | None = None
     """Ray cluster address; None = a local Ray started on demand (or $RAY_ADDRESS)."""
+    compile: bool = False
+    """Compile the model with ``torch.compile``, applied from outside the model (DeepSpeed's
+    ``engine.compile``; checkpoints and exports keep the model's own parameter names). The
+    training forward is one graph for vanilla and expert-choice models (token-choice: one per
+    recursion; ``benchmarks/compile_check.py``). Off by default: on a CPU the first step
+    compiles for minutes for a modest step-time gain (benchmarks/results/compile_check.md);
+    it is meant to default on for GPUs once measured on one (issue #16). Validation runs
+    eager (its per-token routing has data-dependent shapes)."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """With compile: 'inductor' (generated fused kernels: the speed-up) or 'aot_eager' (the
+    same captured forward and backward graphs run by eager kernels: checks that a model
+    compiles and trains the same, without code generation)."""
     fault_injection: FaultInjection = Field(default_factory=FaultInjection)
     """Testing aids; leave empty."""
 

@@ -12,13 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mor.config import MoRConfig
 from mor.flops import training_flops_per_token
-from mor.model import RoutingStats
+from mor.model import RoutingCounts, RoutingStats
 from trainers.config import TrainConfig
 
 # Published peak dense bf16 FLOP/s per GPU (NVIDIA data sheets, without 2:4 sparsity), matched
@@ -49,9 +48,10 @@ def peak_flops(device_name: str) -> float | None:
     return next((PEAK_FLOPS[k] for k in _MOST_SPECIFIC_FIRST if k.casefold() in name), None)
 
 
-def all_mean(values: list[float], device: torch.device) -> list[float]:
-    """Mean of each value over the data-parallel ranks (the values themselves without any)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_mean(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Mean of each value over the data-parallel ranks (the values themselves without any),
+    read back to the host once."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -70,39 +70,44 @@ class ReducedStep:
 
 @dataclass
 class MicroBatchTotals:
-    """The micro-batches of one optimizer step on this rank."""
+    """The micro-batches of one optimizer step on this rank, kept on the device: nothing is
+    read back until ``reduce`` (once per optimizer step), so a micro-batch never waits for
+    the device (a GPU's stream keeps running; issue #16)."""
 
-    losses: list[float] = field(default_factory=list)
-    lm_losses: list[float] = field(default_factory=list)
-    router_losses: list[float] = field(default_factory=list)
-    stats: list[RoutingStats] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    lm_losses: list[torch.Tensor] = field(default_factory=list)
+    router_losses: list[torch.Tensor] = field(default_factory=list)
+    routing: list[RoutingCounts] = field(default_factory=list)
 
     def add(self, loss: torch.Tensor, out: Any) -> None:
         """Record one micro-batch: its backpropagated loss and the model's ``MoROutput``."""
-        self.losses.append(loss.item())
-        self.lm_losses.append(out.lm_loss.item())
-        self.router_losses.append(out.router_loss.item())
-        if out.stats is not None:
-            self.stats.append(out.stats)
+        self.losses.append(loss.detach())
+        self.lm_losses.append(out.lm_loss.detach())
+        self.router_losses.append(out.router_loss.detach())
+        if out.routing is not None:
+            self.routing.append(out.routing)
 
     def reduce(self, device: torch.device, with_routing: bool) -> ReducedStep:
-        """Average over micro-batches here, then over ranks in a single all-reduce.
+        """Average over micro-batches here, then over ranks in a single all-reduce (and one
+        read back to the host).
 
         Routing: active fractions and router losses are averaged, tokens per depth summed
-        (``RoutingStats.merge``); over ranks all three are averaged, which leaves the shares of
-        tokens per depth, and so the mean depth, token-weighted over the global batch.
+        (as ``RoutingStats.merge``); over ranks all three are averaged, which leaves the shares
+        of tokens per depth, and so the mean depth, token-weighted over the global batch.
         """
-        means = [float(np.mean(v)) for v in (self.losses, self.lm_losses, self.router_losses)]
-        merged = RoutingStats.merge(self.stats) if with_routing and self.stats else None
-        if merged is None:
-            return ReducedStep(*all_mean(means, device), routing=None)
-        n_r, keys = len(merged.active_fraction), list(merged.losses)
-        packed = [*means, *merged.active_fraction, *merged.tokens_per_depth]
-        reduced = all_mean(packed + [merged.losses[k] for k in keys], device)
-        counts = reduced[3 + n_r : len(packed)]
-        routing = RoutingStats.from_counts(
-            reduced[3 : 3 + n_r], counts, dict(zip(keys, reduced[len(packed) :], strict=True))
-        )
+        means = [torch.stack(v).double().mean() for v in (self.losses, self.lm_losses,
+                                                           self.router_losses)]  # fmt: skip
+        if not (with_routing and self.routing):
+            return ReducedStep(*all_mean(torch.stack(means), device), routing=None)
+        first = self.routing[0]
+        n_r, keys = len(first.active_fraction), list(first.losses)
+        vectors = torch.stack([r.vector() for r in self.routing])  # [micro-batches, K]
+        merged = vectors.mean(0)
+        merged[n_r : 2 * n_r + 1] = vectors[:, n_r : 2 * n_r + 1].sum(0)  # counts add up
+        reduced = all_mean(torch.cat([torch.stack(means).to(merged.device), merged]), device)
+        counts = reduced[3 + n_r : 4 + 2 * n_r]
+        losses = dict(zip(keys, reduced[4 + 2 * n_r :], strict=True))
+        routing = RoutingStats.from_counts(reduced[3 : 3 + n_r], counts, losses)
         return ReducedStep(*reduced[:3], routing=routing)
 
 
