@@ -242,7 +242,7 @@ def test_compiled_training_matches_eager(tmp_path: Path, monkeypatch: pytest.Mon
             engine = build_engine(cfg, mor_cfg, 3, torch.device("cpu"))
             assert engine.is_compiled == compiled
             sampler = BatchSampler(_Batches(97, 12, 16), 2, seed=0)
-            faults = FaultInjector(FaultInjection(), tmp_path, rank=0)
+            faults = FaultInjector(FaultInjection(), Location.parse(tmp_path), rank=0)
             steps = [
                 optimizer_step(engine, sampler, s, 2, torch.device("cpu"), faults).reduce(
                     torch.device("cpu"), True
