@@ -59,12 +59,12 @@ class PeakRSS:
             full = me.memory_full_info()
             self.driver = max(self.driver, full.rss)
             self.driver_uss = max(self.driver_uss, full.uss)
-            for p in psutil.process_iter(["name", "cmdline"]):
+            # This process's descendants only (its Ray's raylet spawns the workers): another
+            # Ray cluster on the machine must not count.
+            for p in me.children(recursive=True):
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.pid != me.pid and ("ray::" in cmd or "default_worker.py" in cmd):
-                        self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
-                    elif p.ppid() == me.pid and "python" in (p.info["name"] or ""):
+                    cmd = " ".join(p.cmdline())
+                    if "ray::" in cmd or "default_worker.py" in cmd or "python" in p.name():
                         self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
                 except (psutil.Error, OSError):
                     continue
