@@ -138,16 +138,3 @@ def run_eval(
         uri = eval_tracking_uri(report, tracking_uri)
         run_id = log_eval(report, out, uri, parent_run_id=parent_run_id)
     return report, run_id, out
-
-
-def run_eval_on_ray(num_cpus: float = 1, num_gpus: float = 0, **kwargs: Any) -> Any:
-    """The same evaluation as a Ray task (CPU or GPU); returns its ObjectRef."""
-    import ray
-
-    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_remote_eval)
-    return task.remote(**kwargs)
-
-
-def _remote_eval(**kwargs: Any) -> dict[str, Any]:
-    report, run_id, out = run_eval(**kwargs)
-    return {"report": report.to_dict(), "run_id": run_id, "out_dir": str(out)}

@@ -416,32 +416,6 @@ def test_eval_cli_offline_json(
     assert mor_main(["eval", str(tmp_path)]) != 0
 
 
-@needs_shared
-def test_eval_runs_as_a_ray_task(trained_export: Path, tmp_path: Path) -> None:
-    """The sweep stage's form: the same evaluation as a Ray task (here on CPU)."""
-    import ray
-
-    from evals.pipeline import run_eval_on_ray
-
-    ray.init(address="local", num_cpus=2, configure_logging=False)
-    try:
-        ref = run_eval_on_ray(
-            num_cpus=1,
-            model_dir=str(trained_export),
-            tasks=["mor_heldout_mc"],
-            limit=3,
-            depths=["router"],
-            log_mlflow=False,
-            out_dir=str(tmp_path / "ray_eval"),
-            work_dir=str(tmp_path / "w"),
-        )
-        out = ray.get(ref, timeout=600)
-    finally:
-        ray.shutdown()
-    assert [p["label"] for p in out["report"]["points"]] == ["router"]
-    assert (tmp_path / "ray_eval" / "results.csv").is_file()
-
-
 # ------------------------------------------------------------------ `mor eval EXPORT` as typed
 def user_env(tmp: Path, **extra: str) -> dict[str, str]:
     """A shell with no tracking settings and no `mor up` stack: only the export says where."""

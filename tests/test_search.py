@@ -149,29 +149,39 @@ def _validated_at_milestones(trial_dir: Location, milestones: list[float]) -> in
     return checked
 
 
-def test_optuna_asha_sweep_on_s3_resumes_after_driver_sigkill(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, s3: str
+@pytest.mark.extended  # ~3 min (local) and ~4 min (s3): python -m pytest -q tests -m extended
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_optuna_asha_sweep_resumes_after_driver_sigkill(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    where: str,
 ) -> None:
     """Optuna (TPE) + ASHA on FLOPs, driver SIGKILLed after the first trial: `mor sweep resume`
     continues the same search (the proposal count goes on, the finished trial is neither
     re-proposed nor retrained, 3 trials in all); ASHA's rungs are FLOPs milestones where
     every trial reports a validation loss; a stopped trial is a tagged, partial point.
 
-    Everything the sweep persists is in an S3 bucket (moto's server): Tune's experiment, the
-    trials' checkpoints and exports, prepared data, the sweep's record, summary and report; the
-    MLflow server stores its artifacts there too. The finished trials are evaluated from there."""
-    store = f"{s3}/opt-store"
+    ``s3``: everything the sweep persists is in an S3 bucket
+    (moto's server): Tune's experiment, the trials' checkpoints and exports, prepared data, the
+    sweep's record, summary and report; the MLflow server stores its artifacts there too, and
+    the finished trials are evaluated from their exports there."""
     monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "cache"))  # this machine's own files
+    if where == "local":
+        _optuna_asha(tmp_path, capsys, str(tmp_path), f"sqlite:///{tmp_path / 'mlflow.db'}", None)
+        return
+    s3 = request.getfixturevalue("s3")
     mlflow_port = _free_port()
     server = start_mlflow(mlflow_port, tmp_path, artifacts=f"{s3}/mlflow")
     try:
-        _optuna_asha_on_s3(tmp_path, capsys, store, f"http://127.0.0.1:{mlflow_port}", s3)
+        _optuna_asha(tmp_path, capsys, f"{s3}/opt-store", f"http://127.0.0.1:{mlflow_port}", s3)
     finally:
         stop(server)
 
 
-def _optuna_asha_on_s3(
-    tmp_path: Path, capsys: pytest.CaptureFixture, store: str, uri: str, s3: str
+def _optuna_asha(
+    tmp_path: Path, capsys: pytest.CaptureFixture, store: str, uri: str, s3: str | None
 ) -> None:
     data = search_spec(
         tmp_path,
@@ -183,7 +193,7 @@ def _optuna_asha_on_s3(
         metric="val/loss",
         mode="min",
         resources={"max_concurrent": 1},
-        eval={"limit": 4, "tasks": ["mor_heldout_mc"]},
+        eval={"limit": 4, "tasks": ["mor_heldout_mc"]} if s3 else {"enabled": False},
         storage_path=store,
         tracking={"experiment": "sweeps-test", "uri": uri},
     )
@@ -201,7 +211,8 @@ def _optuna_asha_on_s3(
     assert "trial 1/3 proposed" not in after and "trial 3/3 proposed" in after
     assert len(client.get_metric_history(first, "train/loss")) == steps_before  # not retrained
     _check_resumed_search(client, store, s3)
-    assert not any((tmp_path / d).exists() for d in ("tune", "runs", "sweeps", "outputs"))
+    if s3:  # nothing on local disk but caches
+        assert not any((tmp_path / d).exists() for d in ("tune", "runs", "sweeps", "outputs"))
 
 
 def _run_and_kill_after_first_trial(
@@ -232,7 +243,7 @@ def _run_and_kill_after_first_trial(
     return first, len(client.get_metric_history(first, "train/loss"))
 
 
-def _check_resumed_search(client: MlflowClient, store: str, s3: str) -> None:
+def _check_resumed_search(client: MlflowClient, store: str, s3: str | None) -> None:
     """3 distinct trials in all, none left RUNNING; ASHA validated at its FLOPs rungs and
     stopped at least one (a tagged, partial point); the best is the best finished trial."""
     state = local_mirror(store) / "sweeps" / "opt"  # the driver's own bookkeeping
@@ -258,7 +269,8 @@ def _check_resumed_search(client: MlflowClient, store: str, s3: str) -> None:
     stopped = [t for t in trains if "mor.stopped_early" in t.data.tags]
     assert len(stopped) == len(outcome["stopped_early"]) >= 1
     results_md = home.child("report", "results.md").read_text()
-    _check_stored_on_s3(client, trains, stopped, store, s3)
+    if s3:
+        _check_stored_on_s3(client, trains, stopped, store, s3)
     for t in trains:
         if t in stopped:
             assert t.info.status == "KILLED"
