@@ -155,3 +155,22 @@ def make_model(
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
+
+
+def run_meta(quick: bool, device: str = "cpu") -> dict[str, Any]:
+    """When and where a benchmark ran: the ``meta`` of every results file."""
+    import os
+    import platform
+    import sys
+    from datetime import datetime, timezone
+
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "device": device,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+    }

@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
 
-from benchmarks.common import CPU_SHAPE, BenchResult, Column, interleaved, make_config, make_model
+from benchmarks.common import (
+    CPU_SHAPE,
+    BenchResult,
+    Column,
+    interleaved,
+    make_config,
+    make_model,
+    run_meta,
+)
 from mor.model import MoRModel
 
 MICRO_SHAPE: dict[str, Any] = dict(
@@ -229,16 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(out: Path, results: list[BenchResult], quick: bool) -> dict[str, Any]:
-    meta = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-        "device": "cpu",
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-    }
+    meta = run_meta(quick)
     doc = {"schema_version": 1, "meta": meta, "benchmarks": [r.to_dict() for r in results]}
     head = (
         f"# torch.compile check ({'quick' if quick else 'full'} run, {meta['created']}; torch "

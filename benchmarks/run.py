@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import traceback
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import BenchResult
+from benchmarks.common import BenchResult, run_meta
 
 SCHEMA_VERSION = 1
 TITLES = {
@@ -99,17 +96,7 @@ def run_suite(
             print(f"[bench] {i}. done in {res.seconds:.0f} s", flush=True)
         results.append(res.to_dict())
         md.append(res.to_markdown())
-    meta = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "quick": quick,
-        "device": "cpu",
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "total_seconds": round(time.perf_counter() - t0, 1),
-    }
+    meta = run_meta(quick) | {"total_seconds": round(time.perf_counter() - t0, 1)}
     head = (
         f"CPU benchmarks ({'quick' if quick else 'full'} run, {meta['created']}; torch "
         f"{meta['torch']}, {meta['torch_threads']} thread(s), {meta['cpu_count']} CPUs; "
