@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from core.procs import (
     console_script,
     free_port,
     owned,
+    run_in_new_session,
     same_process,
     session_pids,
     stop,
@@ -117,17 +117,9 @@ def start_node(
         *([f"--num-cpus={node.num_cpus}"] if node.num_cpus is not None else []),
     ]  # fmt: skip
     Path(node.temp_dir).mkdir(parents=True, exist_ok=True)
-    with open(node.log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            rc = proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            rc = None
-    node.session = proc.pid
-    node.pids = session_pids(proc.pid, ("raylet",))
+    session, rc = run_in_new_session(cmd, node.log, env)
+    node.session = session
+    node.pids = session_pids(session, ("raylet",))
     if rc != 0 or not node.alive():
         raise NodeStartError(
             f"`ray start` of node {node.index} failed (exit {rc}); its log {node.log}:\n"

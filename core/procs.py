@@ -183,3 +183,20 @@ def console_script(name: str) -> str:
     PATH."""
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def run_in_new_session(
+    cmd: list[str], log: str | Path, env: dict[str, str], timeout: float = 300.0
+) -> tuple[int, int | None]:
+    """Run a daemonising command (``ray start``) in its own session, output appended to
+    ``log``; (its pid, which is also the session id of what it leaves running; its exit code,
+    None when it did not exit within ``timeout``)."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            return proc.pid, proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return proc.pid, None

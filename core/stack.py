@@ -55,6 +55,7 @@ from core.procs import (
     free_port,
     owned,
     port_free,
+    run_in_new_session,
     same_process,
     session_pids,
     stop,
@@ -308,19 +309,11 @@ def _start_ray(record: StackRecord, env: dict[str, str]) -> None:
     ]  # fmt: skip
     if ray.num_cpus is not None:  # a multi-node stack: the head is node 0 of N
         cmd += [f"--num-cpus={ray.num_cpus}", f'--resources={{"{NODE_RESOURCE.format(0)}": 1}}']
-    with open(ray.log, "ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        try:
-            rc = proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            rc = None
+    session, rc = run_in_new_session(cmd, ray.log, env)
     if rc != 0:
         raise StackError(f"`ray start` failed (exit {rc}); its log {ray.log}:\n{tail(ray.log)}")
-    ray.session = proc.pid
-    ray.pids = session_pids(proc.pid, RAY_PROCESSES)
+    ray.session = session
+    ray.pids = session_pids(session, RAY_PROCESSES)
 
 
 def _check_ports(host: str, ports: dict[str, int]) -> None:
