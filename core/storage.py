@@ -142,7 +142,8 @@ class Location:
     def local_folder(self, cache: Path | None = None) -> Path:
         """A local folder holding this folder's files: itself when local, else a download into
         ``cache`` (default: this location's ``local_mirror``), refreshed file by file when a
-        file's size changed. For an export read by an evaluation on any node."""
+        file's size or modification time changed (a rerun rewrites an export's weights at the
+        same size). For an export read by an evaluation on any node."""
         if self.is_local:
             return Path(self.path)
         import pyarrow.fs as pafs
@@ -154,10 +155,15 @@ class Location:
             raise FileNotFoundError(f"{self.uri}: no such folder, or it is empty")
         for info in infos:
             local = target / info.path[len(self.path) :].lstrip("/")
-            if local.is_file() and local.stat().st_size == info.size:
+            stamp = info.mtime_ns or 0
+            if local.is_file() and (local.stat().st_size, local.stat().st_mtime_ns) == (
+                info.size,
+                stamp,
+            ):
                 continue
             src = Location(f"{self.uri}{info.path[len(self.path) :]}", self.fs, info.path)
             atomic_write(local, src._copy_into)
+            os.utime(local, ns=(stamp, stamp))  # the remote time: what the next call compares
         return target
 
     def _copy_into(self, f: BinaryIO) -> None:

@@ -5,6 +5,7 @@ Prepared data written to and trained on from ``s3://`` without any shared disk."
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,12 @@ def test_folders_copy_and_download(s3: str, tmp_path: Path, monkeypatch) -> None
     local = dest.local_folder()
     assert local == local_mirror(dest.uri) and str(local).startswith(str(tmp_path / "cache"))
     assert (local / "sub" / "model.pt").read_bytes() == (src / "sub" / "model.pt").read_bytes()
+    # A rerun rewrites the weights at the same size: the next read gets the new ones.
+    time.sleep(1.1)  # object stores keep modification times to the second
+    (src / "sub" / "model.pt").write_bytes(os.urandom(3 << 20))
+    dest.copy_tree_from(pafs.LocalFileSystem(), str(src))
+    again = dest.local_folder()
+    assert (again / "sub" / "model.pt").read_bytes() == (src / "sub" / "model.pt").read_bytes()
     assert Location.parse(src).local_folder() == src  # a local folder is its own copy
     with pytest.raises(FileNotFoundError):
         Location.parse(f"{s3}/store/nothing").local_folder()
