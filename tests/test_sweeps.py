@@ -194,6 +194,25 @@ def test_inference_rule_is_a_search_axis() -> None:
     assert MoRConfig.model_fields["ec_inference"].default == "calibrated"
 
 
+def test_mini_paper_spec_plans_every_trial() -> None:
+    """The shipped mini-replication (docs/mini-replication.md): 7 variants x 2 budgets x 3
+    seeds, all 8 unrolled layers, middle-cycle for every recursive model, ranked by held-out
+    bits per byte."""
+    spec = load_spec_file(ROOT / "sweeps" / "configs" / "mini-paper.yaml")
+    plan = plan_sweep(spec)
+    assert len(spec.variants) == 7 and len(spec.budgets) == 2 and spec.seeds == [0, 1, 2]
+    assert len(plan.points) == 42 and not plan.dropped
+    assert spec.headline == "mor_heldout_bpb/bits_per_byte" and spec.mode == "min"
+    # seed 0 of each (variant, budget): the points run variant, budget, then seed
+    seed0 = plan.points[:: len(spec.seeds)]
+    built = [trial_config(spec, p, {}, name="t", tracking_uri="x").mor_config() for p in seed0]
+    assert {c.num_layers for c in built} == {8}
+    kinds = {(c.sharing, c.num_recursions, c.router) for c in built}
+    assert kinds == {("none", 1, "none")} | {
+        ("middle_cycle", n, r) for n in (2, 3) for r in ("none", "expert_choice", "token_choice")
+    }
+
+
 def test_trial_config_is_built_once_and_validated(tmp_path: Path) -> None:
     """The trial's TrainConfig carries the sweep's resources, tracking, budget and storage;
     a bad sampled value or a malformed point is an error naming the field."""
