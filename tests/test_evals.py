@@ -205,16 +205,34 @@ def test_heldout_nll_matches_the_previous_implementation() -> None:
 
 
 def test_default_mc_task_is_well_formed(tmp_path: Path) -> None:
+    """Every non-overlapping span is an item; the three wrong choices are other orders of the
+    true span's words; lm-eval asks for context + one space + choice (not two: the choices
+    carry no leading space); the items come shuffled, so a ``limit`` samples every document."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
     docs = [" ".join(words[(i + k) % len(words)] for k in range(400)) for i in range(3)]
     items = mc_items(docs)
-    assert items and all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
+    # 400 words of ~5.4 chars: ~2,150 chars a document, ~300 of context, ~60-char spans
+    assert len(items) > 3 * 25 and items != mc_items(docs[::-1])
+    assert all(len(i["choices"]) == 4 and 0 <= i["label"] < 4 for i in items)
     for item in items:  # the distractors are the true span's words in another order
         true = item["choices"][item["label"]]
+        assert not true.startswith(" ") and item["context"] and len(true) >= 20
         assert all(sorted(c.split()) == sorted(true.split()) for c in item["choices"])
         assert len(set(item["choices"])) == 4
+    first = [i["context"].split()[0] for i in items[:20]]  # documents start at different words
+    assert len(set(first)) > 3
     out = prepare_default_tasks(tmp_path)
     assert (out / "mor_heldout_mc.yaml").is_file() and (out / "mor_heldout_bpb.jsonl").is_file()
+    lines = (out / "mor_heldout_mc.jsonl").read_text().splitlines()
+    assert len(lines) > 1000  # 1,123 on Python 3.11.7 (one per 360 characters gave 181)
+    manager = TaskManager(include_path=str(out), include_defaults=False)
+    task = get_task_dict(["mor_heldout_mc"], manager)["mor_heldout_mc"]
+    task.build_all_requests(limit=2)
+    doc = json.loads(lines[0])
+    first_item = sorted((i for i in task.instances if i.doc_id == 0), key=lambda i: i.idx)
+    assert [i.arguments for i in first_item] == [(doc["context"], " " + c) for c in doc["choices"]]
 
 
 @needs_shared
