@@ -4,29 +4,34 @@
   ``loglikelihood_rolling`` (the same metrics lm-eval's wikitext task reports). The headline
   metric at tiny scale: it separates models far beyond noise.
 - ``mor_heldout_mc``: 4-way multiple choice: ~300 characters of held-out text, then its true
-  next ~60 characters against three word-order scrambles of them (same words, so same length:
-  acc and acc_norm agree). Every non-overlapping span of the held-out split is an item
-  (1,123), in a seeded random order, so any ``limit`` samples every document.
+  next ~60 characters against three copies of them with one pair of adjacent words swapped
+  (same words, same length: acc and acc_norm agree). Every non-overlapping span of the
+  held-out split is an item (1,128), in a seeded random order, so any ``limit`` samples every
+  document.
 
-How much signal the choice task carries (issue #15, measured 2026-12-02 on three tiny models
-of 8 unrolled layers, d=128: vanilla at 1e12 and 4e12 training FLOPs, MoR-EC middle-cycle
-N_r=3 at 1e12 (V, V, MoR below); accuracy, and paired differences on the same items with z =
-difference / its standard error):
+How much signal the choice task carries (issue #15, measured 2026-12-02 on four tiny models of
+8 unrolled layers, d=128: vanilla V and MoR-EC middle-cycle N_r=3 M, each at 1e12 (V1, M1) and
+4e12 (V4, M4) training FLOPs). Accuracy, and paired differences on the same items with z =
+difference / its standard error. scramble: three word-order scrambles of the span; swap: three
+copies with one adjacent pair swapped; other-doc: spans from other documents; -181: one item
+per 360 characters (before), -all: every span:
 
-| item set | n | V 1e12 | V 4e12 | MoR 1e12 | Δ budget (z) | Δ model, same budget (z) |
-| --- | --- | --- | --- | --- | --- | --- |
-| scrambles, 1 per 360 chars (before) | 181 | 0.613 | 0.895 | 0.735 | 0.282 (7.6) | 0.122 (3.2) |
-| **scrambles, every span (now)** | 1123 | 0.643 | 0.907 | 0.733 | 0.264 (17.8) | 0.090 (5.8) |
-| one adjacent-word swap per choice | 1128 | 0.421 | 0.661 | 0.489 | 0.239 (13.8) | 0.068 (4.2) |
-| continuations from other documents | 1164 | 0.260 | 0.280 | 0.259 | 0.021 (2.6) | 0.001 (0.2) |
-| held-out bits per byte, for scale | 48 docs | 2.804 | 2.376 | 2.682 | 0.428 (28) | 0.122 (22) |
+| design | n | V1 | V4 | M1 | M4 | V4-V1 (z) | M1-V1 (z) | M4-V4 (z) |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| scramble-181 | 181 | 0.613 | 0.895 | 0.735 | | 0.282 (7.6) | 0.122 (3.2) | |
+| scramble-all | 1123 | 0.643 | 0.907 | 0.733 | 0.914 | 0.264 (18) | 0.090 (5.8) | 0.007 (0.9) |
+| swap-all (now) | 1128 | 0.421 | 0.661 | 0.489 | 0.709 | 0.239 (14) | 0.068 (4.2) | 0.049 (3.8) |
+| other-doc-all | 1164 | 0.260 | 0.280 | 0.259 | | 0.021 (2.6) | 0.001 (0.2) | |
+| bits per byte | 48 | 2.804 | 2.376 | 2.682 | 2.290 | -0.428 (28) | -0.122 (22) | -0.087 (12) |
 
-Harder distractors (swaps) lower every score but not the noise, so they separate less;
-continuations taken from elsewhere are at chance for models this small (they do not use the
-context); more items is what helps. Even so, per evaluation bits per byte separates models
-~4x better (z 22 against 5.8 for the same pair), which is why it is the quickstart's headline
-and this task its second panel. Before, the choices also began with a space that lm-eval's
-own target delimiter doubled (scores ~0.04 lower, on a context no training text has).
+More items is what shrinks the noise (181 → 1,128: the standard error of a difference from
+~0.037 to ~0.015). Scrambles saturate: once models pass ~0.9 they stop separating them (z 0.9 at
+4e12, where bits per byte still gives 12); one swapped pair is harder, keeps accuracy in
+0.4–0.7 and separates both pairs. Continuations taken from other documents are at chance for
+models this small (they do not use the context). Bits per byte stays the more sensitive
+measure (z 12–22 against 4), hence the quickstart's headline; this task is its second panel.
+Before, the choices also began with a space that lm-eval's own target delimiter doubled
+(0.04–0.05 lower scores, on a context no training text has).
 
 The held-out split is the one the trainers never train on (``mor.corpus.split_documents``
 with the default 5% validation fraction).
@@ -121,17 +126,18 @@ def bpb_docs(docs: list[str]) -> list[dict[str, str]]:
     return out
 
 
-def _scrambles(span: str, rng: random.Random) -> list[str] | None:
-    """Three distinct orders of the span's words other than its own (None when it has too
-    few distinct words to make them)."""
+def _swaps(span: str, rng: random.Random) -> list[str] | None:
+    """Three distinct copies of the span, each with one pair of adjacent (different) words
+    swapped (None when the span has fewer than three such pairs)."""
     words = span.split()
-    if len(set(words)) < 4:
+    pairs = [i for i in range(len(words) - 1) if words[i] != words[i + 1]]
+    if len(pairs) < 3:
         return None
     wrong: list[str] = []
-    for _ in range(30):
-        perm = words[:]
-        rng.shuffle(perm)
-        cand = " ".join(perm)
+    for i in rng.sample(pairs, len(pairs)):
+        swapped = words[:]
+        swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+        cand = " ".join(swapped)
         if cand != span and cand not in wrong:
             wrong.append(cand)
         if len(wrong) == 3:
@@ -158,19 +164,21 @@ def _spans(text: str) -> list[tuple[str, str]]:
 
 
 def mc_items(docs: list[str], seed: int = 0) -> list[dict[str, object]]:
-    """A passage, its true continuation, and three word-order scrambles of that continuation,
-    for every span of ``docs`` (see ``_spans``), in a seeded random order.
+    """A passage, its true continuation, and three copies of that continuation with one pair
+    of adjacent words swapped, for every span of ``docs`` (see ``_spans``), in a seeded
+    random order.
 
     Every choice holds the same words, so only the model's sense of fluent, in-context English
-    separates them: a unigram model is at chance (25%), a model that learned word order and
-    context beats it, and better models beat it more. Choices carry no leading space: lm-eval
-    joins context and choice with its target delimiter, a space.
+    separates them: a unigram model is at chance (25%), a model that learned word order beats
+    it, and better models beat it more; a single swap is local, so the task does not saturate
+    as soon as whole-span scrambles do (module docstring). Choices carry no leading space:
+    lm-eval joins context and choice with its target delimiter, a space.
     """
     rng = random.Random(seed)
     items = []
     for doc in docs:
         for ctx, span in _spans(_clean(doc)):
-            wrong = _scrambles(span, rng) if len(span) >= 20 else None
+            wrong = _swaps(span, rng) if len(span) >= 20 else None
             if wrong is None:
                 continue
             choices = [span, *wrong]
