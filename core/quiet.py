@@ -59,6 +59,12 @@ def configure(flag: bool = False) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(BENIGN_WORKER_LINES))
         # Ray Data's progress bars (the data stage, before training starts).
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        # Bars no caller can turn off: lm-eval's request building (``Task.build_all_requests``
+        # passes no ``disable``) and HF datasets' "Generating test split". tqdm reads
+        # TQDM_DISABLE when it is imported: Ray's processes started from here inherit it.
+        # (lm-eval's bars that pass ``disable=`` follow ``MoRLM(progress=...)`` instead.)
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
 
@@ -76,9 +82,9 @@ def ray_train_log_level() -> str:
 
 
 def tune_verbosity() -> int:
-    """``tune.RunConfig(verbose=...)``: 0 = Tune prints only errors (the platform prints its
-    own per-trial lines); 2 = Tune's status table and trial results."""
-    return 2 if verbose() else 0
+    """``tune.RunConfig(verbose=...)``: 1 = Tune reports progress only through the sweep's
+    own reporter (``sweeps.progress.SweepTable``); 2 = Tune's status table and results."""
+    return 2 if verbose() else 1
 
 
 def quiet_worker() -> None:

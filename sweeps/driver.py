@@ -241,6 +241,8 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
     import ray
     from ray import tune
 
+    from core.quiet import verbose
+
     spec = plan.spec  # its storage path is absolute: Tune runs each trial in its own folder
     for msg in plan.dropped:
         print(f"[mor] skipped invalid {msg}")
@@ -293,6 +295,8 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         tuner = tune.Tuner.restore(store.experiment, trainable=trainable, resume_errored=True)
     else:
         tuner = _new_tuner(plan, trainable, store, (uri, parent_run_id))
+    if not verbose():  # Tune's legacy output path: the only one taking our reporter
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
     return summarise(spec, grid, client, parent_run_id, uri, state_dir)
 
@@ -318,7 +322,8 @@ def _new_tuner(
     spec's ``metric`` and the scheduler's ``val/loss``), so Tune is given none."""
     from ray import tune
 
-    from core.quiet import tune_verbosity
+    from core.quiet import tune_verbosity, verbose
+    from sweeps.progress import SweepTable, trial_dirname, trial_name
     from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE, PlacementGroupJanitor
 
     spec, state_dir = plan.spec, store.state_dir
@@ -332,8 +337,9 @@ def _new_tuner(
 
         scheduler = FlopsASHA(spec, state_dir, tracking)
     rungs = ", ".join(f"{m:.3g}" for m in scheduler.milestones) if scheduler else ""
+    trials = num_samples if search_alg else len(plan.points) * num_samples
     print(
-        f"[mor] sweep {spec.name!r}: searcher {spec.searcher}, {num_samples} trial(s) "
+        f"[mor] sweep {spec.name!r}: searcher {spec.searcher}, {trials} trial(s) "
         f"{'at most ' if search_alg else ''}(grid points × samples), max_concurrent "
         f"{concurrent}"
         + (f", max_total_flops {spec.max_total_flops:.3g}" if spec.max_total_flops else "")
@@ -347,12 +353,15 @@ def _new_tuner(
             scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=concurrent,
+            trial_name_creator=trial_name,  # 'mor-ec-middle-cycle-3 @ 2e12'
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=store.tune_storage,
             callbacks=[PlacementGroupJanitor()],
             verbose=tune_verbosity(),
+            progress_reporter=None if verbose() else SweepTable(spec.metric),
         ),
     )
 
