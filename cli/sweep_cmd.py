@@ -154,8 +154,12 @@ def _print_result(res) -> None:
     if outcome:
         print(f"[mor] training FLOPs spent: {outcome['train_flops_spent']:.3g}")
     print(f"[mor] summary table: {res.summary_csv}")
-    for extra in getattr(res, "artifacts", []):
-        print(f"[mor] plot: {extra}")
+    artifacts = list(getattr(res, "artifacts", []))
+    page = next((a for a in artifacts if a.suffix == ".html"), None)
+    if page is not None:
+        print(f"[mor] report: {page}")
+        pngs = ", ".join(a.name for a in artifacts if a.suffix == ".png")
+        print(f"[mor] figures (PNG and SVG) beside it: {pngs}")
     from core.endpoints import strip_credentials
 
     uri = strip_credentials(res.tracking_uri)

@@ -139,6 +139,7 @@ def router_figure(points: pd.DataFrame, colors: dict[str, str]) -> Any | None:
         xaxis={"title": "recursion depth reached (recursions a token ran)", "dtick": 1},
         yaxis={"title": "fraction of tokens", "range": [0, 1]},
         barmode="group",
+        showlegend=True,  # even for one model: the legend names its colour
         template="plotly_white",
         height=420,
     )

@@ -35,6 +35,7 @@ from sweeps.spec import (
     TrialPoint,
     plan_sweep,
     trial_config,
+    trial_title,
     with_sampled,
 )
 from sweeps.store import SweepStore
@@ -111,7 +112,7 @@ def trial_fn(
     final["train_run_id"] = result.run_id
     final["label"] = with_sampled(point.label, sampled)
     if spec.eval.enabled:
-        eval_run_id, points = _evaluate(spec, result, tracking_uri)
+        eval_run_id, points = _evaluate(spec, result, tracking_uri, trial_title(final["label"]))
         final["eval_run_id"] = eval_run_id
         for label, values in points.items():
             final.update({eval_point_key(label, k): v for k, v in values.items()})
@@ -121,7 +122,7 @@ def trial_fn(
 
 
 def _evaluate(
-    spec: SweepSpec, result: Any, tracking_uri: str
+    spec: SweepSpec, result: Any, tracking_uri: str, title: str
 ) -> tuple[str, dict[str, dict[str, float | None]]]:
     """(eval run id, {point: {key: value}}) of the trained model, in evaluation order.
 
@@ -144,6 +145,7 @@ def _evaluate(
         tracking_uri=tracking_uri,
         parent_run_id=result.run_id,
         work_dir=sweep_store(spec).eval_work_dir,
+        title=title,
     )
     points = {}
     for p in report.points:
@@ -430,7 +432,7 @@ def summarise(
         from dashboards.report import build_report
 
         report = build_report(uri, [spec.name], state_dir / "report", metric=spec.headline)
-        artifacts = [f for f in report.files if f.suffix in (".png", ".html", ".md")]
+        artifacts = [f for f in report.files if f.suffix in (".png", ".svg", ".html", ".md")]
     except Exception as exc:  # a report problem must not lose the sweep's results
         print(f"[mor] report not built: {exc}")
     mark_interrupted(client, parent_run_id)  # e.g. an evaluation cut short by a failed trial

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -262,7 +263,8 @@ def _check_resumed_search(client: MlflowClient, store: str, s3: str | None) -> N
     assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")  # none left
     milestones = [2.5e8, 5e8]
     experiment = Location.parse(store).child("tune", "opt")
-    trial_dirs = [experiment.child(n) for n in experiment.names() if n.startswith("trial_fn_")]
+    trial_dirs = [experiment.child(n) for n in experiment.names()
+                  if re.search(r"_[0-9a-f]{5}_\d{5}$", n)]  # fmt: skip
     assert sum(_validated_at_milestones(d, milestones) for d in trial_dirs) >= 2
     rungs = json.loads((state / "asha_rungs.json").read_text())  # [[FLOPs, {trial: -loss}]]
     assert set(milestones) <= {m for m, recorded in rungs if recorded}

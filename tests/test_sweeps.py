@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import socket
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_VARIANTS, tiny_spec_dict
+from conftest import CONSOLE_FILE, TINY_VARIANTS, tiny_spec_dict
 from mlflow import MlflowClient
 
 from cli.main import main as mor_main
@@ -315,6 +316,29 @@ def test_two_trial_sweep_end_to_end(tiny_sweep) -> None:
         assert len(evals) == 1 and "eval/mor_heldout_mc/acc" in evals[0].data.metrics
     mor_row = next(r for r in res.rows if r["label"].startswith("mor-ec"))
     assert {"eval/d1/average", "eval/d2/average", "eval/drouter/average"} <= set(mor_row)
+    # Tune's trials and their folders are named by variant and budget.
+    assert {Path(r["trial"]).name.split("_")[0] for r in res.rows} == {
+        "vanilla", "mor-ec", "mor-tc-diverges"
+    }  # fmt: skip
+
+
+def test_sweep_console_is_short_and_says_what_runs(tiny_sweep) -> None:
+    """What the tiny sweep printed (issue #13): the trials by name as they start and end,
+    each evaluated point, the table at the end; no Tune box, progress bars, git noise or
+    Ray tracebacks of its own, and the whole of it well within a screen or two."""
+    _, _, storage = tiny_sweep
+    text = (storage.parent / CONSOLE_FILE).read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 100, text
+    for needle in ("[mor] trial vanilla @ 2e9: finished", "[mor] trial mor-ec @ 2e9: finished",
+                   "[mor] trial mor-tc-diverges @ 2e9: failed", "depth 1/2 (point 1/4)",
+                   "router's choice (point 3/4)", "FLOPs so far"):  # fmt: skip
+        assert needle in text, needle
+    for noise in ("fatal: not a git repository", "Configuration for experiment",
+                  "View detailed results", "PlacementGroupCleaner", "Generating test split",
+                  "Exception in thread"):  # fmt: skip
+        assert noise not in text, noise
+    assert not re.search(r"\d+%\|", text), "a progress bar reached the console"
 
 
 # ------------------------------------------------------------------ cluster submission
