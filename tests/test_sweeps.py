@@ -341,6 +341,27 @@ def test_sweep_console_is_short_and_says_what_runs(tiny_sweep) -> None:
     assert not re.search(r"\d+%\|", text), "a progress bar reached the console"
 
 
+def test_a_trial_trained_again_alone_gives_the_same_numbers(tiny_sweep, tmp_path: Path) -> None:
+    """Reproducibility (issue #13): the sweep trained vanilla beside two other trials (2 at a
+    time on 2 CPUs); the same trial config trained again, alone, ends at exactly the same
+    train and validation loss: threads are pinned per worker, data order and init seeded."""
+    import ray
+
+    from trainers.launcher import run_training
+
+    spec, res, _ = tiny_sweep
+    alone = spec.model_copy(update={"storage_path": str(tmp_path)})
+    point = next(p for p in plan_sweep(alone).points if p.label.startswith("vanilla"))
+    cfg = trial_config(alone, point, {}, name="again", tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    ray.init(address="local", num_cpus=2, configure_logging=False)
+    try:
+        again = run_training(cfg).metrics
+    finally:
+        ray.shutdown()
+    swept = next(r for r in res.rows if r["label"].startswith("vanilla"))
+    assert (again["train/loss"], again["val/loss"]) == (swept["train/loss"], swept["val/loss"])
+
+
 # ------------------------------------------------------------------ cluster submission
 def _free_port() -> int:
     with socket.socket() as s:
