@@ -10,6 +10,7 @@ end, so a log stays short. ``--verbose`` / ``MOR_VERBOSE=1`` gives Tune's own ou
 
 from __future__ import annotations
 
+import atexit
 import math
 import re
 import sys
@@ -120,8 +121,13 @@ class SweepTable(ProgressReporter):
         if self._live is None:
             self._live = Live(auto_refresh=False, redirect_stdout=True, redirect_stderr=True)
             self._live.start()
+            atexit.register(self._stop)  # a sweep cut short still gives the terminal back
         self._live.update(self.table(trials), refresh=True)
         if done:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._live is not None:
             self._live.stop()
             self._live = None
 
