@@ -40,6 +40,25 @@ BENIGN_WORKER_LINES = (
 known-benign notices, never a warning class or an error."""
 
 
+TUNE_TRIAL_ERROR = ("ray.tune.execution.tune_controller", "Trial task failed for trial")
+"""Tune's line when a trial fails: kept, without the ~60-line traceback of Ray's wrappers
+(the trial's own traceback is printed by its worker, and Tune writes the whole of it to the
+trial's ``error.txt``; the sweep's table names that file)."""
+
+
+class _OneLine(logging.Filter):
+    """Keeps a record whose message starts with ``prefix`` but drops its traceback."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith(self.prefix):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def verbose() -> bool:
     """True when ``MOR_VERBOSE`` is set to anything but 0/false/no (``--verbose`` sets it)."""
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -67,6 +86,9 @@ def configure(flag: bool = False) -> None:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
+        tune_logger = logging.getLogger(TUNE_TRIAL_ERROR[0])
+        if not any(isinstance(f, _OneLine) for f in tune_logger.filters):
+            tune_logger.addFilter(_OneLine(TUNE_TRIAL_ERROR[1]))
 
 
 def ray_init_kwargs() -> dict[str, Any]:

@@ -71,6 +71,18 @@ def trial_row(trial: Any, metric: str) -> list[str]:
     ]
 
 
+def failure(trial: Any) -> str:
+    """' | REASON (traceback: FILE)' of a failed trial, from the error file Tune wrote."""
+    from pathlib import Path
+
+    from sweeps.driver import error_reason
+
+    path = getattr(trial, "error_file", None)
+    if not path or not Path(path).is_file():
+        return ""
+    return f" | {error_reason(Path(path).read_text())} (traceback: {path})"
+
+
 class SweepTable(ProgressReporter):
     """Tune's progress reporter for a sweep (``RunConfig(progress_reporter=...)``)."""
 
@@ -140,6 +152,8 @@ class SweepTable(ProgressReporter):
             extra = "".join(
                 f" | {h} {cells[h]}" for h in ("step", "val loss", self.headers()[-1]) if cells[h]
             )
+            if trial.status == "ERROR":
+                extra += failure(trial)
             print(f"[mor] trial {cells['trial']}: {cells['status']}{extra}", flush=True)
         if done:
             from rich.console import Console
