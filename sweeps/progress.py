@@ -72,15 +72,15 @@ def trial_row(trial: Any, metric: str) -> list[str]:
 
 
 def failure(trial: Any) -> str:
-    """' | REASON (traceback: FILE)' of a failed trial, from the error file Tune wrote."""
+    """' | ERROR (traceback: FILE)' of a failed trial: the last line of the error file Tune
+    wrote (the innermost exception, e.g. 'FloatingPointError: training diverged ...')."""
     from pathlib import Path
-
-    from sweeps.driver import error_reason
 
     path = getattr(trial, "error_file", None)
     if not path or not Path(path).is_file():
         return ""
-    return f" | {error_reason(Path(path).read_text())} (traceback: {path})"
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return f" | {(lines or ['unknown error'])[-1][:300]} (traceback: {path})"
 
 
 class SweepTable(ProgressReporter):

@@ -331,7 +331,8 @@ def test_sweep_console_is_short_and_says_what_runs(tiny_sweep) -> None:
     lines = text.splitlines()
     assert len(lines) <= 100, text
     for needle in ("[mor] trial vanilla @ 2e9: finished", "[mor] trial mor-ec @ 2e9: finished",
-                   "[mor] trial mor-tc-diverges @ 2e9: failed", "depth 1/2 (point 1/4)",
+                   "[mor] trial mor-tc-diverges @ 2e9: failed | FloatingPointError: training "
+                   "diverged", "depth 1/2 (point 1/4)",
                    "router's choice (point 3/4)", "FLOPs so far"):  # fmt: skip
         assert needle in text, needle
     for noise in ("fatal: not a git repository", "Configuration for experiment",
@@ -341,6 +342,7 @@ def test_sweep_console_is_short_and_says_what_runs(tiny_sweep) -> None:
     assert not re.search(r"\d+%\|", text), "a progress bar reached the console"
 
 
+@pytest.mark.extended  # 150 s measured on the shared 2-core machine under load ~35: over CI's budget
 def test_a_trial_trained_again_alone_gives_the_same_numbers(tiny_sweep, tmp_path: Path) -> None:
     """Reproducibility (issue #13): the sweep trained vanilla beside two other trials (2 at a
     time on 2 CPUs); the same trial config trained again, alone, ends at exactly the same
