@@ -342,7 +342,7 @@ def test_sweep_console_is_short_and_says_what_runs(tiny_sweep) -> None:
     assert not re.search(r"\d+%\|", text), "a progress bar reached the console"
 
 
-@pytest.mark.extended  # 150 s measured on the shared 2-core machine under load ~35: over CI's budget
+@pytest.mark.extended  # 150 s measured on the shared 2-core machine (load ~35): over budget
 def test_a_trial_trained_again_alone_gives_the_same_numbers(tiny_sweep, tmp_path: Path) -> None:
     """Reproducibility (issue #13): the sweep trained vanilla beside two other trials (2 at a
     time on 2 CPUs); the same trial config trained again, alone, ends at exactly the same
