@@ -129,14 +129,19 @@ def iso_flop_png(trials: pd.DataFrame, path: Path, colors: dict[str, str] | None
         ax.scatter(row["train_flops"], row["val_nll"], color=color, s=40,
                    facecolors="none" if stopped else color,
                    label=row["model"] + (" (stopped early)" if stopped else ""))  # fmt: skip
-    flops_axis(ax, ok["train_flops"])
+    if ok.empty:  # e.g. runs logged without validation: say so, no empty 0..1 axes
+        ax.text(0.5, 0.5, "no trial logged a validation NLL", ha="center", transform=ax.transAxes)
+        ax.set_xticks([]), ax.set_yticks([])
+    else:
+        flops_axis(ax, ok["train_flops"])
     ax.set_xlabel("training FLOPs (total, per trial)")
     ax.set_ylabel(metric_label("val_nll"))
     ax.set_title("Iso-FLOP view: lower is better at equal training compute", fontsize=10)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))  # seeds: one legend entry per model
-    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    if unique:
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     return save(fig, path)
 
