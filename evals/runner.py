@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -259,7 +260,8 @@ def evaluate_model(
     todo = depth_points(model, depths, topk)
     for i, (label, depth) in enumerate(todo, 1):
         what = point_title(label, depth, model.cfg.num_recursions)
-        print(f"[mor] eval {title or name}: {what} (point {i}/{len(todo)})", flush=True)
+        # stderr, like a progress bar: `mor eval --json` keeps stdout for the report
+        print(f"[mor] eval {title or name}: {what} (point {i}/{len(todo)})", file=sys.stderr)
         lm = MoRLM(
             model=model,
             tokenizer=str(tokenizer),
