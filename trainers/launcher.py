@@ -29,6 +29,7 @@ from trainers.checkpointing import tidy_run_dir
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import prepare_data
 from trainers.plan import TrainPlan
+from trainers.ray_trainer import start_autoscaling_coordinator
 from trainers.run_log import SPOOL_FILE
 from trainers.run_store import RunStore, save_export
 from trainers.tracking import (
@@ -269,6 +270,7 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
     plan = TrainPlan.model_validate(plan.model_dump() | {"use_gpu": bool(use_gpu)})
     store = RunStore.of(cfg)
     tidy_run_dir(store.ray_run_dir, cfg.checkpoint.keep)  # torn Ray state, `keep` on restart
+    start_autoscaling_coordinator()  # before Ray Train's 5-s call to it (trainers.ray_trainer)
     trainer = _trainer(cfg, plan, callbacks)
     spool = store.home.child(SPOOL_FILE)
     try:

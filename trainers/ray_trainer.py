@@ -78,3 +78,23 @@ def torch_trainer_class() -> type:
             ]
 
     return Trainer
+
+
+def start_autoscaling_coordinator(timeout_s: float = 120.0) -> None:
+    """Start Ray Data's ``AutoscalingCoordinator`` actor and wait until it answers.
+
+    Ray Train 2.60's controller registers every run's resources with that detached actor
+    (created on first use) and waits 5 s for the answer. On a loaded machine starting the
+    actor takes longer, so runs printed Ray's 20-line "Failed to send resource request"
+    traceback, twice each. Started and awaited here first, the request finds it running. A
+    failure here changes nothing: Ray's own call then behaves (and warns) as before.
+    """
+    try:
+        import ray
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=timeout_s)
+    except Exception:  # private Ray API, a convenience only: never stop a run for it
+        return
