@@ -27,16 +27,9 @@ from core.keys import (
     eval_points,
 )
 from mor.overrides import ConfigError
+from sweeps.plan import SweepPlan, TrialPoint, plan_sweep, trial_config, with_sampled
 from sweeps.space import sample_defaults
-from sweeps.spec import (
-    POINT,
-    SweepPlan,
-    SweepSpec,
-    TrialPoint,
-    plan_sweep,
-    trial_config,
-    with_sampled,
-)
+from sweeps.spec import POINT, SweepSpec
 from sweeps.store import SweepStore
 from trainers.data import prepare_data
 from trainers.launcher import ResourceError, check_resources

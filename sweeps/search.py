@@ -25,8 +25,9 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from mor.overrides import ConfigError
+from sweeps.plan import TrialPoint, point_flops, trial_config
 from sweeps.space import asha_milestones, draw_order, is_active
-from sweeps.spec import POINT, SweepSpec, TrialPoint, point_flops, trial_config
+from sweeps.spec import POINT, SweepSpec
 
 SKIPPED_FILE = "skipped.jsonl"
 STOPPED_FILE = "stopped.jsonl"

@@ -18,7 +18,8 @@ from cli.main import main as mor_main
 from core.keys import eval_key, eval_point_key, eval_points, parse_eval_point_key
 from mor.overrides import ConfigError, validate
 from sweeps.driver import run_sweep
-from sweeps.spec import SweepSpec, TrialPoint, grid_points, plan_sweep, trial_config
+from sweeps.plan import TrialPoint, grid_points, plan_sweep, trial_config
+from sweeps.spec import SweepSpec
 
 VANILLA, MOR = TINY_VARIANTS
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,17 +258,17 @@ def _count_calls(fn: object, argv: list[str]) -> tuple[int | str, int]:
 def test_spec_is_validated_once_per_process(tmp_path: Path, capsys) -> None:
     """`mor sweep run` and `mor sweep submit` check each trial once (the driver path used to
     validate the spec three times). Both stop at an unreachable service, after validation."""
-    import sweeps.spec
+    import sweeps.plan
 
     dead = f"127.0.0.1:{_free_port()}"
     path = write_spec(tmp_path, "once", tracking={"uri": f"http://{dead}"})
     n_points = len(plan_sweep(load_spec_file(path)).points)
     assert n_points == 2
-    rc, checks = _count_calls(sweeps.spec._check_point, ["sweep", "run", str(path)])
+    rc, checks = _count_calls(sweeps.plan._check_point, ["sweep", "run", str(path)])
     assert rc == 2 and "tracking.uri" in capsys.readouterr().err  # stopped at MLflow
     assert checks == n_points
     submit = ["sweep", "submit", str(path), "--address", f"http://{dead}"]
-    outcome, checks = _count_calls(sweeps.spec._check_point, submit)
+    outcome, checks = _count_calls(sweeps.plan._check_point, submit)
     assert outcome not in (0, "ConfigError") and checks == n_points  # failed at the job server
     # The driver takes the plan the CLI made (it plans only when handed a raw spec).
     assert "SweepPlan" in str(inspect.signature(run_sweep).parameters["plan"].annotation)
@@ -346,7 +347,7 @@ def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def test_submit_logs_and_stop(tmp_path: Path, ray_head: str, capsys: pytest.CaptureFixture) -> None:
     """Submission through the Jobs API, followed while it runs, then stopped.
 
-    (A submitted sweep followed to completion is tests/test_platform.py's lifecycle test.)
+    (A submitted sweep followed to completion is tests/test_stack.py's.)
     """
     from sweeps import jobs
 
