@@ -1,17 +1,16 @@
-"""sweeps/: spec validation, a real 2-trial sweep, Ray Jobs submission, resume after a kill."""
+"""sweeps/: spec validation, a real 2-trial sweep, resume after a kill. (Ray Jobs submission:
+tests/test_stack.py, on the `mor up` stack.)"""
 
 from __future__ import annotations
 
 import inspect
-import json
-import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_VARIANTS, tiny_spec_dict
+from conftest import TINY_VARIANTS, _free_port, tiny_spec_dict
 from mlflow import MlflowClient
 
 from cli.main import main as mor_main
@@ -316,59 +315,6 @@ def test_two_trial_sweep_end_to_end(tiny_sweep) -> None:
         assert len(evals) == 1 and "eval/mor_heldout_mc/acc" in evals[0].data.metrics
     mor_row = next(r for r in res.rows if r["label"].startswith("mor-ec"))
     assert {"eval/d1/average", "eval/d2/average", "eval/drouter/average"} <= set(mor_row)
-
-
-# ------------------------------------------------------------------ cluster submission
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A real Ray head on loopback (`ray start --head`, through `mor up`), stopped afterwards:
-    only its own processes, never other Ray clusters on the machine."""
-    from core.stack import down, up
-
-    state = tmp_path / "stack"
-    monkeypatch.setenv("MOR_STACK_DIR", str(state))
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
-    try:
-        record, _ = up(
-            state, ray_port=_free_port(), dashboard_port=_free_port(), mlflow_port=_free_port()
-        )
-        yield record.ray.dashboard
-    finally:
-        down(state)
-
-
-def test_submit_logs_and_stop(tmp_path: Path, ray_head: str, capsys: pytest.CaptureFixture) -> None:
-    """Submission through the Jobs API, followed while it runs, then stopped.
-
-    (A submitted sweep followed to completion is tests/test_stack.py's.)
-    """
-    from sweeps import jobs
-
-    path = write_spec(tmp_path, "to-stop", variants=[MOR])
-    assert mor_main(["sweep", "submit", str(path), "--address", ray_head]) == 0
-    job_id = capsys.readouterr().out.strip().splitlines()[-1]
-    deadline = time.time() + 180
-    while "trial" not in jobs.logs(job_id, ray_head).lower():  # the sweep is under way
-        assert jobs.status(job_id, ray_head) in ("PENDING", "RUNNING"), jobs.logs(job_id, ray_head)
-        assert time.time() < deadline
-        time.sleep(2)
-    assert mor_main(["sweep", "status", job_id, "--address", ray_head]) == 0
-    assert json.loads(capsys.readouterr().out)["status"] == "RUNNING"
-    assert mor_main(["sweep", "logs", job_id, "--address", ray_head]) == 0
-    assert capsys.readouterr().out.strip()
-    assert mor_main(["sweep", "stop", job_id, "--address", ray_head]) == 0
-    deadline = time.time() + 60
-    while jobs.status(job_id, ray_head) not in ("STOPPED", "FAILED", "SUCCEEDED"):
-        assert time.time() < deadline
-        time.sleep(1)
-    assert jobs.status(job_id, ray_head) == "STOPPED"
 
 
 # ------------------------------------------------------------------ resume
