@@ -279,6 +279,7 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         TRIAL_RESOURCES,
     )
     if resume:
+        store.restore()  # the killed driver's bookkeeping, wherever it ran
         for run_id in mark_interrupted(client, parent_run_id):
             print(f"[mor] marked interrupted run {run_id} as KILLED")
         if not tune.Tuner.can_restore(store.experiment):
@@ -317,6 +318,7 @@ def _new_tuner(
     spec, state_dir = plan.spec, store.state_dir
     for stale in (SKIPPED_FILE, STOPPED_FILE, RUNGS_FILE):  # a new search starts clean
         (state_dir / stale).unlink(missing_ok=True)
+    store.forget()
     concurrent = max_concurrent_trials(spec)
     search_alg, space, num_samples = _searcher_and_space(plan, state_dir, concurrent)
     scheduler = None
