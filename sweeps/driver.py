@@ -27,17 +27,16 @@ from core.keys import (
     eval_points,
 )
 from mor.overrides import ConfigError
-from sweeps.space import sample_defaults
-from sweeps.spec import (
-    POINT,
+from sweeps.plan import (
     SweepPlan,
-    SweepSpec,
     TrialPoint,
     plan_sweep,
     trial_config,
     trial_title,
     with_sampled,
 )
+from sweeps.space import sample_defaults
+from sweeps.spec import POINT, SweepSpec
 from sweeps.store import SweepStore
 from trainers.data import prepare_data
 from trainers.launcher import ResourceError, check_resources
@@ -290,6 +289,7 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         TRIAL_RESOURCES,
     )
     if resume:
+        store.restore()  # the killed driver's bookkeeping, wherever it ran
         for run_id in mark_interrupted(client, parent_run_id):
             print(f"[mor] marked interrupted run {run_id} as KILLED")
         if not tune.Tuner.can_restore(store.experiment):
@@ -331,6 +331,7 @@ def _new_tuner(
     spec, state_dir = plan.spec, store.state_dir
     for stale in (SKIPPED_FILE, STOPPED_FILE, RUNGS_FILE):  # a new search starts clean
         (state_dir / stale).unlink(missing_ok=True)
+    store.forget()
     concurrent = max_concurrent_trials(spec)
     search_alg, space, num_samples = _searcher_and_space(plan, state_dir, concurrent)
     scheduler = None

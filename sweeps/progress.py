@@ -19,7 +19,8 @@ from typing import Any
 
 from ray.tune import ProgressReporter
 
-from sweeps.spec import POINT, trial_title, with_sampled
+from sweeps.plan import trial_title, with_sampled
+from sweeps.spec import POINT
 
 COLUMNS = ("trial", "status", "step", "train loss", "val loss", "FLOPs so far")
 """The table's columns, then the sweep's metric once a trial reports it (after its eval)."""

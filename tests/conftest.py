@@ -30,6 +30,12 @@ TINY_VARIANTS = [
         "model.router": "expert_choice",
     },
 ]
+# `mor train` as a user types it, on the smallest model and data (the tiny sweep's base).
+TINY_TRAIN = [
+    "model.preset=micro", "model.num_layers=6", "model.max_seq_len=64",
+    "data.vocab_size=512", "data.seq_len=64", "data.max_documents=150",
+    "batch.micro_batch_size=4", "budget.steps=3", "eval.every_steps=1000", "eval.batches=2",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
