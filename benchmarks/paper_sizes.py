@@ -28,6 +28,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +147,35 @@ class WorkerMemory:
                 if hwm is not None:
                     s["peak_rss_mib"] = hwm / 1024
                 s["peak_uss_mib"] = max(s.get("peak_uss_mib", 0.0), uss)
+            if self.stats:  # kept on disk too: a later failure must not lose the figures
+                (self.run_dir.parent.parent / "memory.json").write_text(json.dumps(self.stats))
 
 
 # ------------------------------------------------------------------ 1. train, export, eval
+@contextmanager
+def local_ray(cpus: int = 2, tries: int = 4) -> Iterator[str]:
+    """A Ray cluster of this process for ``mor train`` to join (its GCS address). Ray gives a
+    starting node 30 s to register, which a loaded shared machine can miss: retried."""
+    import ray
+
+    for attempt in range(tries):
+        try:
+            ctx = ray.init(
+                address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False
+            )
+            break
+        except Exception as exc:  # Ray raises a bare Exception on the start-up timeout
+            ray.shutdown()
+            if attempt == tries - 1:
+                raise
+            print(f"[paper_sizes] Ray did not start ({str(exc)[:80]}); retrying", flush=True)
+            time.sleep(5)
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+
+
 def _mor(args: list[str], log: Path, timeout: float) -> float:
     """Run the ``mor`` CLI the way a user types it; seconds taken (raises on failure)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
@@ -163,7 +191,7 @@ def _mor(args: list[str], log: Path, timeout: float) -> float:
     return time.perf_counter() - t0
 
 
-def train_overrides(work: Path, small: bool, steps: int, ac: bool) -> list[str]:
+def train_overrides(work: Path, small: bool, steps: int, ac: bool, address: str) -> list[str]:
     seq = 64 if small else 2048
     model = (
         ["model.preset=micro", "model.vocab_size=49152", "model.max_seq_len=64"]
@@ -189,26 +217,35 @@ def train_overrides(work: Path, small: bool, steps: int, ac: bool) -> list[str]:
         "checkpoint.every_steps=1000",
         "log_every_steps=1",
         f"activation_checkpointing={str(ac).lower()}",
+        f"address={address}",
     ]
 
 
-def run_train(work: Path, small: bool, steps: int, ac: bool) -> BenchResult:
+def run_train(work: Path, small: bool, steps: int, ac: bool, reuse: bool) -> BenchResult:
+    """``reuse``: the run already finished in ``work`` (its logs, ``memory.json`` and
+    ``times.json``): only rebuild its record."""
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    over = train_overrides(work, small, steps, ac)
-    with WorkerMemory(work / "runs" / "paper-135m") as mem:
-        train_s = _mor(["train", *over], work / "train.log", timeout=3600)
+    if not reuse:
+        with local_ray() as address, WorkerMemory(work / "runs" / "paper-135m"):
+            over = train_overrides(work, small, steps, ac, address)
+            train_s = _mor(["train", *over], work / "train.log", timeout=3600)
+        export = work / "runs" / "paper-135m" / "export"
+        eval_args = ["eval", str(export), "--tasks", "mor_heldout_mc", "--limit", str(EVAL_ITEMS)]
+        eval_s = _mor([*eval_args, "--batch-size", "4", "--json"], work / "eval.log", 1800)
+        (work / "times.json").write_text(json.dumps({"train_s": train_s, "eval_s": eval_s}))
     export = work / "runs" / "paper-135m" / "export"
-    eval_args = ["eval", str(export), "--tasks", "mor_heldout_mc", "--limit", str(EVAL_ITEMS)]
-    eval_s = _mor([*eval_args, "--batch-size", "4", "--json"], work / "eval.log", timeout=1800)
-    cfg = build_config(None, **json.loads((export / "config.json").read_text()))
+    times = json.loads((work / "times.json").read_text()) if (work / "times.json").exists() else {}
+    stats = {int(k): v for k, v in json.loads((work / "memory.json").read_text()).items()}
+    model = json.loads((export / "config.json").read_text())["model"]
+    cfg = build_config(None, **model)
     est = estimate(cfg, 64 if small else 2048, 1, 2, optimizer=True, checkpointed=ac)
     res = BenchResult(
         1,
         "train_135m",
         f"{'micro (--small)' if small else 'smollm-135m'}: {steps} steps, 2 Ray Train workers, "
-        f"ZeRO-3, seq 2048, activation checkpointing {'on' if ac else 'off'} → export → "
-        "mor eval",
+        f"ZeRO-3, seq {cfg.max_seq_len}, activation checkpointing {'on' if ac else 'off'} → "
+        "export → mor eval",
         [
             Column("rank", "worker"),
             Column("baseline_rss_mib", "RSS before the model (MiB)", "{:.0f}"),
@@ -218,12 +255,12 @@ def run_train(work: Path, small: bool, steps: int, ac: bool) -> BenchResult:
             Column("estimate_mib", "estimate (MiB)", "{:.0f}"),
         ],
     )
-    for rank, s in sorted(mem.stats.items()):
+    for rank, s in sorted(stats.items()):
         growth = s.get("peak_rss_mib", float("nan")) - s["baseline_rss_mib"]
         res.rows.append({"rank": rank, **s, "growth_mib": growth, "estimate_mib": est["total_mib"]})
-    res.summary = {"train_s": train_s, "eval_s": eval_s, "params": est["params"]}
+    res.summary = {**times, "params": est["params"]}
     res.notes += _train_notes(work, est, steps)
-    res.seconds = time.perf_counter() - t0
+    res.seconds = sum(times.values()) if times else time.perf_counter() - t0
     return res
 
 
@@ -238,7 +275,7 @@ def _train_notes(work: Path, est: dict, steps: int) -> list[str]:
         f"(16 B × {est['params']:,} parameters / 2 workers) + activations "
         f"{est['activations_mib']:.0f} MiB + head transient {est['head_mib']:.0f} MiB.",
         *(f"`{t}`" for t in tags[:1]),
-        *(f"`{line}`" for line in losses[-(steps + 3) :]),
+        *(f"`{line.strip()}`" for line in losses),
         f"mor eval of the export on {EVAL_ITEMS} items of mor_heldout_mc: "
         + json.dumps(_eval_headline(report)),
     ]
@@ -353,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="without activation checkpointing (several GiB more per process at seq 2048)",
     )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="train: rebuild the record of a run already finished in --work (no rerun)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -370,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mor-paper-sizes-") as tmp:
         work = Path(args.work or tmp)
         if "train" in parts:
-            results.append(run_train(work / "train", args.small, args.steps, ac))
+            results.append(run_train(work / "train", args.small, args.steps, ac, args.reuse))
         if "mor360" in parts:
             results.append(run_mor360(args.small, ac))
     name = "paper_sizes_small" if args.small else "paper_sizes"
@@ -380,16 +422,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write(out: Path, name: str, results: list[BenchResult], small: bool) -> None:
+    """JSON + Markdown; a part not rerun (``--only``) keeps its earlier record."""
     meta = run_meta(small)
-    doc = {"schema_version": 1, "meta": meta, "benchmarks": [r.to_dict() for r in results]}
+    path = out / f"{name}.json"
+    fresh = [r.to_dict() for r in results]
+    kept = []
+    if path.exists():
+        rerun = {r["key"] for r in fresh}
+        kept = [b for b in json.loads(path.read_text())["benchmarks"] if b["key"] not in rerun]
+    docs = sorted(kept + fresh, key=lambda b: b["id"])
+    doc = {"schema_version": 1, "meta": meta, "benchmarks": docs}
     head = (
         f"# The paper's sizes on a CPU ({'--small' if small else 'full'} run, "
         f"{meta['created']}; torch {meta['torch']}, {meta['cpu_count']} CPUs shared with "
         "other work, timings distorted by it)"
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    (out / f"{name}.md").write_text("\n".join([head, "", *(r.to_markdown() for r in results)]))
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    md = [head, ""]
+    for b in docs:
+        md.append(_markdown(b))
+    (out / f"{name}.md").write_text("\n".join(md))
+
+
+def _markdown(b: dict[str, Any]) -> str:
+    """A results record (``BenchResult.to_dict``) as its Markdown table."""
+    cols = [Column(k, h) for k, h in zip(b["columns"], b["headers"], strict=True)]
+    res = BenchResult(b["id"], b["key"], b["title"], cols, b["rows"], b["summary"], b["notes"])
+    res.seconds = b["seconds"]
+    for c in res.columns:
+        whole = c.key.endswith(("_mib", "_s"))
+        c.fmt = "{:.3f}" if c.key == "loss" else "{:.0f}" if whole else "{}"
+    return res.to_markdown()
 
 
 if __name__ == "__main__":
