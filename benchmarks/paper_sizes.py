@@ -42,6 +42,8 @@ CORPUS = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
 TOKENIZER = SHARED / "tokenizers" / "smollm2"
 MIB = 2**20
 EVAL_ITEMS = 8
+ZERO3_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default ZeRO-3 ``reduce_bucket_size`` (elements), which the trainer keeps."""
 
 
 # ------------------------------------------------------------------ analytic estimate
@@ -74,7 +76,10 @@ def estimate(
     two Adam moments over the workers: 16 bytes per parameter / workers; without an optimizer
     4 + 4), the activations kept for the backward (``checkpointed``: each layer application's
     input, plus one layer's full set while it is recomputed), and the head's transient
-    (logits, their log-softmax and its gradient: 3 · T · V floats live at once)."""
+    (logits, their log-softmax and its gradient: 3 · T · V floats live at once). With the
+    optimizer (the ZeRO-3 trainer) also DeepSpeed's contiguous gradient bucket: up to
+    ``reduce_bucket_size`` (5e8) elements, which holds every gradient of a model this small
+    before it is reduce-scattered (deepspeed/runtime/zero/stage3.py, 0.19)."""
     import torch
 
     from mor.model import MoRModel
@@ -89,12 +94,14 @@ def estimate(
     else:
         acts = tokens * apps * layer_floats_per_token(cfg) * 4
     head = 3 * tokens * cfg.vocab_size * 4
+    bucket = 4 * min(ZERO3_REDUCE_BUCKET, params) if optimizer else 0
     return {
         "params": params,
         "states_mib": states / MIB,
         "activations_mib": acts / MIB,
         "head_mib": head / MIB,
-        "total_mib": (states + acts + head) / MIB,
+        "bucket_mib": bucket / MIB,
+        "total_mib": (states + acts + head + bucket) / MIB,
     }
 
 
@@ -259,21 +266,23 @@ def run_train(work: Path, small: bool, steps: int, ac: bool, reuse: bool) -> Ben
         growth = s.get("peak_rss_mib", float("nan")) - s["baseline_rss_mib"]
         res.rows.append({"rank": rank, **s, "growth_mib": growth, "estimate_mib": est["total_mib"]})
     res.summary = {**times, "params": est["params"]}
-    res.notes += _train_notes(work, est, steps)
+    res.notes += _train_notes(work, est, ac)
     res.seconds = sum(times.values()) if times else time.perf_counter() - t0
     return res
 
 
-def _train_notes(work: Path, est: dict, steps: int) -> list[str]:
+def _train_notes(work: Path, est: dict, ac: bool) -> list[str]:
     log = (work / "train.log").read_text().splitlines()
     losses = [ln.split("[mor] ", 1)[-1] for ln in log if "train_loss" in ln or "[mor]   " in ln]
     tags = [ln.split("[mor] ", 1)[-1] for ln in log if "optimizer AdamW" in ln]
+    kept = "each layer's input plus one layer recomputed" if ac else "every layer's"
     ev = (work / "eval.log").read_text()
     report = json.loads(ev[ev.index("\n{") :])["report"] if "\n{" in ev else {}
     return [
         f"Estimate (per worker, fp32): model states {est['states_mib']:.0f} MiB "
         f"(16 B × {est['params']:,} parameters / 2 workers) + activations "
-        f"{est['activations_mib']:.0f} MiB + head transient {est['head_mib']:.0f} MiB.",
+        f"{est['activations_mib']:.0f} MiB ({kept}) + head transient "
+        f"{est['head_mib']:.0f} MiB + ZeRO-3 gradient bucket {est['bucket_mib']:.0f} MiB.",
         *(f"`{t}`" for t in tags[:1]),
         *(f"`{line.strip()}`" for line in losses),
         f"mor eval of the export on {EVAL_ITEMS} items of mor_heldout_mc: "
