@@ -126,7 +126,9 @@ def test_compiled_checkpointed_training_matches_eager(world_of_one: Path) -> Non
     graphs as inductor, without its minutes of code generation on a CPU."""
     import torch._dynamo
 
-    mor_cfg = build_config("micro", vocab_size=VOCAB, **MOR_EC3)
+    mor_cfg = build_config(
+        "micro", sharing="middle_cycle", num_recursions=2, router="expert_choice", vocab_size=VOCAB
+    )
     runs = {}
     for compiled in (False, True):
         torch._dynamo.reset()
