@@ -44,6 +44,8 @@ MIB = 2**20
 EVAL_ITEMS = 8
 ZERO3_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default ZeRO-3 ``reduce_bucket_size`` (elements), which the trainer keeps."""
+ZERO3_MAX_LIVE = 1_000_000_000
+"""DeepSpeed's default ``stage3_max_live_parameters`` (elements), which the trainer keeps."""
 
 
 # ------------------------------------------------------------------ analytic estimate
@@ -79,7 +81,10 @@ def estimate(
     (logits, their log-softmax and its gradient: 3 · T · V floats live at once). With the
     optimizer (the ZeRO-3 trainer) also DeepSpeed's contiguous gradient bucket: up to
     ``reduce_bucket_size`` (5e8) elements, which holds every gradient of a model this small
-    before it is reduce-scattered (deepspeed/runtime/zero/stage3.py, 0.19)."""
+    before it is reduce-scattered, and the gathered parameters: up to
+    ``stage3_max_live_parameters`` (1e9) elements stay gathered between uses, so a model this
+    small can stay whole on every worker (deepspeed/runtime/zero/stage3.py and config.py,
+    0.19; upper bounds)."""
     import torch
 
     from mor.model import MoRModel
@@ -95,13 +100,15 @@ def estimate(
         acts = tokens * apps * layer_floats_per_token(cfg) * 4
     head = 3 * tokens * cfg.vocab_size * 4
     bucket = 4 * min(ZERO3_REDUCE_BUCKET, params) if optimizer else 0
+    gathered = 4 * min(ZERO3_MAX_LIVE, params) if optimizer else 0
     return {
         "params": params,
         "states_mib": states / MIB,
         "activations_mib": acts / MIB,
         "head_mib": head / MIB,
         "bucket_mib": bucket / MIB,
-        "total_mib": (states + acts + head + bucket) / MIB,
+        "gathered_mib": gathered / MIB,
+        "total_mib": (states + acts + head + bucket + gathered) / MIB,
     }
 
 
@@ -282,7 +289,9 @@ def _train_notes(work: Path, est: dict, ac: bool) -> list[str]:
         f"Estimate (per worker, fp32): model states {est['states_mib']:.0f} MiB "
         f"(16 B × {est['params']:,} parameters / 2 workers) + activations "
         f"{est['activations_mib']:.0f} MiB ({kept}) + head transient "
-        f"{est['head_mib']:.0f} MiB + ZeRO-3 gradient bucket {est['bucket_mib']:.0f} MiB.",
+        f"{est['head_mib']:.0f} MiB + ZeRO-3 gradient bucket {est['bucket_mib']:.0f} MiB + "
+        f"gathered parameters {est['gathered_mib']:.0f} MiB (the last two: upper bounds from "
+        "DeepSpeed's defaults).",
         *(f"`{t}`" for t in tags[:1]),
         *(f"`{line.strip()}`" for line in losses),
         f"mor eval of the export on {EVAL_ITEMS} items of mor_heldout_mc: "
