@@ -155,11 +155,12 @@ class WorkerMemory:
                     continue
                 hwm = _status_kib(pid, "VmHWM")
                 rss = _status_kib(pid, "VmRSS")
+                if hwm is None or rss is None:  # the worker is exiting (or gone)
+                    continue
                 s = self.stats.setdefault(rank, {"pid": pid, "baseline_rss_mib": rss / 1024})
                 if s["pid"] != pid:  # a restarted worker: start over
                     s = self.stats[rank] = {"pid": pid, "baseline_rss_mib": rss / 1024}
-                if hwm is not None:
-                    s["peak_rss_mib"] = hwm / 1024
+                s["peak_rss_mib"] = hwm / 1024
                 s["peak_uss_mib"] = max(s.get("peak_uss_mib", 0.0), uss)
             if self.stats:  # kept on disk too: a later failure must not lose the figures
                 (self.run_dir.parent.parent / "memory.json").write_text(json.dumps(self.stats))
