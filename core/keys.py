@@ -49,6 +49,10 @@ TAG_RUN_NAME = "mor.run_name"
 """On a training run: its internal name (``TrainConfig.name``: the storage folder
 ``runs/<name>`` and its writer lock), what code searches by. ``mlflow.runName`` is for people
 and may differ: a sweep trial's is its variant and budget (``mor-ec-middle-cycle-3 @ 2e12``)."""
+TAG_OPTIMIZER = "mor.optimizer"
+TAG_PRECISION = "mor.precision"
+"""On a training run: what its workers actually ran, set by rank 0 at start: the optimizer
+and its kernel (``AdamW (fused)``) and the resolved precision (``bf16``, ``fp32``)."""
 TAG_SHARING = "mor.sharing"
 TAG_ROUTER = "mor.router"
 TAG_NUM_RECURSIONS = "mor.num_recursions"

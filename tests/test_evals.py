@@ -458,7 +458,7 @@ def mor_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def trained_run(trained_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(export, MLflow run id): the export laid out as `mor train` leaves it
     (STORAGE/runs/NAME/export), recording its training run and tracking URI as the launcher
-    does (tests/test_trainer.py checks the launcher writes them; tests/test_platform.py runs
+    does (tests/test_trainer.py checks the launcher writes them; tests/test_stack.py runs
     the real `mor train` then `mor eval` on the `mor up` stack)."""
     from core.storage import Location
     from trainers.tracking import connect, find_or_create_run

@@ -8,6 +8,7 @@ the batches it would have seen.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -116,17 +117,83 @@ class Worker:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
 
+def checkpoint_layers(model: MoRModel) -> int:
+    """Activation checkpointing per decoder layer, applied from outside the model (torchtitan
+    style): each unique layer's forward runs under non-reentrant ``torch.utils.checkpoint``,
+    so the backward recomputes the layer's activations instead of keeping them. A shared layer
+    is checkpointed at each of its applications (each recursion, §2.1): every call is its own
+    checkpointed region. Returns the number of layers wrapped.
+
+    The layer's ``forward`` is replaced on the instance, not the module by a wrapper: parameter
+    names, state dicts, DeepSpeed checkpoints and the export stay as without checkpointing (a
+    run can resume with the option switched), and ``torch.compile`` traces it (PyTorch's
+    composable ``checkpoint(module)``, hooks around the forward, fails under compile).
+    ``preserve_rng_state=False``: the forward draws no random numbers (no dropout; routing is
+    deterministic), so saving and restoring the RNG per layer call would be wasted work."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for layer in model.layers:
+        if getattr(layer, "_mor_checkpointed", False):
+            continue  # idempotent: never checkpoint a checkpointed forward again
+        layer.forward = functools.partial(  # type: ignore[method-assign]
+            checkpoint, layer.forward, use_reentrant=False, preserve_rng_state=False
+        )
+        layer._mor_checkpointed = True
+        wrapped += 1
+    return wrapped
+
+
+_FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+"""Devices with PyTorch's fused AdamW kernel (CPU since PyTorch 2.4)."""
+
+
+def adamw_implementation(device: torch.device) -> str:
+    """Which AdamW kernel the run uses: 'fused' (one kernel over all parameters, where PyTorch
+    has one) else 'foreach' (multi-tensor ops). On this CPU fused steps a flat 20M-parameter
+    partition 3.3x faster than foreach and 8x faster than the per-tensor loop (52.7 vs 172 vs
+    424 ms, 1 thread, 2026-12-02, a loaded shared machine)."""
+    return "fused" if device.type in _FUSED_ADAMW_DEVICES else "foreach"
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """The run's AdamW (decoupled weight decay on matrices only), handed to DeepSpeed as its
+    client optimizer: ZeRO 1-3 and bf16 step it over their fp32 (master) partitions, so the
+    fused/foreach kernel runs there too."""
+    o = cfg.optim
+    impl = adamw_implementation(device)
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+        fused=impl == "fused",
+        foreach=impl == "foreach",
+    )
+
+
+def optimizer_name(engine: Any) -> str:
+    """What actually steps the parameters, read from the engine's client optimizer (a resumed
+    checkpoint's param groups carry their own flags): e.g. 'AdamW (fused)'."""
+    opt = engine.basic_optimizer
+    group = opt.param_groups[0]
+    impl = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop"
+    return f"{type(opt).__name__} ({impl})"
+
+
 def build_engine(cfg: TrainConfig, mor_cfg: MoRConfig, total_steps: int, device: torch.device):
     """The DeepSpeed engine: the model (same initial weights on every rank), AdamW and the lr
-    schedule of ``lr_factor``; compiled when ``cfg.compile``."""
+    schedule of ``lr_factor``; activation checkpointing per layer when
+    ``cfg.activation_checkpointing``; compiled when ``cfg.compile``."""
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = MoRModel(mor_cfg)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps
-    )
+    if cfg.activation_checkpointing:
+        checkpoint_layers(model)
+    optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i + 1, total_steps, cfg)
     )

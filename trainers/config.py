@@ -231,6 +231,14 @@ class TrainConfig(BaseModel):
     """With compile: 'inductor' (generated fused kernels: the speed-up) or 'aot_eager' (the
     same captured forward and backward graphs run by eager kernels: checks that a model
     compiles and trains the same, without code generation)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (``torch.utils.checkpoint`` around every unique layer, applied from outside the model;
+    a shared layer is checkpointed at each recursion). Trades about one more forward of the
+    layers (~1/3 more step FLOPs) for activation memory: per layer only its input is kept
+    (smollm-135m at seq 2048: about 230 MiB per sequence instead of 2.8 GiB, estimated in
+    benchmarks/paper_sizes.py). Same losses and gradients as without; checkpoints and exports
+    are unchanged by it."""
     fault_injection: FaultInjection = Field(default_factory=FaultInjection)
     """Testing aids; leave empty."""
 

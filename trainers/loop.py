@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from core.keys import TAG_OPTIMIZER, TAG_PRECISION
 from core.quiet import quiet_worker
 from core.storage import Location
 from trainers.checkpointing import Checkpointer, resume
@@ -23,7 +24,9 @@ from trainers.components import (
     BatchSampler,
     Worker,
     build_engine,
+    choose_precision,
     lr_factor,
+    optimizer_name,
     optimizer_step,
     validation_metrics,
 )
@@ -84,6 +87,12 @@ class Trainer:
         log = RunLog(self.plan, self.worker.rank, cfg.log_every_steps, title)
         if restored is not None:
             log.resumed(restored.step)
+        log.describe(
+            {
+                TAG_OPTIMIZER: optimizer_name(self.engine),
+                TAG_PRECISION: choose_precision(cfg, device),
+            }
+        )
         # Router metrics (and FLOPs at the measured active fractions) only for recursive models.
         with_routing = self.plan.model.sharing != "none"
         while progress.step < total:

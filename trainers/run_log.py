@@ -41,6 +41,17 @@ class RunLog:
         if self.logger is not None:
             self.logger.set_tag(TAG_RESUMED_FROM_STEP, str(step))
 
+    def describe(self, tags: dict[str, str]) -> None:
+        """Tag the run with how its workers run (optimizer kernel, precision) and say so once
+        on the console."""
+        if self.logger is None:
+            return
+        for key, value in tags.items():
+            self.logger.set_tag(key, value)
+        parts = ", ".join(f"{k.removeprefix('mor.')} {v}" for k, v in tags.items())
+        sys.stdout.write(f"[mor] {self.name + ': ' if self.name else ''}{parts}\n")
+        sys.stdout.flush()
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.logger is None:
             return
