@@ -39,7 +39,9 @@ with the default 5% validation fraction).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -192,19 +194,32 @@ def mc_items(docs: list[str], seed: int = 0) -> list[dict[str, object]]:
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+    """Write ``text`` unless the file already holds it; whole (a temporary file renamed), so
+    a reader never sees half of it."""
+    if path.exists() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def prepare_default_tasks(out_dir: str | Path) -> Path:
-    """Write the default tasks' data and YAMLs into ``out_dir`` (for ``include_path``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the default tasks' data and YAMLs into a folder of ``out_dir`` named by their
+    content (for ``include_path``): evaluations running at once on one machine, from other
+    sweeps or other versions of the code, never read each other's files."""
     docs = heldout_documents()
-    bpb = out / "mor_heldout_bpb.jsonl"
-    mc = out / "mor_heldout_mc.jsonl"
-    _write_if_changed(bpb, "".join(json.dumps(r) + "\n" for r in bpb_docs(docs)))
-    _write_if_changed(mc, "".join(json.dumps(r) + "\n" for r in mc_items(docs)))
+    data = {
+        "mor_heldout_bpb.jsonl": "".join(json.dumps(r) + "\n" for r in bpb_docs(docs)),
+        "mor_heldout_mc.jsonl": "".join(json.dumps(r) + "\n" for r in mc_items(docs)),
+    }
+    digest = hashlib.sha256()
+    for text in [*data.values(), _BPB_YAML, _MC_YAML]:
+        digest.update(text.encode())
+    out = Path(out_dir) / digest.hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in data.items():
+        _write_if_changed(out / name, text)
+    bpb, mc = out / "mor_heldout_bpb.jsonl", out / "mor_heldout_mc.jsonl"
     _write_if_changed(out / "mor_heldout_bpb.yaml", _BPB_YAML.format(path=bpb.resolve()))
     _write_if_changed(out / "mor_heldout_mc.yaml", _MC_YAML.format(path=mc.resolve()))
     return out

@@ -228,6 +228,8 @@ def test_default_mc_task_is_well_formed(tmp_path: Path) -> None:
     assert len(set(first)) > 3
     out = prepare_default_tasks(tmp_path)
     assert (out / "mor_heldout_mc.yaml").is_file() and (out / "mor_heldout_bpb.jsonl").is_file()
+    # Named by content: another version of the tasks would get its own folder.
+    assert out.parent == tmp_path and prepare_default_tasks(tmp_path) == out
     lines = (out / "mor_heldout_mc.jsonl").read_text().splitlines()
     assert len(lines) > 1000  # 1,128 on Python 3.11.7 (one per 360 characters gave 181)
     manager = TaskManager(include_path=str(out), include_defaults=False)
