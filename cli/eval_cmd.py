@@ -16,7 +16,7 @@ training run. Results are also written to files and printed as a table."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cli.help import add_command
+    from cli.help import add_command, add_verbose
 
     p = add_command(
         subparsers,
@@ -73,12 +73,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write files and print only, for a model whose MLflow is out of reach",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_verbose(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write and print the results, then log them: a logging failure exits 1 with
     the results already on disk and on screen."""
+    from core.quiet import configure
+
+    configure(args.verbose)  # before lm-eval imports tqdm: its bars read the mode then
     from core.endpoints import strip_credentials
     from evals.lm_backend import export_path
     from evals.pipeline import EvalLoggingError, eval_tracking_uri, evaluate_export, log_eval

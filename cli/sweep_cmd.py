@@ -154,8 +154,12 @@ def _print_result(res) -> None:
     if outcome:
         print(f"[mor] training FLOPs spent: {outcome['train_flops_spent']:.3g}")
     print(f"[mor] summary table: {res.summary_csv}")
-    for extra in getattr(res, "artifacts", []):
-        print(f"[mor] plot: {extra}")
+    artifacts = list(getattr(res, "artifacts", []))
+    page = next((a for a in artifacts if a.suffix == ".html"), None)
+    if page is not None:
+        print(f"[mor] report: {page}")
+        pngs = ", ".join(a.name for a in artifacts if a.suffix == ".png")
+        print(f"[mor] figures (PNG and SVG) beside it: {pngs}")
     from core.endpoints import strip_credentials
 
     uri = strip_credentials(res.tracking_uri)
@@ -168,7 +172,7 @@ def _print_result(res) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from core.quiet import configure
-    from sweeps.spec import plan_sweep
+    from sweeps.plan import plan_sweep
 
     configure(args.verbose)  # before Ray starts: its processes inherit the mode
 
@@ -191,7 +195,7 @@ def resume(args: argparse.Namespace) -> int:
     from sweeps.driver import load_saved_spec, run_sweep
 
     configure(args.verbose)
-    from sweeps.spec import plan_sweep
+    from sweeps.plan import plan_sweep
 
     plan = plan_sweep(load_saved_spec(args.name, args.storage_path))
     res = run_sweep(plan, resume=True, address=args.address)
@@ -212,7 +216,7 @@ def _job_server(args: argparse.Namespace) -> str:
 
 def submit(args: argparse.Namespace) -> int:
     from sweeps import jobs
-    from sweeps.spec import plan_sweep
+    from sweeps.plan import plan_sweep
 
     plan = plan_sweep(_spec(args.items))  # every trial validated before the cluster is asked
     address = _job_server(args)

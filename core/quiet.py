@@ -40,6 +40,25 @@ BENIGN_WORKER_LINES = (
 known-benign notices, never a warning class or an error."""
 
 
+TUNE_TRIAL_ERROR = ("ray.tune.execution.tune_controller", "Trial task failed for trial")
+"""Tune's line when a trial fails: kept, without the ~60-line traceback of Ray's wrappers
+(the trial's own traceback is printed by its worker, and Tune writes the whole of it to the
+trial's ``error.txt``; the sweep's table names that file)."""
+
+
+class _OneLine(logging.Filter):
+    """Keeps a record whose message starts with ``prefix`` but drops its traceback."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith(self.prefix):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def verbose() -> bool:
     """True when ``MOR_VERBOSE`` is set to anything but 0/false/no (``--verbose`` sets it)."""
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -59,8 +78,17 @@ def configure(flag: bool = False) -> None:
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(BENIGN_WORKER_LINES))
         # Ray Data's progress bars (the data stage, before training starts).
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        # Bars no caller can turn off: lm-eval's request building (``Task.build_all_requests``
+        # passes no ``disable``) and HF datasets' "Generating test split". tqdm reads
+        # TQDM_DISABLE when it is imported: Ray's processes started from here inherit it.
+        # (lm-eval's bars that pass ``disable=`` follow ``MoRLM(progress=...)`` instead.)
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         for name, level in QUIET_LOGGERS.items():
             logging.getLogger(name).setLevel(level)
+        tune_logger = logging.getLogger(TUNE_TRIAL_ERROR[0])
+        if not any(isinstance(f, _OneLine) for f in tune_logger.filters):
+            tune_logger.addFilter(_OneLine(TUNE_TRIAL_ERROR[1]))
 
 
 def ray_init_kwargs() -> dict[str, Any]:
@@ -76,9 +104,9 @@ def ray_train_log_level() -> str:
 
 
 def tune_verbosity() -> int:
-    """``tune.RunConfig(verbose=...)``: 0 = Tune prints only errors (the platform prints its
-    own per-trial lines); 2 = Tune's status table and trial results."""
-    return 2 if verbose() else 0
+    """``tune.RunConfig(verbose=...)``: 1 = Tune reports progress only through the sweep's
+    own reporter (``sweeps.progress.SweepTable``); 2 = Tune's status table and results."""
+    return 2 if verbose() else 1
 
 
 def quiet_worker() -> None:

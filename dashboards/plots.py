@@ -1,8 +1,10 @@
-"""Pictures of a sweep: Pareto front (PNG and interactive HTML), iso-FLOP view, router depths."""
+"""Pictures of a sweep (PNG at 200 dpi and SVG): the Pareto front, each model's depth curve,
+the iso-FLOP view and the router's depths. Every figure takes the report's ``colors`` (one
+per model, ``dashboards.style``), so a model looks the same everywhere; the front is drawn in
+a colour no model has."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
 
@@ -13,259 +15,170 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from dashboards.pareto import VS_FRONT, higher_is_better, pareto_front
+from dashboards.style import FRONT_COLOR, flops_axis, metric_label, metric_name, model_colors, save
 
 COST = "flops_per_token"
+Z95 = 1.96  # a standard error → the half-width of a normal 95% interval
 
 
-def _metric_label(metric: str) -> str:
-    return "average accuracy" if metric == "average" else metric
+def error_bars(points: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series, str] | None:
+    """(below, above, what) for ``metric``'s error bars: the 95% interval across seeds where
+    the points have one, else ±1.96 of lm-eval's standard error; None where neither exists."""
+    low, high, stderr = f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_stderr"
+    if low in points and points[low].notna().any():
+        return points[metric] - points[low], points[high] - points[metric], "95% CI over seeds"
+    if stderr in points and points[stderr].notna().any():
+        half = points[stderr] * Z95
+        return half, half, "95% CI (±1.96 standard errors)"
+    return None
 
 
-def pareto_png(points: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Every model's depth curve (fixed depths joined, router's choice as a star), front in
-    red; a second panel for average accuracy when the headline metric is another one."""
+def pareto_png(
+    points: pd.DataFrame, metric: str, path: Path, colors: dict[str, str] | None = None
+) -> Path:
+    """Every model's depth curve (fixed depths joined, router's choice as a star of the same
+    colour), the front; a second panel for average accuracy when the headline is another."""
+    colors = colors or model_colors(points["model"])
     panels = [metric]
     if metric != "average" and "average" in points and points["average"].notna().any():
         panels.append("average")
     fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.5), squeeze=False)
     for ax, m in zip(axes[0], panels, strict=True):
-        _pareto_axis(ax, points.dropna(subset=[m]), m)
+        _pareto_axis(ax, points.dropna(subset=[m]), m, colors)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
-def _pareto_axis(ax: Any, points: pd.DataFrame, metric: str) -> None:
-    cmap = plt.get_cmap("tab10")
-    for i, (model, grp) in enumerate(points.groupby("model", sort=True)):
-        color = cmap(i % 10)
+def _pareto_axis(ax: Any, points: pd.DataFrame, metric: str, colors: dict[str, str]) -> None:
+    bars = error_bars(points, metric)
+    for model, grp in points.groupby("model", sort=True):
+        color = colors.get(model, "black")
         fixed = grp[grp["fixed_depth"]].sort_values(COST)
-        ax.plot(fixed[COST], fixed[metric], "o-", color=color, alpha=0.8, label=model)
-        if f"{metric}_ci_low" in grp:  # seeds: the 95% CI across them
-            ax.errorbar(
-                grp[COST],
-                grp[metric],
-                yerr=[
-                    grp[metric] - grp[f"{metric}_ci_low"],
-                    grp[f"{metric}_ci_high"] - grp[metric],
-                ],
-                fmt="none",
-                ecolor=color,
-                alpha=0.6,
-                capsize=3,
-            )
+        ax.plot(fixed[COST], fixed[metric], "o-", color=color, alpha=0.85, label=model)
+        if bars is not None:
+            ax.errorbar(grp[COST], grp[metric], yerr=[bars[0][grp.index], bars[1][grp.index]],
+                        fmt="none", ecolor=color, alpha=0.6, capsize=3)  # fmt: skip
         for _, row in fixed.iterrows():
-            ax.annotate(
-                f"d{row['point']}",
-                (row[COST], row[metric]),
-                fontsize=7,
-                textcoords="offset points",
-                xytext=(3, 3),
-                color=color,
-            )
+            ax.annotate(f"d{row['point']}", (row[COST], row[metric]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3), color=color)  # fmt: skip
         routed = grp[~grp["fixed_depth"]]
-        ax.plot(routed[COST], routed[metric], "*", ms=13, color=color)
+        ax.plot(routed[COST], routed[metric], "*", ms=13, color=color, mec="black", mew=0.5)
     front = pareto_front(points, COST, metric, higher_is_better(metric))
-    ax.step(
-        front[COST], front[metric], where="post", color="red", lw=2, alpha=0.6, label="Pareto front"
-    )
-    ax.scatter(front[COST], front[metric], s=120, facecolors="none", edgecolors="red", lw=1.5)
-    if VS_FRONT in points:  # a CI that reaches the front: not distinguishable from it
-        near = points[points[VS_FRONT] == "≈ front"]
+    ax.step(front[COST], front[metric], where="post", color=FRONT_COLOR, lw=2, alpha=0.6,
+            label="Pareto front")  # fmt: skip
+    ax.scatter(front[COST], front[metric], s=120, facecolors="none", edgecolors=FRONT_COLOR, lw=1.5)
+    near = points[points[VS_FRONT] == "≈ front"] if VS_FRONT in points else points.iloc[:0]
+    if not near.empty:  # a CI that reaches the front: not distinguishable from it
         ax.scatter(near[COST], near[metric], s=160, marker="D", facecolors="none",
-                   edgecolors="orange", lw=1.5, label="CI overlaps the front")  # fmt: skip
-    ax.set_xscale("log")
+                   edgecolors="black", lw=1.2, label="CI overlaps the front")  # fmt: skip
+    flops_axis(ax, points[COST])
     ax.set_xlabel("inference FLOPs per token (measured routing)")
     better = "higher" if higher_is_better(metric) else "lower"
-    ax.set_ylabel(f"{_metric_label(metric)} ({better} is better)")
-    ax.set_title("Every model at every test-time depth (★ = router's choice)")
+    ax.set_ylabel(f"{metric_label(metric)}, {better} is better")
+    title = "Every model at every test-time depth (★ = router's choice)"
+    ax.set_title(title + (f"\nerror bars: {bars[2]}" if bars else ""), fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
 
 
-def iso_flop_png(trials: pd.DataFrame, path: Path) -> Path:
-    """Training FLOPs vs held-out NLL per trial (the paper's iso-FLOP comparison)."""
+def depth_curves_png(
+    points: pd.DataFrame, metric: str, path: Path, colors: dict[str, str] | None = None
+) -> Path | None:
+    """``metric`` against test-time depth per model (integer depths; the router's choice as a
+    star at its mean depth): what each extra recursion buys. None without fixed depths."""
+    shown = points.dropna(subset=[metric])
+    if shown.empty or not shown["fixed_depth"].any():
+        return None
+    colors = colors or model_colors(shown["model"])
+    bars = error_bars(shown, metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ok = trials.dropna(subset=["train_flops", "val_nll"])
-    for i, (_, row) in enumerate(ok.iterrows()):
-        color = plt.get_cmap("tab10")(i % 10)
+    for model, grp in shown.groupby("model", sort=True):
+        color = colors.get(model, "black")
+        fixed = grp[grp["fixed_depth"]].assign(depth=lambda g: g["point"].astype(int))
+        fixed = fixed.sort_values("depth")
+        ax.plot(fixed["depth"], fixed[metric], "o-", color=color, label=model)
+        if bars is not None:
+            ax.errorbar(fixed["depth"], fixed[metric], fmt="none", ecolor=color, alpha=0.6,
+                        capsize=3, yerr=[bars[0][fixed.index], bars[1][fixed.index]])  # fmt: skip
+        routed = grp[~grp["fixed_depth"]]
+        if "mean_depth" in routed:
+            ax.plot(routed["mean_depth"], routed[metric], "*", ms=13, color=color,
+                    mec="black", mew=0.5)  # fmt: skip
+    depths = sorted({int(p) for p in shown.loc[shown["fixed_depth"], "point"]})
+    ax.set_xticks(range(1, max(depths) + 1))
+    ax.set_xlim(0.5, max(depths) + 0.5)
+    ax.set_xlabel("test-time depth (recursions per token; ★ at the router's mean depth)")
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{metric_name(metric)} at each depth" + (f"; bars: {bars[2]}" if bars else ""),
+                 fontsize=10)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def iso_flop_png(trials: pd.DataFrame, path: Path, colors: dict[str, str] | None = None) -> Path:
+    """Training FLOPs vs held-out NLL per trial (the paper's iso-FLOP comparison)."""
+    colors = colors or model_colors(trials["model"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = trials.dropna(subset=["train_flops", "val_nll"]).sort_values("model")
+    for _, row in ok.iterrows():
+        color = colors.get(row["model"], "black")
         stopped = pd.notna(row.get("stopped_early_at_flops"))
         # A trial ASHA stopped is a partial point (hollow): its loss at less compute.
-        ax.scatter(
-            row["train_flops"], row["val_nll"], color=color, facecolors="none" if stopped else color
-        )
-        ax.annotate(
-            row["model"] + (" (stopped early)" if stopped else ""),
-            (row["train_flops"], row["val_nll"]),
-            fontsize=7,
-            textcoords="offset points",
-            xytext=(4, 2),
-        )
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation NLL")
-    ax.set_title("Iso-FLOP view: lower is better at equal training compute")
+        ax.scatter(row["train_flops"], row["val_nll"], color=color, s=40,
+                   facecolors="none" if stopped else color,
+                   label=row["model"] + (" (stopped early)" if stopped else ""))  # fmt: skip
+    if ok.empty:  # e.g. runs logged without validation: say so, no empty 0..1 axes
+        ax.text(0.5, 0.5, "no trial logged a validation NLL", ha="center", transform=ax.transAxes)
+        ax.set_xticks([]), ax.set_yticks([])
+    else:
+        flops_axis(ax, ok["train_flops"])
+    ax.set_xlabel("training FLOPs (total, per trial)")
+    ax.set_ylabel(metric_label("val_nll"))
+    ax.set_title("Iso-FLOP view: lower is better at equal training compute", fontsize=10)
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # seeds: one legend entry per model
+    if unique:
+        ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
-def router_depths_png(points: pd.DataFrame, path: Path) -> Path | None:
-    """Tokens-per-depth distribution of each routed model at its router's choice."""
-    cols = sorted(
-        (c for c in points.columns if c.startswith("frac_depth_")),
-        key=lambda c: int(c.rsplit("_", 1)[1]),
-    )
-    routed = points[(~points["fixed_depth"]) & points["router"].ne("none")]
+def depth_columns(points: pd.DataFrame) -> list[str]:
+    """The ``frac_depth_K`` columns, by K."""
+    cols = [c for c in points.columns if c.startswith("frac_depth_")]
+    return sorted(cols, key=lambda c: int(c.rsplit("_", 1)[1]))
+
+
+def routed_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Each routed model's router's-choice point (one per model: seeds averaged upstream)."""
+    return points[(~points["fixed_depth"]) & points["router"].ne("none")].sort_values("model")
+
+
+def router_depths_png(
+    points: pd.DataFrame, path: Path, colors: dict[str, str] | None = None
+) -> Path | None:
+    """Tokens-per-depth distribution of each routed model at its router's choice: one bar
+    per model at each depth, the group centred on its integer depth."""
+    cols, routed = depth_columns(points), routed_points(points)
     if routed.empty or not cols:
         return None
+    colors = colors or model_colors(routed["model"])
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(routed)
+    depths = [int(c.rsplit("_", 1)[1]) for c in cols]
     for i, (_, row) in enumerate(routed.iterrows()):
-        xs = [int(c.rsplit("_", 1)[1]) + i * width for c in cols]
-        ax.bar(xs, [row.get(c, 0) or 0 for c in cols], width=width, label=row["model"])
-    ax.set_xlabel("recursion depth reached")
+        offset = (i - (len(routed) - 1) / 2) * width
+        ax.bar([d + offset for d in depths], [row.get(c, 0) or 0 for c in cols], width=width,
+               label=row["model"], color=colors.get(row["model"], "black"))  # fmt: skip
+    ax.set_xticks(depths)
+    ax.set_xlabel("recursion depth reached (recursions a token ran)")
     ax.set_ylabel("fraction of tokens")
-    ax.set_title("Router depth distributions across the sweep")
+    ax.set_ylim(0, 1)
+    ax.set_title("Router depth distributions at each model's router's choice", fontsize=10)
     ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _filter_buttons(meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Plotly menu entries showing all models, or those of one sharing / router / N_r (the
-    Pareto front, the last trace, stays visible)."""
-    n = len(meta)
-    buttons = [{"label": "all models", "method": "update", "args": [{"visible": [True] * (n + 1)}]}]
-    for key, title in (("sharing", "sharing"), ("router", "router"), ("num_recursions", "N_r")):
-        for value in sorted({m[key] for m in meta}, key=str):
-            vis = [m[key] == value for m in meta] + [True]
-            buttons.append(
-                {"label": f"{title} = {value}", "method": "update", "args": [{"visible": vis}]}
-            )
-    return buttons
-
-
-def _pareto_figure(points: pd.DataFrame, metric: str) -> Any:
-    """The Plotly figure: one depth curve per model (router's choice as a star), the Pareto
-    front, and a menu filtering models by sharing / router / N_r."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    models = sorted(points["model"].unique())
-    meta = []
-    for model in models:
-        grp = points[points["model"] == model].sort_values(
-            ["fixed_depth", COST], ascending=[False, True]
-        )
-        first = grp.iloc[0]
-        hover = [
-            f"<b>{model}</b><br>sharing={r['sharing']} router={r['router']} "
-            f"N_r={r['num_recursions']} kv={r['kv_cache']}<br>point={r['point']} "
-            f"FLOPs/token={r[COST]:.4g}<br>{metric}={r[metric]:.4f}{_ci_text(r, metric)}"
-            for _, r in grp.iterrows()
-        ]
-        fig.add_trace(
-            go.Scatter(
-                x=grp[COST],
-                y=grp[metric],
-                mode="lines+markers",
-                name=model,
-                text=hover,
-                hoverinfo="text",
-                marker={
-                    "symbol": ["circle" if f else "star" for f in grp["fixed_depth"]],
-                    "size": [9 if f else 15 for f in grp["fixed_depth"]],
-                },
-                error_y=_error_bars(grp, metric),
-            )
-        )
-        meta.append({k: first[k] for k in ("sharing", "router", "num_recursions")})
-    front = pareto_front(points, COST, metric, higher_is_better(metric))
-    fig.add_trace(
-        go.Scatter(
-            x=front[COST],
-            y=front[metric],
-            mode="lines",
-            name="Pareto front",
-            line={"color": "red", "width": 3, "shape": "hv"},
-            opacity=0.5,
-            hoverinfo="skip",
-        )
-    )
-    buttons = _filter_buttons(meta)
-    fig.update_layout(
-        title=f"{_metric_label(metric)} vs inference FLOPs per token (★ = router's choice)",
-        xaxis={"title": "inference FLOPs per token", "type": "log"},
-        yaxis={"title": _metric_label(metric)},
-        template="plotly_white",
-        height=600,
-        updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "y": 1.15}],
-    )
-    return fig
-
-
-def _error_bars(grp: pd.DataFrame, metric: str) -> dict[str, Any] | None:
-    """Plotly error bars from the 95% interval columns (seeds), if any."""
-    if f"{metric}_ci_low" not in grp:
-        return None
-    return {
-        "type": "data",
-        "symmetric": False,
-        "array": (grp[f"{metric}_ci_high"] - grp[metric]).tolist(),
-        "arrayminus": (grp[metric] - grp[f"{metric}_ci_low"]).tolist(),
-    }
-
-
-def _ci_text(row: pd.Series, metric: str) -> str:
-    if f"{metric}_ci_low" not in row or pd.isna(row[f"{metric}_ci_low"]):
-        return ""
-    status = {"front": " (on the front)", "≈ front": " (CI overlaps the front)"}.get(
-        row.get(VS_FRONT, ""), ""
-    )
-    return f" [95% CI {row[f'{metric}_ci_low']:.4f}, {row[f'{metric}_ci_high']:.4f}]{status}"
-
-
-TABLE_COLUMNS = ["model", "point", "sharing", "router", "num_recursions", "kv_cache", COST]
-
-
-def interactive_html(
-    points: pd.DataFrame, metric: str, path: Path, results: pd.DataFrame | None = None
-) -> Path:
-    """The report page: the interactive Pareto plot (hover shows the configuration, front
-    highlighted, filters by sharing / router / N_r), the results table (one row per model:
-    its mean depth beside its routing drift), then the table of its depth points.
-    Self-contained (plotly.js embedded): works offline."""
-    title = f"MoR sweep report: {_metric_label(metric)} vs inference FLOPs per token"
-    plot = _pareto_figure(points, metric).to_html(
-        include_plotlyjs=True, full_html=False, div_id="mor-pareto"
-    )
-    columns = TABLE_COLUMNS + ([metric] if metric not in TABLE_COLUMNS else [])
-    columns += [c for c in (f"{metric}_ci_low", f"{metric}_ci_high", VS_FRONT) if c in points]
-    table = points.sort_values(["model", COST])[columns].to_html(
-        index=False, float_format=lambda v: f"{v:.4g}", table_id="mor-points", border=0
-    )
-    summary = ""
-    if results is not None and not results.empty:
-        shown = results.drop(columns=["run_id"], errors="ignore")
-        summary = "<h2>Results per model</h2>\n" + shown.to_html(
-            index=False, float_format=lambda v: f"{v:.4g}", table_id="mor-results", border=0
-        )
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head><meta charset="utf-8"><title>{html.escape(title)}</title></head>
-<body>
-<h1>{html.escape(title)}</h1>
-{plot}
-{summary}
-<h2>Every model at every test-time depth</h2>
-{table}
-</body>
-</html>
-"""
-    path.write_text(page)
-    return path
+    return save(fig, path)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from core.keys import ROUTER_POINT, TOPK_POINT
+from dashboards.html import interactive_html
 from dashboards.pareto import VS_FRONT, front_status, higher_is_better, pareto_front
-from dashboards.plots import COST, interactive_html, iso_flop_png, pareto_png, router_depths_png
+from dashboards.plots import COST, depth_curves_png, iso_flop_png, pareto_png, router_depths_png
 from dashboards.replicates import aggregate_points, by_config, has_replicates
 from dashboards.runs import SweepRuns, load_runs
 from dashboards.stats import (
@@ -21,6 +22,7 @@ from dashboards.stats import (
     paired_bpb_diff_ci,
     paired_diff_ci,
 )
+from dashboards.style import model_colors
 
 DELTA = "Δ vs vanilla (95% CI)"
 SIGNIFICANT = "significant?"
@@ -319,7 +321,8 @@ def build_report(
         (out / "results_by_config.md").write_text(_markdown(summary))
         summary.to_csv(out / "results_by_config.csv", index=False)
         files += [out / "results_by_config.md", out / "results_by_config.csv"]
-    files.append(iso_flop_png(runs.trials, out / "iso_flop.png"))
+    colors = model_colors(runs.trials["model"])  # one colour per model in every figure
+    figures = [iso_flop_png(runs.trials, out / "iso_flop.png", colors)]
     front, front_models = pd.DataFrame(), {}
     if not runs.points.empty:
         if metric not in runs.points.columns:
@@ -337,11 +340,15 @@ def build_report(
         front_models = front_models_by_budget(points, runs.trials, metric)
         front.to_csv(out / "front.csv", index=False)
         files += [out / "points.csv", out / "front.csv"]
-        files.append(pareto_png(points, metric, out / "pareto.png"))
-        files.append(interactive_html(points, metric, out / "report.html", summary))
-        hist = router_depths_png(causal, out / "router_depths.png")
-        if hist is not None:
-            files.append(hist)
+        figures.append(pareto_png(points, metric, out / "pareto.png", colors))
+        figures.append(depth_curves_png(points, metric, out / "depth_curves.png", colors))
+        figures.append(router_depths_png(points, out / "router_depths.png", colors))
+        heading = f"MoR sweep report: {', '.join(names)}"
+        files.append(
+            interactive_html(points, metric, out / "report.html", summary, colors, heading)
+        )
+    for png in (f for f in figures if f is not None):  # each figure as PNG and SVG
+        files += [png, png.with_suffix(".svg")]
     if log_to_mlflow and runs.parent_run_ids:
         from mlflow import MlflowClient
 

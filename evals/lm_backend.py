@@ -93,8 +93,12 @@ class MoRLM(TemplateLM):
         max_gen_toks: int = 128,
         eos_id: int | None = None,
         routing: str = "causal",
+        progress: bool = True,
     ) -> None:
         super().__init__()
+        # lm-eval asks for bars (disable_tqdm=False); the platform's own evaluations turn
+        # them off unless verbose: every bar update is a line in Ray's worker log.
+        self.progress = bool(progress)
         if (pretrained is None) == (model is None):
             raise ValueError("pretrained: give exactly one of pretrained (export dir) or model")
         torch_dtype = _dtype(dtype, device)
@@ -189,7 +193,9 @@ class MoRLM(TemplateLM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         # Longest first: the first batch shows memory problems early, and similar lengths pad less.
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        bar = tqdm(
+            total=len(requests), disable=disable_tqdm or not self.progress, desc="loglikelihood"
+        )
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             rows, spans = [], []
@@ -212,10 +218,17 @@ class MoRLM(TemplateLM):
         bar.close()
         return results  # type: ignore[return-value]
 
+    def loglikelihood(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        """lm-eval's (its "Tokenizing inputs" bar follows ``progress`` too)."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         """Sum of token log-likelihoods of whole documents, in windows of max_length."""
         out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="loglikelihood_rolling"):
+        bar_off = disable_tqdm or not self.progress
+        for req in tqdm(requests, disable=bar_off, desc="loglikelihood_rolling"):
             (text,) = req.args
             windows = [
                 make_disjoint_window(w)
@@ -235,7 +248,7 @@ class MoRLM(TemplateLM):
         if self.topk_routing:
             raise ValueError("routing: 'topk' sees future tokens, so it cannot generate text")
         out = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+        for req in tqdm(requests, disable=disable_tqdm or not self.progress, desc="generate_until"):
             context, kwargs = req.args
             kwargs = dict(kwargs or {})
             until = kwargs.pop("until", None) or []

@@ -63,12 +63,14 @@ def evaluate_export(
     device: str = "cpu",
     out_dir: str | Path | None = None,
     work_dir: str | Path | None = None,
+    title: str | None = None,
 ) -> tuple[EvalReport, Path]:
     """Evaluate an exported model at every depth and write its artifacts; (report, folder).
 
     The export's ``eos_id`` reaches the lm-eval backend; ``report.meta`` is the export's
     metadata (its recorded MLflow run and tracking URI, used by ``log_eval``). ``model_dir``
     may be an object-store URI (a run whose storage is one): it is read through a local copy.
+    ``title`` names the model on the console (default: its training run's name).
     """
     from tokenizers import Tokenizer
 
@@ -89,6 +91,7 @@ def evaluate_export(
             tokenizer=tok_path,
             work_dir=work_dir,
             eos_id=meta.get("eos_id"),
+            title=title or meta.get("run_name"),
         )
     report.model, report.meta, report.system_metrics = str(model_dir), meta, samples
     out = Path(out_dir) if out_dir else local.parent / "eval"
@@ -132,7 +135,7 @@ def run_eval(
     """Evaluate, write artifacts, then log a child MLflow run of the training run.
 
     ``settings`` are ``evaluate_export``'s keyword arguments (data_dir, depths, topk, limit,
-    batch_size, device, out_dir, work_dir). Returns (report, MLflow run id or None, artifacts
+    batch_size, device, out_dir, work_dir, title). Returns (report, MLflow run id or None, artifacts
     dir); a logging failure raises ``EvalLoggingError`` after the artifacts are written.
     """
     report, out = evaluate_export(model_dir, tasks, **settings)

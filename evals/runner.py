@@ -11,6 +11,10 @@ the bootstrap intervals of ``dashboards.stats``).
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 
 from core.keys import ROUTER_POINT, TOPK_POINT
+from core.quiet import verbose
 from evals.default_tasks import bpb_docs, heldout_documents, prepare_default_tasks
 from evals.lm_backend import MoRLM
 from evals.routing_analysis import analyse_routing
@@ -238,10 +243,12 @@ def evaluate_model(
     num_fewshot: int | None = None,
     nll_docs: int = NLL_DOCS,
     eos_id: int | None = None,
+    title: str | None = None,
 ) -> EvalReport:
     """Evaluate ``model_ref`` (an export folder or a model) at every test-time depth.
 
     ``eos_id`` defaults to the export's recorded one; an in-memory model needs it given.
+    ``title`` names the model in the console's one line per point (default: its name).
     """
     if isinstance(model_ref, MoRModel):
         model, meta, name = model_ref.eval(), {}, "in-memory"
@@ -255,7 +262,11 @@ def evaluate_model(
     work = Path(work_dir or Path.home() / ".cache" / "mor-platform" / "eval_tasks")
     manager, task_args = load_tasks(tasks, data_dir, work)
     points = []
-    for label, depth in depth_points(model, depths, topk):
+    todo = depth_points(model, depths, topk)
+    for i, (label, depth) in enumerate(todo, 1):
+        what = point_title(label, depth, model.cfg.num_recursions)
+        # stderr, like a progress bar: `mor eval --json` keeps stdout for the report
+        print(f"[mor] eval {title or name}: {what} (point {i}/{len(todo)})", file=sys.stderr)
         lm = MoRLM(
             model=model,
             tokenizer=str(tokenizer),
@@ -264,6 +275,7 @@ def evaluate_model(
             batch_size=batch_size,
             eos_id=eos_id,
             routing="topk" if label == TOPK_POINT else "causal",
+            progress=verbose(),
         )
         metrics, items = score_tasks(lm, tasks, task_args, manager, limit, num_fewshot)
         nll = heldout_nll(lm, nll_docs) if nll_docs > 0 else None
@@ -275,6 +287,42 @@ def evaluate_model(
     analysis = analyse_routing(model, lm.tokenizer, lm.eot_token_id, seq_len=seq_len)
     report.routing = analysis.to_dict() if analysis is not None else None
     return report
+
+
+def point_title(label: str, depth: int | None, num_recursions: int) -> str:
+    """What one point of the curve is, for people: 'depth 2/3', "router's choice"."""
+    if depth is not None:
+        return f"depth {depth}/{num_recursions}"
+    return "router's choice" if label == ROUTER_POINT else "top-k routing (non-causal)"
+
+
+@contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """lm-eval records ``git describe`` of the process's working directory in every result
+    (``lm_eval.evaluator.get_git_commit_hash``, no option to skip it); outside a git checkout
+    (a Tune trial's folder, an installed platform) git prints ``fatal: not a git repository``
+    on the console once per call. The same call, with git's stderr kept off the console."""
+    import lm_eval.evaluator as evaluator
+
+    def git_hash() -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "describe", "--always"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):  # no git on this machine
+            return None
+        return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+    saved = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved
 
 
 def score_tasks(
@@ -291,19 +339,20 @@ def score_tasks(
     import lm_eval
 
     torch.manual_seed(0)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=task_args,
-        task_manager=manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        bootstrap_iters=100,
-        log_samples=True,  # per-item scores for the bootstrap; bounded by limit x tasks
-        random_seed=0,
-        numpy_random_seed=0,
-        torch_random_seed=0,
-        fewshot_random_seed=0,
-    )
+    with quiet_git_hash():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_args,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=100,
+            log_samples=True,  # per-item scores for the bootstrap; bounded by limit x tasks
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
     metrics = {t: _task_metrics(results, t) for t in tasks}
     return metrics, {t: v for t in tasks if (v := task_items(results, t))}
 

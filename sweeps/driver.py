@@ -27,16 +27,16 @@ from core.keys import (
     eval_points,
 )
 from mor.overrides import ConfigError
-from sweeps.space import sample_defaults
-from sweeps.spec import (
-    POINT,
+from sweeps.plan import (
     SweepPlan,
-    SweepSpec,
     TrialPoint,
     plan_sweep,
     trial_config,
+    trial_title,
     with_sampled,
 )
+from sweeps.space import sample_defaults
+from sweeps.spec import POINT, SweepSpec
 from sweeps.store import SweepStore
 from sweeps.summary import finished, log_parent_metrics, parent_metrics
 from trainers.data import prepare_data
@@ -112,7 +112,7 @@ def trial_fn(
     final["train_run_id"] = result.run_id
     final["label"] = with_sampled(point.label, sampled)
     if spec.eval.enabled:
-        eval_run_id, points = _evaluate(spec, result, tracking_uri)
+        eval_run_id, points = _evaluate(spec, result, tracking_uri, trial_title(final["label"]))
         final["eval_run_id"] = eval_run_id
         for label, values in points.items():
             final.update({eval_point_key(label, k): v for k, v in values.items()})
@@ -122,7 +122,7 @@ def trial_fn(
 
 
 def _evaluate(
-    spec: SweepSpec, result: Any, tracking_uri: str
+    spec: SweepSpec, result: Any, tracking_uri: str, title: str
 ) -> tuple[str, dict[str, dict[str, float | None]]]:
     """(eval run id, {point: {key: value}}) of the trained model, in evaluation order.
 
@@ -145,6 +145,7 @@ def _evaluate(
         tracking_uri=tracking_uri,
         parent_run_id=result.run_id,
         work_dir=sweep_store(spec).eval_work_dir,
+        title=title,
     )
     points = {}
     for p in report.points:
@@ -242,6 +243,8 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
     import ray
     from ray import tune
 
+    from core.quiet import verbose
+
     spec = plan.spec  # its storage path is absolute: Tune runs each trial in its own folder
     for msg in plan.dropped:
         print(f"[mor] skipped invalid {msg}")
@@ -287,6 +290,7 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         TRIAL_RESOURCES,
     )
     if resume:
+        store.restore()  # the killed driver's bookkeeping, wherever it ran
         for run_id in mark_interrupted(client, parent_run_id):
             print(f"[mor] marked interrupted run {run_id} as KILLED")
         if not tune.Tuner.can_restore(store.experiment):
@@ -294,6 +298,8 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         tuner = tune.Tuner.restore(store.experiment, trainable=trainable, resume_errored=True)
     else:
         tuner = _new_tuner(plan, trainable, store, (uri, parent_run_id))
+    if not verbose():  # Tune's legacy output path: the only one taking our reporter
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
     return summarise(spec, grid, client, parent_run_id, uri, state_dir)
 
@@ -319,12 +325,14 @@ def _new_tuner(
     spec's ``metric`` and the scheduler's ``val/loss``), so Tune is given none."""
     from ray import tune
 
-    from core.quiet import tune_verbosity
+    from core.quiet import tune_verbosity, verbose
+    from sweeps.progress import SweepTable, trial_dirname, trial_name
     from sweeps.search import RUNGS_FILE, SKIPPED_FILE, STOPPED_FILE, PlacementGroupJanitor
 
     spec, state_dir = plan.spec, store.state_dir
     for stale in (SKIPPED_FILE, STOPPED_FILE, RUNGS_FILE):  # a new search starts clean
         (state_dir / stale).unlink(missing_ok=True)
+    store.forget()
     concurrent = max_concurrent_trials(spec)
     search_alg, space, num_samples = _searcher_and_space(plan, state_dir, concurrent)
     scheduler = None
@@ -333,8 +341,9 @@ def _new_tuner(
 
         scheduler = FlopsASHA(spec, state_dir, tracking)
     rungs = ", ".join(f"{m:.3g}" for m in scheduler.milestones) if scheduler else ""
+    trials = num_samples if search_alg else len(plan.points) * num_samples
     print(
-        f"[mor] sweep {spec.name!r}: searcher {spec.searcher}, {num_samples} trial(s) "
+        f"[mor] sweep {spec.name!r}: searcher {spec.searcher}, {trials} trial(s) "
         f"{'at most ' if search_alg else ''}(grid points × samples), max_concurrent "
         f"{concurrent}"
         + (f", max_total_flops {spec.max_total_flops:.3g}" if spec.max_total_flops else "")
@@ -348,12 +357,15 @@ def _new_tuner(
             scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=concurrent,
+            trial_name_creator=trial_name,  # 'mor-ec-middle-cycle-3 @ 2e12'
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=spec.name,
             storage_path=store.tune_storage,
             callbacks=[PlacementGroupJanitor()],
             verbose=tune_verbosity(),
+            progress_reporter=None if verbose() else SweepTable(spec.metric),
         ),
     )
 
@@ -424,7 +436,7 @@ def summarise(
         from dashboards.report import build_report
 
         report = build_report(uri, [spec.name], state_dir / "report", metric=spec.headline)
-        artifacts = [f for f in report.files if f.suffix in (".png", ".html", ".md")]
+        artifacts = [f for f in report.files if f.suffix in (".png", ".svg", ".html", ".md")]
         on_front = int(report.front["replicate_of"].nunique()) if not report.front.empty else 0
         fronts = (report.front_models, on_front)
     except Exception as exc:  # a report problem must not lose the sweep's results

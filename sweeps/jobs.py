@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sweeps.spec import SweepPlan, SweepSpec
+from sweeps.plan import SweepPlan
+from sweeps.spec import SweepSpec
 
 SPEC_ENV = "MOR_SWEEP_SPEC"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from mor.overrides import ConfigError
+from sweeps.plan import TrialPoint, point_flops, trial_config
 from sweeps.space import asha_milestones, draw_order, is_active
-from sweeps.spec import POINT, SweepSpec, TrialPoint, point_flops, trial_config
+from sweeps.spec import POINT, SweepSpec
+from sweeps.store import SweepStore
 
 SKIPPED_FILE = "skipped.jsonl"
 STOPPED_FILE = "stopped.jsonl"
@@ -177,6 +179,7 @@ class GuardedSearch(Searcher):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with open(self.state_dir / SKIPPED_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+        keep(self.spec.resolved_storage_path, self.spec.name, self.state_dir / SKIPPED_FILE)
         print(f"[mor] search: skipped invalid draw {point.label} {sampled}: {reason}")
 
     def get_state(self) -> dict:
@@ -214,6 +217,7 @@ class FlopsASHA(ASHAScheduler):
             stop_last_trials=False,
         )
         self.sweep, self.state_dir, self.tracking = spec.name, Path(state_dir), tracking
+        self.storage = spec.resolved_storage_path
         self.milestones = asha_milestones(spec)
         self._loaded = False  # a resumed sweep reloads the rungs its killed driver recorded
 
@@ -223,6 +227,7 @@ class FlopsASHA(ASHAScheduler):
         if save:
             data = [[m, {k: float(v) for k, v in rec.items()}] for m, rec in rungs]
             path.write_text(json.dumps(data))
+            keep(self.storage, self.sweep, path)
         elif path.is_file():
             for (_, recorded), (_, saved) in zip(rungs, json.loads(path.read_text())):
                 recorded.update(saved)
@@ -249,12 +254,19 @@ class FlopsASHA(ASHAScheduler):
             self.state_dir.mkdir(parents=True, exist_ok=True)
             with open(self.state_dir / STOPPED_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            keep(self.storage, self.sweep, self.state_dir / STOPPED_FILE)
             print(
                 f"[mor] ASHA: stopped trial {trial.trial_id} at the {rung:.3g}-FLOPs rung "
                 f"({self._metric}={record['metric']:.4g})"
             )
             mark_stopped(*self.tracking, [record])
         return action
+
+
+def keep(storage_path: str, sweep: str, path: Path) -> None:
+    """A bookkeeping file, as it changes, kept beside the sweep's record (object storage): a
+    driver resumed on another machine starts from it (sweeps/store.py)."""
+    SweepStore.of(storage_path, sweep).keep(path)
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -11,7 +11,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sweeps.spec import SweepSpec, TrialPoint
+    from sweeps.plan import TrialPoint
+    from sweeps.spec import SweepSpec
 
 
 def _lookup(spec: SweepSpec, point: TrialPoint, sampled: dict[str, Any], key: str) -> Any:

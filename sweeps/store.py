@@ -7,10 +7,13 @@ Persisted under the storage path (a folder or an object-store URI):
 - ``<storage>/sweeps/<name>/``: the sweep's record: its MLflow run id, ``spec.json``, and at the
   end ``summary.csv``, ``summary.json`` and ``report/``.
 
-The driver's own bookkeeping (writer lock, searcher draws, ASHA rungs, the report being built)
-lives in ``state_dir`` on the driver's machine: the same folder as ``home`` when the storage is
-local, a folder under the local cache mirroring the URI otherwise; what a reader needs is
-published to ``home`` at the end.
+The driver's own bookkeeping (writer lock, skipped draws, ASHA rungs and stops, the report
+being built) lives in ``state_dir`` on the driver's machine: the same folder as ``home`` when
+the storage is local, a folder under the local cache mirroring the URI otherwise. On object
+storage each bookkeeping file is copied to ``home/state/`` whenever it changes (``keep``) and a
+resumed driver starts from those copies (``restore``): `mor sweep resume` works from a machine
+that never saw the sweep (Tune's own searcher state is in ``tune/<name>``). What a reader needs
+(summary, report) is published to ``home`` at the end.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from core.storage import Location, local_mirror, resolve_storage
 
 TUNE_SUBDIR = "tune"
 SWEEPS_SUBDIR = "sweeps"
+STATE_SUBDIR = "state"
 
 
 @dataclass(frozen=True)
@@ -67,3 +71,24 @@ class SweepStore:
         for f in files:
             rel = f.relative_to(self.state_dir).as_posix()
             self.home.child(rel).write_bytes(f.read_bytes())
+
+    def keep(self, path: Path) -> None:
+        """Copy one bookkeeping file of ``state_dir`` to ``home/state/`` (object storage only;
+        on a local disk ``state_dir`` is ``home``)."""
+        if not self.storage.is_local:
+            self.home.child(STATE_SUBDIR, path.name).write_bytes(path.read_bytes())
+
+    def restore(self) -> None:
+        """A resumed driver's ``state_dir`` from ``home/state/`` (object storage only): the
+        bookkeeping its killed predecessor kept, wherever that one ran."""
+        if self.storage.is_local:
+            return
+        kept = self.home.child(STATE_SUBDIR)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for name in kept.names():
+            (self.state_dir / name).write_bytes(kept.child(name).read_bytes())
+
+    def forget(self) -> None:
+        """A new search starts clean: the kept bookkeeping of an earlier one is removed."""
+        if not self.storage.is_local:
+            self.home.child(STATE_SUBDIR).delete_tree()

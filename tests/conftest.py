@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -29,6 +30,12 @@ TINY_VARIANTS = [
         "model.router": "expert_choice",
     },
 ]
+# `mor train` as a user types it, on the smallest model and data (the tiny sweep's base).
+TINY_TRAIN = [
+    "model.preset=micro", "model.num_layers=6", "model.max_seq_len=64",
+    "data.vocab_size=512", "data.seq_len=64", "data.max_documents=150",
+    "batch.micro_batch_size=4", "budget.steps=3", "eval.every_steps=1000", "eval.batches=2",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,6 +66,8 @@ def tiny_spec_dict(tmp: Path, name: str, **extra: object) -> dict:
     return d
 
 
+CONSOLE_FILE = "console.txt"
+"""The tiny sweep's whole console output, beside its ``outputs`` folder."""
 DIVERGING = {
     "name": "mor-tc-diverges",
     "model.sharing": "middle_cycle",
@@ -74,6 +83,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
     turns NaN (a diverging run), which must stop only that trial."""
     import ray
 
+    from core.quiet import configure, ray_init_kwargs
     from mor.overrides import validate
     from sweeps.driver import run_sweep
     from sweeps.spec import SweepSpec
@@ -86,14 +96,22 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory):
     data["budgets"] = [2e9]  # ~15 steps a trial: the pipeline, not the learning, is tested
     data["eval"]["topk"] = True  # the non-causal point too: kept off the front, gap reported
     spec = validate(SweepSpec, data)
-    cwd = os.getcwd()
+    cwd, env = os.getcwd(), dict(os.environ)
     os.chdir(tmp)
-    ray.init(address="local", num_cpus=2, configure_logging=False)
+    console = io.StringIO()  # what `mor sweep run` would show: ours, Tune's and Ray's lines
     try:
-        result = run_sweep(spec)
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            configure()  # the console mode `mor sweep run` sets before Ray starts
+            ray.init(address="local", num_cpus=2, configure_logging=False, **ray_init_kwargs())
+            try:
+                result = run_sweep(spec)
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
         os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        (tmp / CONSOLE_FILE).write_text(console.getvalue())
     return spec, result, tmp / "outputs"
 
 

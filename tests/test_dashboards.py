@@ -14,10 +14,12 @@ import pandas as pd
 import pytest
 from conftest import _free_port, start_mlflow, stop
 from mlflow import MlflowClient
+from PIL import Image
 
 from cli.main import main as mor_main
 from dashboards.pareto import pareto_front
 from dashboards.report import DELTA, SIGNIFICANT, build_report
+from dashboards.style import FRONT_COLOR, model_colors
 
 
 def pts(rows: list[tuple[float, float]]) -> pd.DataFrame:
@@ -89,7 +91,13 @@ def test_report_from_a_real_sweep(tiny_sweep, tmp_path: Path) -> None:
     assert 0 <= mor["drift_max_gap"] <= 1 and 0 <= mor["drift_min_agree"] <= 1
     assert -1 <= mor["causality_gap"] <= 1 and -1 <= mor["spearman_depth_loss"] <= 1
     assert "drift_max_gap" in md and "causality_gap" in md
-    assert (tmp_path / "rep" / "router_depths.png").is_file()
+    # Every figure as a 200-dpi PNG and an SVG, each model in its one colour (issue #13).
+    colors = model_colors(rep.table["model"])
+    assert FRONT_COLOR not in colors.values()
+    for name in ("pareto", "depth_curves", "router_depths", "iso_flop"):
+        png, svg = tmp_path / "rep" / f"{name}.png", tmp_path / "rep" / f"{name}.svg"
+        assert min(Image.open(png).info["dpi"]) >= 199.5, name
+        assert all(colors[m] in svg.read_text() for m in ("mor-ec",)), name
     # Item-bootstrap CI of each model's average (from its eval's items.json), and MoR against
     # the vanilla model of its budget by a paired bootstrap on the same 10 items (issue #15).
     by_model = rep.table.set_index("model")
@@ -215,19 +223,39 @@ def render_as_mlflow_does(html: bytes, tmp_path: Path) -> tuple[str, list[str]]:
     return proc.stdout, console
 
 
+def _legend_colors(view: str) -> dict[str, str]:
+    """A rendered plotly figure's legend: each entry's name → the colour of its swatch."""
+    found = re.findall(
+        r'class="legendtext"[^>]*data-unformatted="([^"]+)"[^>]*>[^<]*</text>'
+        r".*?(?:stroke|fill): (rgb\([^)]*\))",
+        view,
+    )
+    return dict(found)
+
+
+def _rgb(hex_color: str) -> str:
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run does)")
 def test_html_report_renders_in_headless_chromium(tiny_sweep, tmp_path: Path) -> None:
-    """report.html opens from MLflow's artifact view: served by a real MLflow server, then
-    rendered in headless Chromium the way the view renders it."""
+    """The page as MLflow's artifact view shows it (served by a real MLflow server, rendered
+    in headless Chromium under the view's sandbox): heading, tables, the Pareto, depth-curve and
+    router views, one colour per model in all of them (the front in another), error bars from
+    the task's standard errors, units on the axes, integer depth ticks."""
     spec, res, _ = tiny_sweep
-    rep = build_report(res.tracking_uri, [spec.name], tmp_path / "html", log_to_mlflow=False)
+    rep = build_report(
+        res.tracking_uri, [spec.name], tmp_path / "html", "mor_heldout_mc/acc", False
+    )
     page = rep.out_dir / "report.html"
     served = served_by_mlflow(page, tmp_path)
     assert served == page.read_bytes()  # whole: no size limit cut it
     dom, console = render_as_mlflow_does(served, tmp_path)
     assert not console, console  # no script error while the page rendered
     title = re.search(r"<title>(.*?)</title>", dom, re.S).group(1)
-    assert title == "MoR sweep report: average accuracy vs inference FLOPs per token"
+    assert title == "MoR sweep report: mor_heldout_mc/acc vs inference FLOPs per token"
+    assert re.search(r"<h1>MoR sweep report: tiny</h1>", dom)
     # The table of depth points: vanilla's one point, MoR's d1, d2 and router.
     table = re.search(r'<table[^>]*id="mor-points".*?</table>', dom, re.S).group(0)
     rows = re.findall(r"<tr>\s*<td>([^<]*)</td>\s*<td>([^<]*)</td>", table)
@@ -240,12 +268,28 @@ def test_html_report_renders_in_headless_chromium(tiny_sweep, tmp_path: Path) ->
     # The per-model results: mean depth beside the router's drift (issue #14).
     results = re.search(r'<table[^>]*id="mor-results".*?</table>', dom, re.S).group(0)
     assert "mean_depth" in results and "drift_max_gap" in results and "mor-ec" in results
-    # Plotly drew the figure in the browser: its SVG, one marker per depth point, the legend.
-    plot = dom[dom.index('id="mor-pareto"') :]
-    assert 'class="main-svg"' in plot
-    assert len(re.findall(r'class="point"', plot)) == 4
-    legend = re.findall(r'class="legendtext"[^>]*>([^<]*)<', plot)
-    assert legend == ["mor-ec", "vanilla", "Pareto front"], legend
+    # Plotly drew each view in the browser: its SVG, markers, legend, axis titles.
+    ids = ("mor-pareto", "mor-depths", "mor-router", "mor-points")
+    at = [dom.index(f'id="{i}"') for i in ids]
+    views = {i: dom[a:b] for i, a, b in zip(ids, at, at[1:], strict=False)}
+    assert all('class="main-svg"' in v for v in views.values())
+    pareto, depths, router = views["mor-pareto"], views["mor-depths"], views["mor-router"]
+    assert len(re.findall(r'class="point"', pareto)) == 4  # the star is MoR's 3rd point
+    assert len(re.findall(r'class="errorbar"', pareto)) >= 4  # lm-eval's standard errors
+    colors = {m: _rgb(c) for m, c in model_colors(rep.table["model"]).items()}
+    for view, legend in ((pareto, ["mor-ec", "vanilla", "Pareto front"]),
+                         (depths, ["mor-ec", "vanilla"]), (router, ["mor-ec"])):  # fmt: skip
+        drawn = _legend_colors(view)
+        assert list(drawn) == legend, drawn
+        assert all(drawn[m] == colors[m] for m in legend if m in colors), drawn
+    assert _legend_colors(pareto)["Pareto front"] == _rgb(FRONT_COLOR)
+    assert _rgb(FRONT_COLOR) not in colors.values()
+    titles = " | ".join(re.findall(r'class="[xy]title"[^>]*>([^<]*)<', dom))
+    for unit in ("FLOPs per token", "fraction correct", "recursions per token",
+                 "fraction of tokens"):  # fmt: skip
+        assert unit in titles, titles
+    ticks = re.findall(r'class="xtick"[^>]*>.*?<text[^>]*>([^<]*)<', depths)
+    assert ticks == ["1", "2"], ticks  # integer depths only
 
 
 def test_lower_is_better_metrics_make_a_minimising_front() -> None:

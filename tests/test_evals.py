@@ -438,7 +438,7 @@ def trained_run(trained_export: Path, tmp_path_factory: pytest.TempPathFactory) 
     """(export, MLflow run id): the export laid out as `mor train` leaves it
     (STORAGE/runs/NAME/export), recording its training run and tracking URI, and logged as
     the run's MLflow model, as the launcher does (tests/test_trainer.py checks the launcher
-    writes them; tests/test_platform.py runs the real `mor train` then `mor eval` on the
+    writes them; tests/test_stack.py runs the real `mor train` then `mor eval` on the
     `mor up` stack)."""
     from core.mlflow_model import log_export_model
     from core.storage import Location

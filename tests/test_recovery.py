@@ -21,7 +21,8 @@ from test_reliability import items
 from test_trainer import needs_shared
 
 from mor.overrides import ConfigError, validate
-from sweeps.spec import SweepSpec, plan_sweep
+from sweeps.plan import plan_sweep
+from sweeps.spec import SweepSpec
 from trainers.config import load_train_config
 from trainers.launcher import plan_run
 

@@ -1,5 +1,5 @@
 """Faults and bad input: corrupt checkpoints, NaN losses, MLflow outages, fuzzed configs (a lost
-worker or node: tests/test_multinode.py)."""
+worker or node: tests/test_stack.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 from test_trainer import needs_shared, overrides
 
 from mor.overrides import ConfigError, validate
-from sweeps.spec import SweepSpec, plan_sweep
+from sweeps.plan import plan_sweep
+from sweeps.spec import SweepSpec
 from trainers.config import load_train_config
 from trainers.launcher import ResourceError, TrainingError, plan_run, run_training
 

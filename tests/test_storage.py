@@ -110,3 +110,30 @@ def test_storage_uri_errors_are_clear_before_anything_runs(s3: str, tmp_path: Pa
     relative = load_train_config(None, [*base, "storage_path=outputs"])
     assert relative.storage_path == os.path.abspath("outputs")  # every process sees one path
     assert not ray.is_initialized()
+
+
+def test_sweep_bookkeeping_follows_the_sweep_to_another_machine(
+    s3: str, tmp_path: Path, monkeypatch
+) -> None:
+    """A driver's bookkeeping on object storage is kept beside the sweep's record as it
+    changes; a driver on a machine with an empty cache restores it; a new search forgets it.
+    On a local disk the bookkeeping folder is the record itself: nothing is copied."""
+    from sweeps.store import SweepStore
+
+    monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "machine-a"))
+    store = SweepStore.of(f"{s3}/sweeps-store", "kept")
+    store.state_dir.mkdir(parents=True)
+    (store.state_dir / "asha_rungs.json").write_text("[[1.0, {}]]")
+    store.keep(store.state_dir / "asha_rungs.json")
+    monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "machine-b"))
+    assert not store.state_dir.exists()
+    store.restore()
+    assert (store.state_dir / "asha_rungs.json").read_text() == "[[1.0, {}]]"
+    store.forget()
+    assert store.home.child("state").names() == []
+    local = SweepStore.of(str(tmp_path / "local"), "kept")
+    assert local.state_dir == tmp_path / "local" / "sweeps" / "kept"
+    local.state_dir.mkdir(parents=True)
+    (local.state_dir / "stopped.jsonl").write_text("{}\n")
+    local.keep(local.state_dir / "stopped.jsonl")
+    assert os.listdir(local.home.path) == ["stopped.jsonl"]

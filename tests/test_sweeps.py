@@ -1,24 +1,25 @@
-"""sweeps/: spec validation, a real 2-trial sweep, Ray Jobs submission, resume after a kill."""
+"""sweeps/: spec validation, a real 2-trial sweep, resume after a kill. (Ray Jobs submission:
+tests/test_stack.py, on the `mor up` stack.)"""
 
 from __future__ import annotations
 
 import inspect
-import json
-import socket
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_VARIANTS, tiny_spec_dict
+from conftest import CONSOLE_FILE, TINY_VARIANTS, _free_port, tiny_spec_dict
 from mlflow import MlflowClient
 
 from cli.main import main as mor_main
 from core.keys import eval_key, eval_point_key, eval_points, parse_eval_point_key
 from mor.overrides import ConfigError, validate
 from sweeps.driver import run_sweep
-from sweeps.spec import SweepSpec, TrialPoint, grid_points, plan_sweep, trial_config
+from sweeps.plan import TrialPoint, grid_points, plan_sweep, trial_config
+from sweeps.spec import SweepSpec
 
 VANILLA, MOR = TINY_VARIANTS
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,17 +258,17 @@ def _count_calls(fn: object, argv: list[str]) -> tuple[int | str, int]:
 def test_spec_is_validated_once_per_process(tmp_path: Path, capsys) -> None:
     """`mor sweep run` and `mor sweep submit` check each trial once (the driver path used to
     validate the spec three times). Both stop at an unreachable service, after validation."""
-    import sweeps.spec
+    import sweeps.plan
 
     dead = f"127.0.0.1:{_free_port()}"
     path = write_spec(tmp_path, "once", tracking={"uri": f"http://{dead}"})
     n_points = len(plan_sweep(load_spec_file(path)).points)
     assert n_points == 2
-    rc, checks = _count_calls(sweeps.spec._check_point, ["sweep", "run", str(path)])
+    rc, checks = _count_calls(sweeps.plan._check_point, ["sweep", "run", str(path)])
     assert rc == 2 and "tracking.uri" in capsys.readouterr().err  # stopped at MLflow
     assert checks == n_points
     submit = ["sweep", "submit", str(path), "--address", f"http://{dead}"]
-    outcome, checks = _count_calls(sweeps.spec._check_point, submit)
+    outcome, checks = _count_calls(sweeps.plan._check_point, submit)
     assert outcome not in (0, "ConfigError") and checks == n_points  # failed at the job server
     # The driver takes the plan the CLI made (it plans only when handed a raw spec).
     assert "SweepPlan" in str(inspect.signature(run_sweep).parameters["plan"].annotation)
@@ -330,59 +331,52 @@ def test_two_trial_sweep_end_to_end(tiny_sweep) -> None:
         assert logged.name == "model" and "val/loss" in {x.key for x in logged.metrics}
     mor_row = next(r for r in res.rows if r["label"].startswith("mor-ec"))
     assert {"eval/d1/average", "eval/d2/average", "eval/drouter/average"} <= set(mor_row)
+    # Tune's trials and their folders are named by variant and budget.
+    assert {Path(r["trial"]).name.split("_")[0] for r in res.rows} == {
+        "vanilla", "mor-ec", "mor-tc-diverges"
+    }  # fmt: skip
 
 
-# ------------------------------------------------------------------ cluster submission
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_sweep_console_is_short_and_says_what_runs(tiny_sweep) -> None:
+    """What the tiny sweep printed (issue #13): the trials by name as they start and end,
+    each evaluated point, the table at the end; no Tune box, progress bars, git noise or
+    Ray tracebacks of its own, and the whole of it well within a screen or two."""
+    _, _, storage = tiny_sweep
+    text = (storage.parent / CONSOLE_FILE).read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 100, text
+    for needle in ("[mor] trial vanilla @ 2e9: finished", "[mor] trial mor-ec @ 2e9: finished",
+                   "[mor] trial mor-tc-diverges @ 2e9: failed | FloatingPointError: training "
+                   "diverged", "depth 1/2 (point 1/4)",
+                   "router's choice (point 3/4)", "FLOPs so far"):  # fmt: skip
+        assert needle in text, needle
+    for noise in ("fatal: not a git repository", "Configuration for experiment",
+                  "View detailed results", "PlacementGroupCleaner", "Generating test split",
+                  "Exception in thread"):  # fmt: skip
+        assert noise not in text, noise
+    assert not re.search(r"\d+%\|", text), "a progress bar reached the console"
 
 
-@pytest.fixture
-def ray_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A real Ray head on loopback (`ray start --head`, through `mor up`), stopped afterwards:
-    only its own processes, never other Ray clusters on the machine."""
-    from core.stack import down, up
+@pytest.mark.extended  # 150 s measured on the shared 2-core machine (load ~35): over budget
+def test_a_trial_trained_again_alone_gives_the_same_numbers(tiny_sweep, tmp_path: Path) -> None:
+    """Reproducibility (issue #13): the sweep trained vanilla beside two other trials (2 at a
+    time on 2 CPUs); the same trial config trained again, alone, ends at exactly the same
+    train and validation loss: threads are pinned per worker, data order and init seeded."""
+    import ray
 
-    state = tmp_path / "stack"
-    monkeypatch.setenv("MOR_STACK_DIR", str(state))
-    for var in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
+    from trainers.launcher import run_training
+
+    spec, res, _ = tiny_sweep
+    alone = spec.model_copy(update={"storage_path": str(tmp_path)})
+    point = next(p for p in plan_sweep(alone).points if p.label.startswith("vanilla"))
+    cfg = trial_config(alone, point, {}, name="again", tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    ray.init(address="local", num_cpus=2, configure_logging=False)
     try:
-        record, _ = up(
-            state, ray_port=_free_port(), dashboard_port=_free_port(), mlflow_port=_free_port()
-        )
-        yield record.ray.dashboard
+        again = run_training(cfg).metrics
     finally:
-        down(state)
-
-
-def test_submit_logs_and_stop(tmp_path: Path, ray_head: str, capsys: pytest.CaptureFixture) -> None:
-    """Submission through the Jobs API, followed while it runs, then stopped.
-
-    (A submitted sweep followed to completion is tests/test_platform.py's lifecycle test.)
-    """
-    from sweeps import jobs
-
-    path = write_spec(tmp_path, "to-stop", variants=[MOR])
-    assert mor_main(["sweep", "submit", str(path), "--address", ray_head]) == 0
-    job_id = capsys.readouterr().out.strip().splitlines()[-1]
-    deadline = time.time() + 180
-    while "trial" not in jobs.logs(job_id, ray_head).lower():  # the sweep is under way
-        assert jobs.status(job_id, ray_head) in ("PENDING", "RUNNING"), jobs.logs(job_id, ray_head)
-        assert time.time() < deadline
-        time.sleep(2)
-    assert mor_main(["sweep", "status", job_id, "--address", ray_head]) == 0
-    assert json.loads(capsys.readouterr().out)["status"] == "RUNNING"
-    assert mor_main(["sweep", "logs", job_id, "--address", ray_head]) == 0
-    assert capsys.readouterr().out.strip()
-    assert mor_main(["sweep", "stop", job_id, "--address", ray_head]) == 0
-    deadline = time.time() + 60
-    while jobs.status(job_id, ray_head) not in ("STOPPED", "FAILED", "SUCCEEDED"):
-        assert time.time() < deadline
-        time.sleep(1)
-    assert jobs.status(job_id, ray_head) == "STOPPED"
+        ray.shutdown()
+    swept = next(r for r in res.rows if r["label"].startswith("vanilla"))
+    assert (again["train/loss"], again["val/loss"]) == (swept["train/loss"], swept["val/loss"])
 
 
 # ------------------------------------------------------------------ resume

@@ -30,6 +30,7 @@ from trainers.checkpointing import tidy_run_dir
 from trainers.config import TrainConfig, default_tracking_uri
 from trainers.data import prepare_data
 from trainers.plan import TrainPlan
+from trainers.ray_trainer import start_autoscaling_coordinator
 from trainers.run_log import SPOOL_FILE
 from trainers.run_store import RunStore, save_export
 from trainers.tracking import (
@@ -270,6 +271,7 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
     plan = TrainPlan.model_validate(plan.model_dump() | {"use_gpu": bool(use_gpu)})
     store = RunStore.of(cfg)
     tidy_run_dir(store.ray_run_dir, cfg.checkpoint.keep)  # torn Ray state, `keep` on restart
+    start_autoscaling_coordinator()  # before Ray Train's 5-s call to it (trainers.ray_trainer)
     trainer = _trainer(cfg, plan, callbacks)
     spool = store.home.child(SPOOL_FILE)
     try:
@@ -306,8 +308,9 @@ def _trainer(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> 
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     from trainers.loop import train_loop_per_worker
+    from trainers.ray_trainer import torch_trainer_class
 
-    return _torch_trainer_class()(
+    return torch_trainer_class()(
         train_loop_per_worker,
         train_loop_config={
             "train": cfg.model_dump(mode="json"),
@@ -410,36 +413,6 @@ def _missing_nodes(
         f"each worker needs its own node and {len(fit)} of the cluster's {alive} alive "
         f"node(s) can hold one"
     ]
-
-
-def _torch_trainer_class() -> type:
-    """Ray's ``TorchTrainer`` whose placement-group cleaner is told to stop, not waited for.
-
-    Ray 2.60's ``PlacementGroupCleanerCallback`` (a detached actor that removes the run's
-    placement group if the controller dies) is stopped at the end of every run with a
-    blocking call that waits for its State-API liveness query (10 s timeout) and here always
-    timed out: 12 s of a 33 s tiny run, in every training and every sweep trial. By then the
-    controller has removed the placement group itself, so the stop request is sent and not
-    awaited; the cleaner ends at its next check. (Private Ray API: pinned with Ray.)"""
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import (
-        PlacementGroupCleanerCallback as Cleaner,
-    )
-
-    class NonBlockingCleaner(Cleaner):
-        def _stop_cleaner(self) -> None:
-            if self._cleaner is not None:
-                self._cleaner.stop.remote()
-                self._cleaner = None
-
-    class Trainer(TorchTrainer):
-        def _create_default_callbacks(self) -> list[Any]:
-            return [
-                NonBlockingCleaner() if isinstance(c, Cleaner) else c
-                for c in super()._create_default_callbacks()
-            ]
-
-    return Trainer
 
 
 def record_failure(plan: TrainPlan, reason: str, spool: Path | None = None) -> None:
