@@ -25,12 +25,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         example_lines=[
             "mor eval outputs/runs/tiny-mor/export",
-            "mor eval outputs/runs/tiny-mor/export --depths 1,2,router --limit 100",
-            "mor eval EXPORT --tasks piqa,arc_easy --device cuda --no-mlflow --json",
+            "mor eval runs:/RUN_ID/model --depths 1,2,router --limit 100",
+            "mor eval models:/NAME/VERSION --tasks piqa,arc_easy --device cuda --json",
         ],
     )
     p.add_argument(
-        "model", help="an exported model folder (written by `mor train`), or its s3:// URI"
+        "model",
+        help="an exported model folder (written by `mor train`), its s3:// URI, or the MLflow "
+        "model a training run logged: runs:/RUN_ID/model or models:/NAME/VERSION (downloaded "
+        "into the local cache from --tracking-uri's MLflow)",
     )
     p.add_argument(
         "--tasks",
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from evals.lm_backend import export_path
     from evals.pipeline import EvalLoggingError, eval_tracking_uri, evaluate_export, log_eval
 
-    model_dir = export_path(args.model)
+    model_dir = export_path(args.model, args.tracking_uri)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     depths = [d.strip() for d in args.depths.split(",")] if args.depths else None
     report, out = evaluate_export(

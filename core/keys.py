@@ -106,6 +106,21 @@ def eval_points(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
     return out
 
 
+# --- a sweep's parent run: its summary metrics ---------------------------------------------
+SWEEP_FINISHED = "sweep/trials_finished"
+"""Trials that trained and were evaluated to the end (neither failed nor stopped early)."""
+SWEEP_FAILED = "sweep/trials_failed"
+SWEEP_FRONT_MODELS = "sweep/pareto_models"
+"""Models (configurations, seeds pooled) on the report's Pareto front over all budgets."""
+
+
+def budget_key(budget: str, key: str) -> str:
+    """A parent-run metric for one training budget, e.g. ``budget/2e9/best/average``, from the
+    budget as trial labels write it ('2e+09'; MLflow keys cannot hold '+')."""
+    name = budget.replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+    return f"budget/{name}/{key}"
+
+
 LOWER_IS_BETTER = ("nll", "bits_per_byte", "perplexity", "loss")
 """Metric names (or their last part) where lower is better; everything else is accuracy-like."""
 

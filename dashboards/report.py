@@ -37,6 +37,10 @@ class Report:
     table: pd.DataFrame  # one row per trial
     front: pd.DataFrame  # the Pareto-optimal depth points
     parent_run_ids: list[str] = field(default_factory=list)
+    front_models: dict[str, int] = field(default_factory=dict)
+    """Per training budget as trial labels write it ('2e+09'; '' for unlabelled runs): how
+    many models (configurations, seeds pooled) are on that budget's own front of inference
+    FLOPs vs the metric. The sweep driver logs these on the parent run."""
 
 
 def native_points(points: pd.DataFrame) -> pd.DataFrame:
@@ -220,6 +224,20 @@ def _status(rung: object) -> str:
     return "finished"
 
 
+def front_models_by_budget(
+    points: pd.DataFrame, trials: pd.DataFrame, metric: str
+) -> dict[str, int]:
+    """Per training budget (from the trial labels): the number of models on the Pareto front
+    of that budget's depth points (``points``: causal, seeds pooled, as the figures draw)."""
+    budgets = trials.set_index("run_id")["label"].map(lambda v: _label_part(v, "budget"))
+    pts = points.assign(budget=points["run_id"].map(budgets).fillna(""))
+    out = {}
+    for budget, grp in pts.groupby("budget"):
+        front = pareto_front(grp, COST, metric, higher_is_better(metric))
+        out[str(budget)] = int(front["replicate_of"].nunique())
+    return out
+
+
 def best_line(tracking_uri: str, parent_run_ids: list[str]) -> str:
     """The searcher's best trial as the sweeps recorded it on their parent runs ('' if none)."""
     from mlflow import MlflowClient
@@ -305,7 +323,7 @@ def build_report(
         files += [out / "results_by_config.md", out / "results_by_config.csv"]
     colors = model_colors(runs.trials["model"])  # one colour per model in every figure
     figures = [iso_flop_png(runs.trials, out / "iso_flop.png", colors)]
-    front = pd.DataFrame()
+    front, front_models = pd.DataFrame(), {}
     if not runs.points.empty:
         if metric not in runs.points.columns:
             choices = sorted(
@@ -319,6 +337,7 @@ def build_report(
         points = aggregate_points(causal.dropna(subset=[metric]), metric)
         points[VS_FRONT] = front_status(points, COST, metric, higher_is_better(metric))
         front = pareto_front(points, COST, metric, higher_is_better(metric))
+        front_models = front_models_by_budget(points, runs.trials, metric)
         front.to_csv(out / "front.csv", index=False)
         files += [out / "points.csv", out / "front.csv"]
         figures.append(pareto_png(points, metric, out / "pareto.png", colors))
@@ -337,4 +356,4 @@ def build_report(
         for parent in runs.parent_run_ids:
             for f in files:
                 client.log_artifact(parent, str(f), artifact_path="report")
-    return Report(out, files, table, front, runs.parent_run_ids)
+    return Report(out, files, table, front, runs.parent_run_ids, front_models)

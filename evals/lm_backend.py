@@ -288,10 +288,24 @@ def _dtype(name: str | None, device: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def export_path(model_ref: str) -> str:
-    """An exported model: a folder, or an object-store URI of one (a run stored there)."""
+def export_path(model_ref: str, tracking_uri: str | None = None) -> str:
+    """An exported model: a folder, an object-store URI of one (a run stored there), or an
+    MLflow model URI (``runs:/RUN_ID/model``, ``models:/NAME/VERSION``), downloaded into the
+    local cache from ``tracking_uri`` (default: ``core.endpoints``' resolution). A local
+    tracking store that does not exist is an error, never created."""
+    from core.mlflow_model import is_model_uri, local_export
     from core.storage import Location
 
+    if is_model_uri(model_ref):
+        from core.endpoints import missing_local_store, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri, "outputs")
+        if (missing := missing_local_store(uri)) is not None:
+            raise FileNotFoundError(
+                f"{model_ref}: no tracking store at {missing} (give --tracking-uri or "
+                "$MLFLOW_TRACKING_URI)"
+            )
+        return str(local_export(model_ref, uri))
     try:
         found = Location.parse(model_ref).child("config.json").is_file()
     except (OSError, ValueError) as exc:  # an unreachable store, a malformed URI

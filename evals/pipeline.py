@@ -18,6 +18,7 @@ from core.endpoints import (
     strip_credentials,
 )
 from core.storage import Location
+from core.system_metrics import SystemMetricsSampler
 from evals.default_tasks import heldout_documents
 from evals.reporting import log_to_mlflow, write_artifacts
 from evals.runner import EvalReport, evaluate_model
@@ -76,21 +77,23 @@ def evaluate_export(
     local = Location.parse(model_dir).local_folder()
     model, meta = load_pretrained(local, device=device)
     tok_path = tokenizer_file(local)
-    report = evaluate_model(
-        model,
-        tasks,
-        data_dir=data_dir,
-        depths=depths,
-        topk=topk,
-        limit=limit,
-        batch_size=batch_size,
-        device=device,
-        tokenizer=tok_path,
-        work_dir=work_dir,
-        eos_id=meta.get("eos_id"),
-        title=title or meta.get("run_name"),
-    )
-    report.model, report.meta = str(model_dir), meta
+    samples: list[Any] = []  # system metrics, logged with the eval run (created afterwards)
+    with SystemMetricsSampler(samples.extend):
+        report = evaluate_model(
+            model,
+            tasks,
+            data_dir=data_dir,
+            depths=depths,
+            topk=topk,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            tokenizer=tok_path,
+            work_dir=work_dir,
+            eos_id=meta.get("eos_id"),
+            title=title or meta.get("run_name"),
+        )
+    report.model, report.meta, report.system_metrics = str(model_dir), meta, samples
     out = Path(out_dir) if out_dir else local.parent / "eval"
     sample = next((d for d in heldout_documents() if len(d) > 800), "")[:1500]
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path else None

@@ -25,6 +25,7 @@ from core.keys import (
     eval_key,
     eval_point_key,
 )
+from core.system_metrics import log_samples
 from evals.routing_analysis import RoutingAnalysis
 from evals.runner import EvalReport
 from mor.model import MoRModel
@@ -259,6 +260,7 @@ def log_to_mlflow(
         client.log_batch(rid, params=params)
         for i in range(0, len(metrics), 500):
             client.log_batch(rid, metrics=metrics[i : i + 500])
+        log_samples(client, rid, report.system_metrics)
         if artifacts_dir is None:
             with tempfile.TemporaryDirectory() as tmp:
                 write_artifacts(report, Path(tmp))

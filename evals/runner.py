@@ -64,11 +64,16 @@ class EvalReport:
     routing: dict[str, Any] | None = None
     """``RoutingAnalysis.to_dict()`` on held-out text (routed models): drift and depth vs
     difficulty and token frequency."""
+    system_metrics: list[Any] = field(default_factory=list, repr=False)
+    """The system metrics sampled while it ran (``mlflow.entities.Metric``,
+    ``core.system_metrics``), logged with the eval run once it exists."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the per-item scores (``items_dict``; items.json): results.json and
-        ``mor eval --json`` stay one screen per point whatever the task sizes."""
+        """Everything but the per-item scores (``items_dict``; items.json) and the system
+        metrics (MLflow's): results.json and ``mor eval --json`` stay one screen per point
+        whatever the task sizes."""
         out = asdict(self)
+        out.pop("system_metrics")
         for point in out["points"]:
             point.pop("items", None)
         return out

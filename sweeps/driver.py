@@ -38,6 +38,7 @@ from sweeps.plan import (
 from sweeps.space import sample_defaults
 from sweeps.spec import POINT, SweepSpec
 from sweeps.store import SweepStore
+from sweeps.summary import finished, log_parent_metrics, parent_metrics
 from trainers.data import prepare_data
 from trainers.launcher import ResourceError, check_resources
 from trainers.tracking import connect, find_or_create_run, flatten, mark_interrupted_run
@@ -410,6 +411,7 @@ def summarise(
             ),
         }
         row.update({k: v for k, v in cfg.items() if k != POINT})
+        row["budget"] = (cfg.get(POINT) or {}).get("budget")
         metrics = res.metrics or {}
         row.update(
             {
@@ -429,13 +431,17 @@ def summarise(
     pd.DataFrame(rows).to_csv(csv, index=False)
     client.log_artifact(parent_run_id, str(csv))
     artifacts: list[Path] = []
+    fronts: tuple[dict[str, int], int | None] = ({}, None)
     try:  # the Pareto plots and results table, attached to the parent run
         from dashboards.report import build_report
 
         report = build_report(uri, [spec.name], state_dir / "report", metric=spec.headline)
         artifacts = [f for f in report.files if f.suffix in (".png", ".svg", ".html", ".md")]
+        on_front = int(report.front["replicate_of"].nunique()) if not report.front.empty else 0
+        fronts = (report.front_models, on_front)
     except Exception as exc:  # a report problem must not lose the sweep's results
         print(f"[mor] report not built: {exc}")
+    log_parent_metrics(client, parent_run_id, parent_metrics(spec.headline, rows, *fronts))
     mark_interrupted(client, parent_run_id)  # e.g. an evaluation cut short by a failed trial
     sweep_store(spec).publish([csv, state_dir / "summary.json", *artifacts])
     client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
@@ -489,9 +495,7 @@ def search_outcome(
     outcome = {
         "searcher": spec.searcher,
         "trials": len(rows),
-        "finished": sum(
-            1 for r in rows if not r.get("error") and not r.get("stopped_early_at_flops")
-        ),
+        "finished": sum(finished(r) for r in rows),
         "failed": sum(1 for r in rows if r.get("error")),
         "stopped_early": [{k: r[k] for k in ("trial", "rung_flops", "metric")} for r in stopped],
         "skipped": skipped,

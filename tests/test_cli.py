@@ -116,3 +116,14 @@ def test_report_of_nothing_creates_nothing(tmp_path: Path) -> None:
     store = cwd / "outputs" / "mlflow.db"
     assert f"no sweep NOSUCH: no tracking store at {store}" in proc.stderr
     assert list(cwd.iterdir()) == [] and not stack.exists()
+
+
+def test_eval_of_an_mlflow_model_without_a_store_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`mor eval runs:/...` finds no tracking store: a clear error, and no MLflow database."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["eval", "runs:/0123456789abcdef/model", "--no-mlflow"]) == 2
+    assert f"no tracking store at {tmp_path / 'outputs' / 'mlflow.db'}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
 import re
 import shutil
 import subprocess
+import threading
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import _free_port, start_mlflow, stop
+from mlflow import MlflowClient
 from PIL import Image
 
 from cli.main import main as mor_main
@@ -150,6 +155,74 @@ def test_report_cli_and_errors(tiny_sweep, tmp_path: Path, capsys: pytest.Captur
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def served_by_mlflow(page: Path, tmp_path: Path) -> bytes:
+    """``page`` logged to a run of a real MLflow server as the sweep logs its report, then
+    fetched from the server's artifact endpoint, the request MLflow's artifact view makes."""
+    port = _free_port()
+    server = start_mlflow(port, tmp_path / "mlflow")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        client = MlflowClient(url)
+        run = client.create_run(client.create_experiment("reports")).info.run_id
+        client.log_artifact(run, str(page), artifact_path="report")
+        query = f"get-artifact?path=report/{page.name}&run_uuid={run}"
+        with urllib.request.urlopen(f"{url}/{query}", timeout=60) as response:
+            return response.read()
+    finally:
+        stop(server)
+
+
+def render_as_mlflow_does(html: bytes, tmp_path: Path) -> tuple[str, list[str]]:
+    """(DOM after rendering, console errors) of ``html`` in headless Chromium under the
+    restrictions of MLflow's artifact view, which shows an HTML artifact in an iframe with
+    ``sandbox="allow-scripts"``: scripts run, the document has no origin (no storage, no
+    cookies). The same sandbox, as a CSP header on a loopback page, applies here."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/report.html":  # e.g. the browser's favicon request
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Security-Policy", "sandbox allow-scripts")
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        proc = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--enable-logging=stderr",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                f"http://127.0.0.1:{server.server_port}/report.html",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and "rror" in ln]
+    return proc.stdout, console
+
+
 def _legend_colors(view: str) -> dict[str, str]:
     """A rendered plotly figure's legend: each entry's name → the colour of its swatch."""
     found = re.findall(
@@ -167,37 +240,18 @@ def _rgb(hex_color: str) -> str:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run does)")
 def test_html_report_renders_in_headless_chromium(tiny_sweep, tmp_path: Path) -> None:
-    """The page as a browser draws it: heading, tables, the Pareto, depth-curve and router
-    views, one colour per model in all of them (the front in another), error bars from the
-    task's standard errors, units on the axes, integer depth ticks."""
+    """The page as MLflow's artifact view shows it (served by a real MLflow server, rendered
+    in headless Chromium under the view's sandbox): heading, tables, the Pareto, depth-curve and
+    router views, one colour per model in all of them (the front in another), error bars from
+    the task's standard errors, units on the axes, integer depth ticks."""
     spec, res, _ = tiny_sweep
     rep = build_report(
         res.tracking_uri, [spec.name], tmp_path / "html", "mor_heldout_mc/acc", False
     )
     page = rep.out_dir / "report.html"
-    proc = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--enable-logging=stderr",
-            "--virtual-time-budget=10000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    dom = proc.stdout
-    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and "rror" in ln]
+    served = served_by_mlflow(page, tmp_path)
+    assert served == page.read_bytes()  # whole: no size limit cut it
+    dom, console = render_as_mlflow_does(served, tmp_path)
     assert not console, console  # no script error while the page rendered
     title = re.search(r"<title>(.*?)</title>", dom, re.S).group(1)
     assert title == "MoR sweep report: mor_heldout_mc/acc vs inference FLOPs per token"

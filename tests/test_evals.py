@@ -459,9 +459,11 @@ def mor_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained_run(trained_export: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(export, MLflow run id): the export laid out as `mor train` leaves it
-    (STORAGE/runs/NAME/export), recording its training run and tracking URI as the launcher
-    does (tests/test_trainer.py checks the launcher writes them; tests/test_stack.py runs
-    the real `mor train` then `mor eval` on the `mor up` stack)."""
+    (STORAGE/runs/NAME/export), recording its training run and tracking URI, and logged as
+    the run's MLflow model, as the launcher does (tests/test_trainer.py checks the launcher
+    writes them; tests/test_stack.py runs the real `mor train` then `mor eval` on the
+    `mor up` stack)."""
+    from core.mlflow_model import log_export_model
     from core.storage import Location
     from trainers.tracking import connect, find_or_create_run
 
@@ -477,6 +479,7 @@ def trained_run(trained_export: Path, tmp_path_factory: pytest.TempPathFactory) 
     payload = json.loads((export / "config.json").read_text())
     payload["meta"].update(mlflow_run_id=run_id, tracking_uri=uri)
     (export / "config.json").write_text(json.dumps(payload))
+    log_export_model(uri, run_id, export, step=40)
     return export, run_id
 
 
@@ -500,6 +503,43 @@ def test_mor_eval_export_logs_under_the_training_run(
     assert run.info.run_name == "eval · evalcli"  # named by its model (the training run)
     assert "eval/drouter/mor_heldout_mc/acc" in run.data.metrics
     assert eval_id in proc.stdout
+
+
+@needs_shared
+def test_mor_eval_of_a_logged_mlflow_model(
+    trained_run: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training run's MLflow model, by `runs:/RUN_ID/model` as typed (MLflow found by
+    $MLFLOW_TRACKING_URI) and, once registered, by `models:/NAME/VERSION`: downloaded into
+    the local cache and evaluated under the training run."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    export, train_run_id = trained_run
+    uri = json.loads((export / "config.json").read_text())["meta"]["tracking_uri"]
+    client = MlflowClient(uri)
+    exp_id = client.get_run(train_run_id).info.experiment_id
+    (logged,) = client.search_logged_models([exp_id], f"source_run_id = '{train_run_id}'")
+    assert logged.name == "model" and logged.status == LoggedModelStatus.READY
+    assert logged.params["router"] == "expert_choice"
+    cache = tmp_path / "cache"
+    env = user_env(tmp_path, MLFLOW_TRACKING_URI=uri, MOR_CACHE_DIR=str(cache))
+    args = ("--limit", "2", "--depths", "1", "--tasks", "mor_heldout_mc", "--json")
+    proc = mor_cli("eval", f"runs:/{train_run_id}/model", *args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout[proc.stdout.index("{") :])
+    local = cache / "mlflow-models" / logged.model_id / "artifacts" / "export"
+    assert got["report"]["model"] == str(local) and (local / "model.pt").is_file()
+    run = client.get_run(got["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == train_run_id  # the export's record
+    # Registered, then by name and version: the same logged model, from the cache.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MOR_CACHE_DIR", str(cache))
+    version = mlflow.register_model(f"runs:/{train_run_id}/model", "evalcli")
+    from evals.lm_backend import export_path
+
+    assert export_path(f"models:/evalcli/{version.version}") == str(local)
+    assert mor_main(["eval", "models:/evalcli/99", "--no-mlflow"]) == 2  # no such version
 
 
 @needs_shared

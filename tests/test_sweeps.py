@@ -315,6 +315,14 @@ def test_two_trial_sweep_end_to_end(tiny_sweep) -> None:
     assert parent.info.status == "FAILED"  # a sweep with a failed trial says so
     parent_files = {a.path for a in client.list_artifacts(res.parent_run_id)}
     assert "summary.csv" in parent_files and "report" in parent_files  # dashboards ran
+    # Beside the report, summary metrics: per budget and over the sweep (one budget here, so
+    # its front is the sweep's).
+    m = parent.data.metrics
+    assert m["sweep/trials_finished"] == 2 and m["sweep/trials_failed"] == 1
+    assert m["budget/2e9/trials_finished"] == 2 and m["budget/2e9/trials_failed"] == 1
+    averages = [r["eval/average"] for r in res.rows if not r.get("error")]
+    assert m["budget/2e9/best/average"] == pytest.approx(max(averages))
+    assert 1 <= m["budget/2e9/pareto_models"] == m["sweep/pareto_models"] <= 2
     exp = parent.info.experiment_id
     children = client.search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{res.parent_run_id}'"
@@ -333,6 +341,13 @@ def test_two_trial_sweep_end_to_end(tiny_sweep) -> None:
             [exp], filter_string=f"tags.mlflow.parentRunId = '{child.info.run_id}'"
         )
         assert len(evals) == 1 and "eval/mor_heldout_mc/acc" in evals[0].data.metrics
+        # System metrics under MLflow's keys (its "System metrics" tab), training and eval.
+        system = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+        assert system <= child.data.metrics.keys() and system <= evals[0].data.metrics.keys()
+        # The export is the run's MLflow model (listed under "Logged models"), with the run's
+        # last metrics linked to it.
+        (logged,) = client.search_logged_models([exp], f"source_run_id = '{child.info.run_id}'")
+        assert logged.name == "model" and "val/loss" in {x.key for x in logged.metrics}
     mor_row = next(r for r in res.rows if r["label"].startswith("mor-ec"))
     assert {"eval/d1/average", "eval/d2/average", "eval/drouter/average"} <= set(mor_row)
     # Tune's trials and their folders are named by variant and budget.

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from pydantic import ValidationError
 
 from cli.main import main as mor_main
+from core.mlflow_model import local_export
 from core.storage import Location
 from mor.checkpoint import load_pretrained
 from mor.config import build_config
@@ -235,7 +236,9 @@ def test_budget_becomes_steps(workdir: Path) -> None:
 
 # ------------------------------------------------------------------ end to end on Ray
 @needs_shared
-def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path, s3: str) -> None:
+def test_two_workers_zero2_train_log_export(
+    ray_session: None, workdir: Path, s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The corpus as a folder of parquet files (documents in rows, several row groups), put
     # through the Ray Data stage into an S3 bucket; the workers stream their shards and the
     # tokenizer from there, and the run's storage is the bucket too (Ray Train's checkpoints,
@@ -285,8 +288,18 @@ def test_two_workers_zero2_train_log_export(ray_session: None, workdir: Path, s3
     assert drift["val/drift/topk_active_r2"] == pytest.approx(
         drift["val/drift/capacity_r2"], abs=0.02
     )
-    artifacts = {a.path for a in client.list_artifacts(result.run_id, "model")}
-    assert {"model/config.json", "model/model.pt", "model/tokenizer.json"} <= artifacts
+    # Rank 0's node's system metrics, under MLflow's keys (the run's "System metrics" tab).
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
+    # The export is the run's MLflow model: `runs:/RUN_ID/model` gives its files back.
+    (logged,) = client.search_logged_models(
+        [run.info.experiment_id], f"source_run_id = '{result.run_id}'"
+    )
+    assert logged.name == "model" and {"val/loss", "flops"} <= {m.key for m in logged.metrics}
+    monkeypatch.setenv("MOR_CACHE_DIR", str(workdir / "cache"))
+    files = local_export(f"runs:/{result.run_id}/model", result.tracking_uri)
+    assert {"config.json", "model.pt", "tokenizer.json"} <= {f.name for f in files.iterdir()}
 
     # The export loads in a fresh process without Ray or DeepSpeed and reproduces val loss.
     script = f"""

@@ -21,6 +21,7 @@ from core.keys import (
     TAG_ROUTER,
     TAG_SHARING,
 )
+from core.mlflow_model import log_export_model
 from core.quiet import ray_init_kwargs, ray_train_log_level
 from core.storage import Location
 from mor.flops import steps_for_budget, training_flops_per_token
@@ -291,8 +292,9 @@ def _fit(cfg: TrainConfig, plan: TrainPlan, callbacks: list[Any] | None) -> Trai
     except FileNotFoundError:
         raise TrainingError(f"the final checkpoint of {cfg.name!r} holds no export") from None
     client = MlflowClient(tracking_uri=plan.tracking_uri)
-    # MLflow uploads from a local folder; its artifact store (local, S3, ...) is MLflow's own.
-    client.log_artifacts(plan.run_id, str(export.local_folder()), artifact_path="model")
+    # The export as an MLflow model ("Logged models", registrable, `mor eval runs:/ID/model`),
+    # with the run's last metrics. MLflow uploads from a local folder into its own store.
+    log_export_model(plan.tracking_uri, plan.run_id, export.local_folder(), plan.total_steps)
     client.set_tag(plan.run_id, TAG_EXPORT_DIR, export.uri)
     client.set_terminated(plan.run_id, status="FINISHED")
     metrics = {

@@ -95,23 +95,31 @@ class Trainer:
         )
         # Router metrics (and FLOPs at the measured active fractions) only for recursive models.
         with_routing = self.plan.model.sharing != "none"
-        while progress.step < total:
-            step = progress.step + 1
-            last = step == total
-            self.faults.before_step(step)
-            t0 = time.perf_counter()
-            totals = optimizer_step(
-                self.engine, self.sampler, step, cfg.batch.grad_accum_steps, device, self.faults
-            )
-            step_time = time.perf_counter() - t0
-            reduced = totals.reduce(device, with_routing)
-            metrics = self.meter.measure(step, reduced, step_time, progress)
-            if step % cfg.eval.every_steps == 0 or last or self.milestones.crossed(progress):
-                metrics.update(self.validate())
-            log.log(step, metrics)
-            check_finite(metrics, step)
-            self.checkpointer.after_step(self.engine, progress, metrics, last)
+        try:
+            while progress.step < total:
+                self.step(progress, log, with_routing)
+        finally:
+            log.stop_system_metrics()
         log.close()
+
+    def step(self, progress: Progress, log: RunLog, with_routing: bool) -> None:
+        """One optimizer step with its metrics, validation (when due) and checkpoint."""
+        cfg, total, device = self.cfg, self.plan.total_steps, self.worker.device
+        step = progress.step + 1
+        last = step == total
+        self.faults.before_step(step)
+        t0 = time.perf_counter()
+        totals = optimizer_step(
+            self.engine, self.sampler, step, cfg.batch.grad_accum_steps, device, self.faults
+        )
+        step_time = time.perf_counter() - t0
+        reduced = totals.reduce(device, with_routing)
+        metrics = self.meter.measure(step, reduced, step_time, progress)
+        if step % cfg.eval.every_steps == 0 or last or self.milestones.crossed(progress):
+            metrics.update(self.validate())
+        log.log(step, metrics)
+        check_finite(metrics, step)
+        self.checkpointer.after_step(self.engine, progress, metrics, last)
 
     def validate(self) -> dict[str, float]:
         """Held-out loss (and routing drift) of this rank's validation batches, averaged over

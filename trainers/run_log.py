@@ -2,7 +2,8 @@
 
 Metrics go through ``StepMetricLogger`` (trainers/tracking.py): a step already logged by an
 earlier attempt is skipped, and while MLflow is unreachable they wait in the run's spool file.
-Other ranks get a ``RunLog`` that does nothing.
+Rank 0 also samples its node's system metrics (CPU, memory, GPUs: ``core.system_metrics``)
+into the run. Other ranks get a ``RunLog`` that does nothing.
 
 The console gets one line per ``log_every_steps`` (and the last step), e.g.
 
@@ -19,6 +20,7 @@ import time
 
 from core.keys import TAG_RESUMED_FROM_STEP
 from core.storage import Location
+from core.system_metrics import SystemMetricsSampler, live_sink, next_step
 from trainers.plan import TrainPlan
 
 SPOOL_FILE = "metrics_spool.jsonl"
@@ -34,6 +36,11 @@ class RunLog:
         spool = Location.parse(plan.state_dir).child(SPOOL_FILE)
         self.logger = StepMetricLogger(plan.tracking_uri, plan.run_id, spool) if rank == 0 else None
         self.clock = ProgressClock(plan.total_steps)
+        self.system: SystemMetricsSampler | None = None
+        if rank == 0:  # a resumed run continues its series
+            uri, run_id = plan.tracking_uri, plan.run_id
+            sink = live_sink(uri, run_id)
+            self.system = SystemMetricsSampler(sink, first_step=next_step(uri, run_id)).start()
 
     def resumed(self, step: int) -> None:
         """Tag the run with the step it resumed from (steps after it are redone)."""
@@ -64,8 +71,15 @@ class RunLog:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
+    def stop_system_metrics(self) -> None:
+        """The last system-metrics sample; also when the run fails (no sampling after it)."""
+        if self.system is not None:
+            self.system.stop()
+            self.system = None
+
     def close(self) -> None:
         """Final flush; what cannot be sent stays in the spool for the driver's sync."""
+        self.stop_system_metrics()
         if self.logger is not None:
             self.logger.close()
 
