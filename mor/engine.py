@@ -140,6 +140,10 @@ class DepthwiseBatchingEngine:
         self.max_len, self.max_depth = max_len or cfg.max_seq_len, max_depth
         self.n_rec = max_depth or cfg.num_recursions
         self.device, self.dtype = model.embed.weight.device, model.embed.weight.dtype
+        # fp32/fp64: fused norms and a roll-based rotation (the same arithmetic as the model's
+        # modules, in fewer operator calls: per-call overhead dominates a decode step). Other
+        # dtypes (bf16: the model rotates in fp32) go through the model's own functions.
+        self.fast = self.dtype in (torch.float32, torch.float64)
         self.shared_kv = cfg.kv_cache == "shared"
         self.base = cfg.recursion_depth
         self.layer_of = [cfg.recursion_layers(r) for r in range(cfg.num_recursions)]
@@ -427,8 +431,23 @@ class DepthwiseBatchingEngine:
         idx = torch.tensor(slots, device=self.device)
         if fresh:
             pos = torch.tensor([self.pos[s] for s in slots], device=self.device)
-            self.rope[:, idx] = torch.stack(self.model.rotary(pos[:, None])).to(self.dtype)
+            cos, sin = self.model.rotary(pos[:, None])
+            if self.fast:  # x·cos + rot(x)·sin, rot(x) = [−x₂, x₁] = roll(x)·[−1, 1]: sign in sin
+                h = sin.shape[-1] // 2
+                sin = torch.cat([-sin[..., :h], sin[..., h:]], -1)
+            self.rope[:, idx] = torch.stack([cos, sin]).to(self.dtype)
         return self.rope[0, idx], self.rope[1, idx]
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotary embedding of x [n, H, 1, hd] (``apply_rotary``'s arithmetic)."""
+        if not self.fast:
+            return apply_rotary(x, cos, sin)
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+    def _norm(self, norm: torch.nn.Module, x: Tensor) -> Tensor:
+        if not self.fast:
+            return norm(x)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
     def _layer(
         self, u: int, x: Tensor, cos: Tensor, sin: Tensor, pool: KVPool, layer_at: int,
@@ -442,20 +461,19 @@ class DepthwiseBatchingEngine:
         """
         layer = self.model.layers[u]
         att = layer.attn
-        n = x.shape[0]
-        xn = layer.attn_norm(x)
-        q = att.q_proj(xn).view(n, 1, att.n_heads, att.hd).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
+        n, hd = x.shape[0], att.hd
+        xn = self._norm(layer.attn_norm, x)
+        # [n, H, 1, hd] straight from the projection (a view: the query axis has length 1).
+        q = self._rotate(F.linear(xn, att.q_proj.weight).view(n, att.n_heads, 1, hd), cos, sin)
         if plan.any_write:
             xw, cw, sw = xn, cos, sin
             if plan.w_rows is not None:
                 xw, cw, sw = xn[plan.w_rows], cos[plan.w_rows], sin[plan.w_rows]
             m = xw.shape[0]
-            k = att.k_proj(xw).view(m, 1, att.n_kv, att.hd).transpose(1, 2)
-            k = apply_rotary(k, cw, sw)
-            v = att.v_proj(xw).view(m, att.n_kv, att.hd)
-            pool.write(layer_at, plan.w_ids, k[:, :, 0], v)
+            k = self._rotate(F.linear(xw, att.k_proj.weight).view(m, att.n_kv, 1, hd), cw, sw)
+            v = F.linear(xw, att.v_proj.weight).view(m, att.n_kv, hd)
+            pool.write(layer_at, plan.w_ids, k.view(m, att.n_kv, hd), v)
         keys, vals = pool.read(layer_at, plan.idx)
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=plan.mask, enable_gqa=True)
-        h = x + att.o_proj(out.transpose(1, 2).reshape(n, att.n_heads * att.hd))
-        return h + layer.mlp(layer.mlp_norm(h))
+        h = x + F.linear(out.reshape(n, att.n_heads * hd), att.o_proj.weight)
+        return h + layer.mlp(self._norm(layer.mlp_norm, h))
