@@ -70,8 +70,6 @@ class EngineStats:
     """Prefill tokens that ran recursion r."""
     kv_bytes_finished: int = 0
     """Valid KV-cache bytes of each sequence when it finished, summed."""
-    kv_peak_valid_bytes: int = 0
-    """The most valid KV-cache bytes held at once (after any step)."""
     wall_s: float = 0.0
 
     def active_fractions(self, include_prefill: bool = True) -> list[float]:
@@ -215,9 +213,9 @@ class DepthwiseBatchingEngine:
         """Logits behind each emitted token of ``rid`` (needs ``record_logits=True``)."""
         return torch.stack(self.requests[rid].logits)
 
-    def kv_bytes(self, slot: int | None = None) -> int:
-        """Valid KV-cache bytes held now (one slot, or all)."""
-        return self.outer.valid_bytes(slot) + self.rec.valid_bytes(slot)
+    def kv_bytes(self, slot: int | None = None, peak: bool = False) -> int:
+        """Valid KV-cache bytes held now (one slot, or all), or at most at once (per pool)."""
+        return self.outer.valid_bytes(slot, peak) + self.rec.valid_bytes(slot, peak)
 
     def kv_allocated_bytes(self, peak: bool = True) -> int:
         """KV storage allocated (at its largest, or now): the pools' keys/values (entries in
@@ -233,8 +231,6 @@ class DepthwiseBatchingEngine:
             if slots:
                 fn(slots)
         self.stats.steps += 1
-        st = self.stats
-        st.kv_peak_valid_bytes = max(st.kv_peak_valid_bytes, self.kv_bytes())
 
     # ------------------------------------------------------------------ admission / prefill
     def _admit(self) -> None:

@@ -19,6 +19,7 @@ active. Two layouts here store valid entries only:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -131,7 +132,7 @@ class KVPool:
 
     def __init__(
         self, layers: int, streams: int, slots: int, max_len: int, heads: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device, capacity: int = 0, grow: float = 0.125,
+        dtype: torch.dtype, device: torch.device, capacity: int = 0, grow: float = 0.0625,
     ) -> None:  # fmt: skip
         self.layers, self.max_len, self.grow = layers, max_len, grow
         self.shape, self.dtype, self.device = (heads, head_dim), dtype, device
@@ -143,6 +144,7 @@ class KVPool:
         self.free = torch.arange(capacity - 1, -1, -1, dtype=torch.long)  # a stack: top last
         self.top = capacity  # free entries: free[:top]
         self.peak_capacity = capacity
+        self.peak_used = 0  # the most entries in use at once
 
     @property
     def capacity(self) -> int:
@@ -152,12 +154,13 @@ class KVPool:
         if m > self.top:
             self._grow(m - self.top)
         self.top -= m
+        self.peak_used = max(self.peak_used, self.capacity - self.top)
         return self.free[self.top : self.top + m].clone()
 
     def _grow(self, need: int) -> None:
         """Enlarge the pool by ``need`` entries or ``grow`` of its size, whichever is more."""
         old = self.capacity
-        extra = max(need, int(old * self.grow), 16)
+        extra = max(need, math.ceil(old * self.grow))
         pad = torch.zeros(self.layers, extra, *self.shape, dtype=self.dtype, device=self.device)
         self.k, self.v = torch.cat([self.k, pad], 1), torch.cat([self.v, pad.clone()], 1)
         free = torch.empty(old + extra, dtype=torch.long)
@@ -218,7 +221,10 @@ class KVPool:
         """Bytes of one entry's keys and values over all layers of the pool."""
         return 2 * self.layers * self.shape[0] * self.shape[1] * self.k.element_size()
 
-    def valid_bytes(self, slot: int | None = None) -> int:
+    def valid_bytes(self, slot: int | None = None, peak: bool = False) -> int:
+        """Bytes of the entries in use now (one slot, or all), or at most at once (peak)."""
+        if peak:
+            return self.entry_bytes() * self.peak_used
         cols = slice(None) if slot is None else slot
         return self.entry_bytes() * int(self.n[:, cols].sum())
 
