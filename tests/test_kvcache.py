@@ -74,7 +74,7 @@ def test_engine_allocates_within_ten_percent_of_what_it_holds() -> None:
     cfg = small_config("middle_cycle", "expert_choice", "recursion_wise", num_recursions=3,
                        num_layers=5)  # fmt: skip
     model = make_model(cfg, seed=3)
-    prompts, news = workload(cfg.vocab_size, n=8, seed=1)
+    prompts, news = workload(cfg.vocab_size, n=6, seed=1)
     eng, _, _ = run_engine(model, prompts, news, max_slots=3, max_len=40)
     for pool in (eng.outer, eng.rec):
         assert pool.top == pool.capacity and int(pool.n.sum()) == 0  # all released
