@@ -16,6 +16,10 @@ Each slot owns keys/values per attention site: unique layers, and per block posi
 per recursion (recursion-wise: only tokens active at r) or recursion 0's only (recursive KV
 sharing, §2.3: deeper recursions read it and project no keys). A token at recursion r attends
 to its own sequence's site (r, j), so the tokens equal step-by-step ``mor.generation.generate``.
+Keys/values live in ``mor.kvcache.KVPool``s (per-token entries from a free list, addressed by
+page tables shared by the layers of a stream): a sequence holds only the entries it has, so a
+recursion's memory is what it caches, and what a step reads and writes is planned once per
+stage (``_Plan``) for all the layers of that stage, not per layer call.
 ``mor.generation.naive_generate`` is the baseline: static batches
 through the model's own forward, which runs recursion after recursion over shrinking (gathered)
 token sets.
@@ -31,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mor.kvcache import KVCache, KVPool, PackedSite
 from mor.layers import apply_rotary
-from mor.model import KVCache, MoRModel
+from mor.model import MoRModel
 from mor.routing import Memo
 
 _IDLE, _ENTRY, _REC, _EXIT = 0, 1, 2, 3
@@ -90,12 +95,25 @@ class _Request:
 
 
 @dataclass
-class _Bank:
-    """Keys/values of a group of attention sites: [sites, slots, H_kv, max_len, hd] + lengths."""
+class _Plan:
+    """What the rows of a stage's layer calls read and write, planned once per step."""
 
-    k: Tensor
-    v: Tensor
-    n: Tensor  # [sites, slots] long, on the CPU (valid entries per site and slot)
+    idx: Tensor  # [n, span] pool entries each row attends to (device)
+    mask: Tensor  # [n, 1, 1, span] bool: entries that exist (device)
+    ids: Tensor  # [n] the entry each row writes (device; meaningless where it does not write)
+    writes: Tensor | None  # [n] bool, host: rows that project keys (None: every row)
+
+    def __post_init__(self) -> None:
+        w = self.writes
+        self.w_rows = None if w is None else w.nonzero().squeeze(1).to(self.ids.device)
+        self.w_ids = self.ids if w is None else self.ids[self.w_rows]
+        self.any_write = w is None or bool(w.any())
+
+    def subset(self, rows: Tensor) -> _Plan:
+        """The plan of some rows (host indices): sequence sharing's per-layer groups."""
+        d = rows.to(self.ids.device)
+        w = None if self.writes is None else self.writes[rows]
+        return _Plan(self.idx[d], self.mask[d], self.ids[d], w)
 
 
 class DepthwiseBatchingEngine:
@@ -120,12 +138,20 @@ class DepthwiseBatchingEngine:
         self.max_len, self.max_depth = max_len or cfg.max_seq_len, max_depth
         self.n_rec = max_depth or cfg.num_recursions
         self.device, self.dtype = model.embed.weight.device, model.embed.weight.dtype
+        # fp32/fp64: fused norms and a roll-based rotation (the same arithmetic as the model's
+        # modules, in fewer operator calls: per-call overhead dominates a decode step). Other
+        # dtypes (bf16: the model rotates in fp32) go through the model's own functions.
+        self.fast = self.dtype in (torch.float32, torch.float64)
         self.shared_kv = cfg.kv_cache == "shared"
         self.base = cfg.recursion_depth
         self.layer_of = [cfg.recursion_layers(r) for r in range(cfg.num_recursions)]
         n_sites = 1 if self.shared_kv else cfg.num_recursions
-        self.pre, self.post = self._bank(cfg.num_prefix_layers), self._bank(cfg.num_suffix_layers)
-        self.rec = [self._bank(n_sites) for _ in range(self.base)]
+        self.n_pre, self.n_post = cfg.num_prefix_layers, cfg.num_suffix_layers
+        # The unique first/last layers cache every token (one stream); the recursion block
+        # one stream per recursion (recursion-wise) or recursion 0's only (shared).
+        self.outer = self._pool(self.n_pre + self.n_post, 1)
+        self.rec = self._pool(self.base, n_sites)
+        self.outer_ids = torch.zeros(max_slots, dtype=torch.long)  # each token's outer entry
         self.queue: deque[_Request] = deque()
         self.requests: dict[int, _Request] = {}
         self.results: dict[int, list[int]] = {}
@@ -145,10 +171,10 @@ class DepthwiseBatchingEngine:
                                  tokens_per_depth=[0] * (n_r + 1))  # fmt: skip
         self._next_id = 0
 
-    def _bank(self, sites: int) -> _Bank:
-        shape = (sites, self.max_slots, self.cfg.num_kv_heads, self.max_len, self.cfg.head_dim)
-        kv = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2)]
-        return _Bank(*kv, torch.zeros(sites, self.max_slots, dtype=torch.long))
+    def _pool(self, layers: int, streams: int) -> KVPool:
+        c = self.cfg
+        return KVPool(layers, streams, self.max_slots, self.max_len, c.num_kv_heads, c.head_dim,
+                      self.dtype, self.device)  # fmt: skip
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt_ids: list[int], max_new_tokens: int) -> int:
@@ -187,11 +213,14 @@ class DepthwiseBatchingEngine:
         """Logits behind each emitted token of ``rid`` (needs ``record_logits=True``)."""
         return torch.stack(self.requests[rid].logits)
 
-    def kv_bytes(self, slot: int | None = None) -> int:
-        """Valid KV-cache bytes held now (one slot, or all)."""
-        per = 2 * self.cfg.num_kv_heads * self.cfg.head_dim * self.h.element_size()
-        cols = slice(None) if slot is None else slot
-        return per * sum(int(b.n[:, cols].sum()) for b in (self.pre, self.post, *self.rec))
+    def kv_bytes(self, slot: int | None = None, peak: bool = False) -> int:
+        """Valid KV-cache bytes held now (one slot, or all), or at most at once (per pool)."""
+        return self.outer.valid_bytes(slot, peak) + self.rec.valid_bytes(slot, peak)
+
+    def kv_allocated_bytes(self, peak: bool = True) -> int:
+        """KV storage allocated (at its largest, or now): the pools' keys/values (entries in
+        use plus free-list slack) and their page tables."""
+        return self.outer.allocated_bytes(peak) + self.rec.allocated_bytes(peak)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -234,27 +263,30 @@ class DepthwiseBatchingEngine:
                 st.prefill_active[r] += f * sum(lens)
         else:  # vanilla: every token runs the single "recursion"
             st.prefill_active[0] += sum(lens)
-        slots = [s for s, _ in batch]
-        for bank in (self.pre, self.post, *self.rec):
-            bank.n[:, slots] = 0
-        slot_t = torch.tensor(slots)
-        for key, site in cache.sites.items():  # valid entries, in order, to each slot's site
-            bank, a = self._site(key)
-            b_idx, t_idx = site.valid.nonzero(as_tuple=True)
-            at, ds = site.valid.long().cumsum(1)[b_idx, t_idx] - 1, slot_t.to(self.device)[b_idx]
-            bank.k[a, ds, :, at] = site.k[b_idx, :, t_idx]
-            bank.v[a, ds, :, at] = site.v[b_idx, :, t_idx]
-            bank.n[a, slot_t] = site.valid.sum(1).cpu()
+        self._copy_cache(cache, torch.tensor([s for s, _ in batch]))
         last = out.logits[torch.arange(len(batch)), torch.tensor(lens) - 1]
         for b, (s, req), tok in zip(range(len(batch)), batch, last.argmax(-1).tolist()):
             self.slot_req[s] = req
             self._emit(s, tok, last[b])
 
-    def _site(self, key: tuple) -> tuple[_Bank, int]:
-        """The bank and site index of a ``KVCache`` key ("pre", i), ("rec", r, j), ("post", i)."""
+    def _copy_cache(self, cache: KVCache, slots: Tensor) -> None:
+        """The prefill's packed sites into the pools: entries are taken once per stream and
+        shared by the stream's layers (their sites hold the same tokens)."""
+        taken: dict[tuple[int, int], Tensor] = {}
+        for key, site in cache.sites.items():
+            assert isinstance(site, PackedSite)
+            pool, stream, layer = self._site(key)
+            if (id(pool), stream) not in taken:
+                row, counts = site.row.cpu(), site.counts.cpu()
+                ids = pool.fill(stream, slots, row, counts)
+                taken[(id(pool), stream)] = ids.to(self.device)
+            pool.write(layer, taken[(id(pool), stream)], site.k, site.v)
+
+    def _site(self, key: tuple) -> tuple[KVPool, int, int]:
+        """Pool, stream and layer of a ``KVCache`` key ("pre", i), ("rec", r, j), ("post", i)."""
         if key[0] == "rec":
-            return self.rec[key[2]], key[1]
-        return (self.pre if key[0] == "pre" else self.post), key[1]
+            return self.rec, key[1], key[2]
+        return self.outer, 0, key[1] + (0 if key[0] == "pre" else self.n_pre)
 
     def _emit(self, s: int, tok: int, logits: Tensor) -> None:
         req = self.slot_req[s]
@@ -265,6 +297,8 @@ class DepthwiseBatchingEngine:
         self.stats.generated_tokens += 1
         if len(req.out) >= req.max_new or (self.eos_id is not None and tok == self.eos_id):
             self.stats.kv_bytes_finished += self.kv_bytes(s)
+            self.outer.release(s)
+            self.rec.release(s)
             self.results[req.rid] = req.out
             self.slot_req[s], self.stage[s] = None, _IDLE
         else:
@@ -277,13 +311,24 @@ class DepthwiseBatchingEngine:
         idx = torch.tensor(slots)
         x = self.model.embed(torch.tensor([self.token[s] for s in slots], device=self.device))
         cos, sin = self._rope(slots, fresh=True)
-        for i in range(self.cfg.num_prefix_layers):
-            a = torch.full_like(idx, i)
-            x = self._layer(i, x, cos, sin, self.pre, a, idx, None)
-            self.stats.layer_calls["pre"] += 1
+        if self.outer.layers:  # one entry per token for the unique first and last layers
+            self.outer_ids[idx] = self.outer.append(torch.zeros_like(idx), idx)
+        if self.n_pre:
+            plan = self._plan(self.outer, torch.zeros_like(idx), idx, self.outer_ids[idx])
+            for i in range(self.n_pre):
+                x = self._layer(i, x, cos, sin, self.outer, i, plan)
+            self.stats.layer_calls["pre"] += self.n_pre
         self.stats.decode_tokens += len(slots)
         self.h[idx.to(self.device)] = x
         self._route(slots, [0] * len(slots), x)
+
+    def _plan(
+        self, pool: KVPool, stream: Tensor, slot: Tensor, ids: Tensor, writes: Tensor | None = None
+    ) -> _Plan:  # fmt: skip
+        """Rows (stream[i], slot[i]) attend to their entries (after this step's were added)."""
+        idx, mask = pool.index(stream, slot)
+        dev = self.device
+        return _Plan(idx.to(dev), mask.to(dev)[:, None, None, :], ids.to(dev), writes)
 
     def _route(self, slots: list[int], nxt: list[int], x: Tensor) -> None:
         """Send each token to recursion nxt[i] (set its gate) or, if it stops, to the exit.
@@ -323,8 +368,14 @@ class DepthwiseBatchingEngine:
         if len(set(rs)) > 1:
             self.stats.mixed_depth_passes += 1
         r_t = torch.tensor(rs)
+        # Recursive KV sharing: every recursion reads recursion 0's site; only r = 0 writes.
         a = torch.zeros_like(r_t) if self.shared_kv else r_t
-        writes = (r_t == 0).nonzero().squeeze(1) if self.shared_kv else None
+        writes = (r_t == 0) if self.shared_kv else None
+        ids = torch.zeros_like(idx)
+        w = slice(None) if writes is None else writes
+        if writes is None or bool(writes.any()):
+            ids[w] = self.rec.append(a[w], idx[w])
+        plan = self._plan(self.rec, a, idx, ids, writes)
         x = self.h[dev_idx]
         cos, sin = self._rope(slots)
         y = x
@@ -332,15 +383,14 @@ class DepthwiseBatchingEngine:
             layers = [self.layer_of[r][j] for r in rs]
             groups = sorted(set(layers))
             if len(groups) == 1:
-                y = self._layer(groups[0], y, cos, sin, self.rec[j], a, idx, writes)
+                y = self._layer(groups[0], y, cos, sin, self.rec, j, plan)
             else:  # sequence sharing: position j of different recursions = different layers
                 out = torch.empty_like(y)
                 for u in groups:
                     rows = torch.tensor([i for i, lu in enumerate(layers) if lu == u])
-                    w = None if writes is None else (r_t[rows] == 0).nonzero().squeeze(1)
                     dr = rows.to(self.device)
-                    args = (cos[dr], sin[dr], self.rec[j], a[rows], idx[rows], w)
-                    out[dr] = self._layer(u, y[dr], *args)
+                    sub = plan.subset(rows)
+                    out[dr] = self._layer(u, y[dr], cos[dr], sin[dr], self.rec, j, sub)
                 y = out
             self.stats.layer_calls["rec"] += len(groups)
             self.stats.rec_rows += len(slots)
@@ -360,10 +410,11 @@ class DepthwiseBatchingEngine:
         x = self.h[idx.to(self.device)]
         cos, sin = self._rope(slots)
         n_unique = self.cfg.num_unique_layers
-        for i in range(self.cfg.num_suffix_layers):
-            a = torch.full_like(idx, i)
-            x = self._layer(n_unique - 1 - i, x, cos, sin, self.post, a, idx, None)
-            self.stats.layer_calls["post"] += 1
+        if self.n_post:  # the entries taken at entry (the stream is shared with the first)
+            plan = self._plan(self.outer, torch.zeros_like(idx), idx, self.outer_ids[idx])
+            for i in range(self.n_post):
+                x = self._layer(n_unique - 1 - i, x, cos, sin, self.outer, self.n_pre + i, plan)
+            self.stats.layer_calls["post"] += self.n_post
         m = self.model
         weight = m.embed.weight if m.lm_head is None else m.lm_head.weight
         logits = F.linear(m.norm(x), weight)
@@ -376,48 +427,49 @@ class DepthwiseBatchingEngine:
         idx = torch.tensor(slots, device=self.device)
         if fresh:
             pos = torch.tensor([self.pos[s] for s in slots], device=self.device)
-            self.rope[:, idx] = torch.stack(self.model.rotary(pos[:, None])).to(self.dtype)
+            cos, sin = self.model.rotary(pos[:, None])
+            if self.fast:  # x·cos + rot(x)·sin, rot(x) = [−x₂, x₁] = roll(x)·[−1, 1]: sign in sin
+                h = sin.shape[-1] // 2
+                sin = torch.cat([-sin[..., :h], sin[..., h:]], -1)
+            self.rope[:, idx] = torch.stack([cos, sin]).to(self.dtype)
         return self.rope[0, idx], self.rope[1, idx]
 
-    def _layer(
-        self, u: int, x: Tensor, cos: Tensor, sin: Tensor, bank: _Bank, a: Tensor, s: Tensor,
-        writes: Tensor | None,
-    ) -> Tensor:  # fmt: skip
-        """Unique layer ``u`` on one token per row; row i attends to site (a[i], slot s[i]).
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotary embedding of x [n, H, 1, hd] (``apply_rotary``'s arithmetic)."""
+        if not self.fast:
+            return apply_rotary(x, cos, sin)
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
-        ``writes``: rows that project and append their key/value (None = all); the others reuse
-        the site as it is (recursive KV sharing). ``a``/``s``/``writes`` are CPU index tensors.
+    def _norm(self, norm: torch.nn.Module, x: Tensor) -> Tensor:
+        if not self.fast:
+            return norm(x)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+    def _layer(
+        self, u: int, x: Tensor, cos: Tensor, sin: Tensor, pool: KVPool, layer_at: int,
+        plan: _Plan,
+    ) -> Tensor:  # fmt: skip
+        """Unique layer ``u`` on one token per row, caching at the pool's layer ``layer_at``.
+
+        The rows that write (``plan``) project their key/value into their new entries; the
+        others reuse the site as it is (recursive KV sharing). Every row then attends to its
+        entries ``plan.idx``.
         """
         layer = self.model.layers[u]
         att = layer.attn
-        n = x.shape[0]
-        xn = layer.attn_norm(x)
-        q = att.q_proj(xn).view(n, 1, att.n_heads, att.hd).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        if writes is None or writes.numel():
-            xn_w, cos_w, sin_w, a_w, s_w = xn, cos, sin, a, s
-            if writes is not None:
-                dw = writes.to(self.device)
-                xn_w, cos_w, sin_w, a_w, s_w = xn[dw], cos[dw], sin[dw], a[writes], s[writes]
-            m = xn_w.shape[0]
-            k = att.k_proj(xn_w).view(m, 1, att.n_kv, att.hd).transpose(1, 2)
-            k = apply_rotary(k, cos_w, sin_w)
-            v = att.v_proj(xn_w).view(m, 1, att.n_kv, att.hd).transpose(1, 2)
-            at = bank.n[a_w, s_w]
-            if int(at.max()) >= self.max_len:
-                raise RuntimeError(f"KV storage of max_len={self.max_len} entries is full")
-            da, ds, dt = (t.to(self.device) for t in (a_w, s_w, at))
-            bank.k[da, ds, :, dt] = k[:, :, 0]
-            bank.v[da, ds, :, dt] = v[:, :, 0]
-            bank.n[a_w, s_w] = at + 1
-        lens = bank.n[a, s]
-        span = int(lens.max())
-        da, ds = a.to(self.device), s.to(self.device)
-        keys = bank.k[:, :, :, :span][da, ds]  # [n, H_kv, span, hd]
-        vals = bank.v[:, :, :, :span][da, ds]
-        mask = torch.arange(span)[None, :] < lens[:, None]
-        out = F.scaled_dot_product_attention(
-            q, keys, vals, attn_mask=mask.to(self.device)[:, None, None, :], enable_gqa=True
-        )
-        h = x + att.o_proj(out.transpose(1, 2).reshape(n, att.n_heads * att.hd))
-        return h + layer.mlp(layer.mlp_norm(h))
+        n, hd = x.shape[0], att.hd
+        xn = self._norm(layer.attn_norm, x)
+        # [n, H, 1, hd] straight from the projection (a view: the query axis has length 1).
+        q = self._rotate(F.linear(xn, att.q_proj.weight).view(n, att.n_heads, 1, hd), cos, sin)
+        if plan.any_write:
+            xw, cw, sw = xn, cos, sin
+            if plan.w_rows is not None:
+                xw, cw, sw = xn[plan.w_rows], cos[plan.w_rows], sin[plan.w_rows]
+            m = xw.shape[0]
+            k = self._rotate(F.linear(xw, att.k_proj.weight).view(m, att.n_kv, 1, hd), cw, sw)
+            v = F.linear(xw, att.v_proj.weight).view(m, att.n_kv, hd)
+            pool.write(layer_at, plan.w_ids, k.view(m, att.n_kv, hd), v)
+        keys, vals = pool.read(layer_at, plan.idx)
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=plan.mask, enable_gqa=True)
+        h = x + F.linear(out.reshape(n, att.n_heads * hd), att.o_proj.weight)
+        return h + layer.mlp(self._norm(layer.mlp_norm, h))

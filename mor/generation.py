@@ -64,6 +64,8 @@ class NaiveResult:
     outputs: list[list[int]]
     kv_bytes: int = 0
     """Valid KV-cache bytes of each static batch at its end, summed."""
+    kv_alloc_bytes: int = 0
+    """KV-cache bytes allocated (``KVCache.num_bytes(valid_only=False)``), the same way."""
     tokens: int = 0
     """Valid tokens the model processed (prompts + fed-back tokens)."""
     active: list[float] = field(default_factory=list)
@@ -124,5 +126,6 @@ def naive_generate(
                         max_depth=max_depth)  # fmt: skip
             tally(out, int(live.sum()))
         res.kv_bytes += cache.num_bytes(valid_only=True)
+        res.kv_alloc_bytes += cache.num_bytes(valid_only=False)
         res.outputs.extend(gen)
     return res

@@ -28,33 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mor.config import MoRConfig
+from mor.kvcache import KVCache, as_site
 from mor.layers import DecoderLayer, KVSite, RMSNorm, Rotary, TokenBatch
 from mor.routing import Router, make_router
 
 AUX_ROUTER_LOSS_WEIGHT = 1e-3
 """Weight of the auxiliary router's BCE loss (ec_inference='aux_router'); see the loss sum."""
-
-
-@dataclass
-class KVCache:
-    """Incremental-decoding state: one ``KVSite`` per attention site plus tokens seen per row.
-
-    Sites are keyed ("pre", i), ("rec", r, j) and ("post", i). With recursion-wise caching a
-    site at recursion r holds only the tokens active at r; with recursive sharing only r = 0
-    sites exist and deeper recursions read them.
-    """
-
-    sites: dict[tuple, KVSite] = field(default_factory=dict)
-    seen: torch.Tensor | None = None  # [B] valid tokens already processed per row
-
-    def num_bytes(self, valid_only: bool = True) -> int:
-        """Bytes of keys and values held (only entries that attention can see, by default)."""
-        total = 0
-        for site in self.sites.values():
-            per_entry = 2 * site.k.shape[1] * site.k.shape[3] * site.k.element_size()
-            entries = site.num_valid() if valid_only else site.valid.numel()
-            total += per_entry * entries
-        return total
 
 
 @dataclass
@@ -213,7 +192,8 @@ class MoRModel(nn.Module):
     def _run_layer(
         self, i: int, key: tuple, tb: TokenBatch, sites: dict, reuse: KVSite | None = None
     ) -> torch.Tensor:
-        out, store = self.layers[i](tb, past=sites.get(key), reuse=reuse)
+        # A KVCache's sites are packed between forwards: expand the ones this layer reads.
+        out, store = self.layers[i](tb, past=as_site(sites.get(key)), reuse=as_site(reuse))
         if store is not None:
             sites[key] = store
         return out
@@ -284,6 +264,7 @@ class MoRModel(nn.Module):
         logits = F.linear(h, weight)
         if cache is not None:
             cache.seen = offset + valid.long().sum(-1)
+            cache.compact()  # hold valid entries only between steps (mor.kvcache)
         out = MoROutput(logits=logits, cache=cache, depth=depth)
         self._losses_and_stats(out, labels, valid, packed, active, losses)
         return out
