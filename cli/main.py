@@ -8,7 +8,8 @@ module and list it in ``COMMAND_MODULES``. Keep heavy imports (torch, ray) insid
 
 A command that takes free ``key=value`` overrides after its options sets
 ``set_defaults(extra_dest="<dest>")``: bare words that argparse leaves over (e.g. overrides
-written after ``--json``) are appended to that list instead of being rejected.
+written after ``--json``) are appended to that list instead of being rejected; with
+``extra_any=True`` options are too (``mor lm-eval``: lm-eval's own arguments).
 
 No exception reaches the user as a raw traceback (``cli.errors.report``): a user error
 (``ConfigError``, ``ValueError``, a path that cannot be read, ...) prints ``error: <message>``
@@ -31,6 +32,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cli.data_cmd",
     "cli.train_cmd",
     "cli.eval_cmd",
+    "cli.lmeval_cmd",
     "cli.sweep_cmd",
     "cli.stack_cmd",
     "cli.report_cmd",
@@ -77,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.debug = True
         if extra:
             dest = getattr(args, "extra_dest", None)
-            bad = [e for e in extra if e.startswith("-")]
+            # A command handing its arguments to another tool takes options too (extra_any).
+            bad = [] if getattr(args, "extra_any", False) else [e for e in extra if e[:1] == "-"]
             if dest is None or bad:
                 parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
             getattr(args, dest).extend(extra)

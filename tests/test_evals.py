@@ -565,3 +565,21 @@ def test_mor_eval_keeps_results_when_mlflow_is_down(
     assert f"error: could not log to MLflow at http://127.0.0.1:{port}" in proc.stderr
     assert str(out) in proc.stderr
     assert "Traceback" not in proc.stderr and "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_lm_eval_command_line_runs_the_mor_backend(trained_export: Path, tmp_path: Path) -> None:
+    """`mor lm-eval ARGS` as a lm-eval user types them: lm-eval's own command line, with the
+    `mor` backend registered and the embedded tasks found; its accuracy is the platform's own
+    at that depth on the same items."""
+    out = tmp_path / "lm-eval-out"
+    args = ["lm-eval", "--model", "mor", "--model_args", f"pretrained={trained_export},depth=1",
+            "--tasks", "mor_heldout_mc", "--limit", "4", "--output_path", str(out)]  # fmt: skip
+    run = mor_cli(*args, env=user_env(tmp_path))
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "mor_heldout_mc" in run.stdout  # lm-eval's own results table
+    (results,) = out.rglob("results_*.json")
+    acc = json.loads(results.read_text())["results"]["mor_heldout_mc"]["acc,none"]
+    ours = evaluate_model(trained_export, ["mor_heldout_mc"], depths=["1"], limit=4, nll_docs=0)
+    assert acc == pytest.approx(ours.points[0].metrics["mor_heldout_mc"]["acc"])
+    bad = mor_cli("lm-eval", "--model", "mor", "--tasks", "nope", env=user_env(tmp_path))
+    assert bad.returncode != 0

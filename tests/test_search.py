@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -270,9 +269,11 @@ def _check_resumed_search(client: MlflowClient, store: str, s3: str | None) -> N
     assert not client.search_runs([exp_id], "attributes.status = 'RUNNING'")  # none left
     milestones = [2.5e8, 5e8]
     experiment = Location.parse(store).child("tune", "opt")
-    trial_dirs = [experiment.child(n) for n in experiment.names()
-                  if re.search(r"_[0-9a-f]{5}_\d{5}$", n)]  # fmt: skip
-    assert sum(_validated_at_milestones(d, milestones) for d in trial_dirs) >= 2
+    trial_dirs = [experiment.child(n) for n in experiment.names()]
+    trial_dirs = [d for d in trial_dirs if d.child("result.json").is_file()]  # not Tune's state
+    assert len(trial_dirs) >= 3 and all("_1e9_" in d.uri for d in trial_dirs)  # named by point
+    checked = sum(_validated_at_milestones(d, milestones) for d in trial_dirs)
+    assert checked >= 2, experiment.names()
     rungs = json.loads((state / "asha_rungs.json").read_text())  # [[FLOPs, {trial: -loss}]]
     assert set(milestones) <= {m for m, recorded in rungs if recorded}
     stopped = [t for t in trains if "mor.stopped_early" in t.data.tags]
