@@ -18,6 +18,7 @@ model is scored in float64 and a bf16 one does not lose the softmax's precision.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,11 @@ class MoRLM(TemplateLM):
         self.progress = bool(progress)
         if (pretrained is None) == (model is None):
             raise ValueError("pretrained: give exactly one of pretrained (export dir) or model")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line asks for 'cuda' unless --device says otherwise; like its
+            # HF backend, run where the machine can rather than fail.
+            print(f"[mor] device {device!r} is not available here: using cpu", file=sys.stderr)
+            device = "cpu"
         torch_dtype = _dtype(dtype, device)
         if pretrained is not None:
             model, meta = load_pretrained(pretrained, device=device, dtype=torch_dtype)

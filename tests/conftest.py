@@ -203,18 +203,3 @@ def stop(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, 9)
     proc.wait()
-
-
-# --------------------------------------------------------------------------- parallel runs
-# The suite runs in two pytest-xdist workers (pyproject addopts: -n 2 --dist loadgroup): most
-# of its time is spent waiting on Ray, MLflow and subprocesses, not computing. A module stays
-# on one worker (its Ray session and module fixtures are built once), and the modules that
-# share the session-scoped ``tiny_sweep`` stay together so it is built once.
-TINY_SWEEP_GROUP = ("test_sweeps.py", "test_dashboards.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.path.name
-        group = "tiny_sweep" if module in TINY_SWEEP_GROUP else module
-        item.add_marker(pytest.mark.xdist_group(group))
