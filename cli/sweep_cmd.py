@@ -149,8 +149,10 @@ def _print_result(res) -> None:
         print(f"[mor]   {len(outcome['skipped'])} invalid draw(s) skipped, never started "
               f"(reasons: {res.summary_csv.parent / 'skipped.jsonl'})")  # fmt: skip
     if outcome.get("best"):
+        from sweeps.plan import trial_title
+
         b = outcome["best"]
-        print(f"[mor] best: {b['label']} {b['config']} {b['metric']}={b['value']:.4g}")
+        print(f"[mor] best: {trial_title(b['label'])}: {b['metric']} = {b['value']:.4g}")
     if outcome:
         print(f"[mor] training FLOPs spent: {outcome['train_flops_spent']:.3g}")
     print(f"[mor] summary table: {res.summary_csv}")

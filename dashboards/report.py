@@ -254,7 +254,8 @@ def best_line(tracking_uri: str, parent_run_ids: list[str]) -> str:
                   if k.startswith("mor.best.")}  # fmt: skip
         metric = next((k for k in run.data.metrics if k.startswith("best/")), None)
         value = f" {metric[5:]} = {run.data.metrics[metric]:.4g}" if metric else ""
-        lines.append(f"Best trial of {run.info.run_name}: {label} {config}{value}")
+        drawn = f" {config}" if config else ""  # the sampled values, when a search drew them
+        lines.append(f"Best trial of {run.info.run_name}: {label}{drawn}{value}")
     return "\n".join(f"**{ln}**\n" for ln in lines)
 
 
