@@ -44,8 +44,11 @@ import json
 import os
 import random
 import re
+import sys
+from functools import lru_cache
 from pathlib import Path
 
+from core.storage import local_cache_root
 from mor.corpus import default_corpus_documents, split_documents
 
 DEFAULT_TASKS = ("mor_heldout_bpb", "mor_heldout_mc")
@@ -101,8 +104,35 @@ metadata:
 
 
 def heldout_documents() -> list[str]:
+    """The default corpus's held-out documents (never trained on), the source of every default
+    task, the held-out NLL and the routing analysis."""
+    return list(_heldout())
+
+
+@lru_cache(maxsize=1)
+def _heldout() -> tuple[str, ...]:
+    # Reading the corpus parses the standard library (~10 s, per process): its held-out part
+    # (~100 KB) is kept in the local cache, as JSON, under a key of what decides it.
+    path = local_cache_root() / "heldout" / f"{_source_key()}.json"
+    try:
+        return tuple(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
     _, val = split_documents(default_corpus_documents(), VAL_FRACTION)
-    return val
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(path, json.dumps(val))
+    return tuple(val)
+
+
+def _source_key() -> str:
+    """What decides the held-out documents, cheaply: the Python (its standard library is the
+    corpus; ``trainers.data`` keys the training data the same way) and the code that builds
+    the corpus and splits it."""
+    import mor.corpus
+
+    digest = hashlib.sha256(f"{sys.version}|{VAL_FRACTION}".encode())
+    digest.update(Path(mor.corpus.__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _clean(text: str) -> str:

@@ -147,7 +147,9 @@ def _listed_points(model: MoRModel, depths: list[str]) -> list[tuple[str, int | 
 
 
 def build_task_manager(tasks: list[str], data_dir: str | Path | None, work_dir: Path) -> Any:
-    """Local YAMLs: the default tasks, plus the paper's tasks read from ``data_dir``."""
+    """Local YAMLs: the default tasks, plus the paper's tasks read from ``data_dir``. lm-eval's
+    own ~14,000 built-in task YAMLs are indexed only when a task is none of those: the index
+    costs ~16 s per process, more than evaluating the quickstart's tasks at limit 4."""
     from lm_eval.tasks import TaskManager
 
     include = [str(prepare_default_tasks(work_dir / "default_tasks"))]
@@ -156,6 +158,9 @@ def build_task_manager(tasks: list[str], data_dir: str | Path | None, work_dir: 
     wanted = [t for t in tasks if t in TASK_NAMES]
     if wanted and data_dir is not None:
         include.append(str(prepare_tasks(data_dir, work_dir / "paper_tasks", wanted)))
+    ours = TaskManager(include_path=include, include_defaults=False)
+    if all(t in ours.all_tasks for t in tasks):
+        return ours
     return TaskManager(include_path=include)
 
 
@@ -297,32 +302,46 @@ def point_title(label: str, depth: int | None, num_recursions: int) -> str:
 
 
 @contextmanager
-def quiet_git_hash() -> Iterator[None]:
-    """lm-eval records ``git describe`` of the process's working directory in every result
-    (``lm_eval.evaluator.get_git_commit_hash``, no option to skip it); outside a git checkout
-    (a Tune trial's folder, an installed platform) git prints ``fatal: not a git repository``
-    on the console once per call. The same call, with git's stderr kept off the console."""
+def lm_eval_environment() -> Iterator[None]:
+    """lm-eval records the environment in every result, once per ``simple_evaluate`` (one
+    per depth point), with no option to skip it: ``git describe`` of the working directory
+    (outside a git checkout, e.g. a Tune trial's folder, git prints ``fatal: not a git
+    repository`` on the console) and ``add_env_info`` (torch's ``collect_env``: subprocesses,
+    ~2 s). The same calls here, git's stderr kept off the console and the environment
+    collected once per process."""
     import lm_eval.evaluator as evaluator
 
-    def git_hash() -> str | None:
-        try:
-            out = subprocess.run(
-                ["git", "describe", "--always"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
-        except (OSError, subprocess.SubprocessError):  # no git on this machine
-            return None
-        return (out.stdout.strip() or None) if out.returncode == 0 else None
-
-    saved = evaluator.get_git_commit_hash
-    evaluator.get_git_commit_hash = git_hash
+    saved = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash = _git_hash
+    evaluator.add_env_info = _env_info_once
     try:
         yield
     finally:
-        evaluator.get_git_commit_hash = saved
+        evaluator.get_git_commit_hash, evaluator.add_env_info = saved
+
+
+def _git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always"], capture_output=True, text=True, timeout=10,
+            check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+_ENV_INFO: dict[str, Any] = {}
+
+
+def _env_info_once(storage: dict[str, Any]) -> None:
+    import copy
+
+    from lm_eval.loggers.utils import add_env_info
+
+    if not _ENV_INFO:
+        add_env_info(_ENV_INFO)
+    storage.update(copy.deepcopy(_ENV_INFO))
 
 
 def score_tasks(
@@ -339,7 +358,7 @@ def score_tasks(
     import lm_eval
 
     torch.manual_seed(0)
-    with quiet_git_hash():
+    with lm_eval_environment():
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=task_args,
