@@ -23,10 +23,15 @@ Z95 = 1.96  # a standard error → the half-width of a normal 95% interval
 
 def error_bars(points: pd.DataFrame, metric: str) -> tuple[pd.Series, pd.Series, str] | None:
     """(below, above, what) for ``metric``'s error bars: the 95% interval across seeds where
-    the points have one, else ±1.96 of lm-eval's standard error; None where neither exists."""
+    the points have one, else the bootstrap interval over the eval's items
+    (``dashboards.replicates.with_item_cis``), else ±1.96 of lm-eval's standard error; None
+    where none exists."""
     low, high, stderr = f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_stderr"
     if low in points and points[low].notna().any():
         return points[metric] - points[low], points[high] - points[metric], "95% CI over seeds"
+    low, high = f"{metric}_item_ci_low", f"{metric}_item_ci_high"
+    if low in points and points[low].notna().any():
+        return points[metric] - points[low], points[high] - points[metric], "95% CI over items"
     if stderr in points and points[stderr].notna().any():
         half = points[stderr] * Z95
         return half, half, "95% CI (±1.96 standard errors)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dashboards.stats import seed_ci
+from dashboards.stats import bpb_ci, mean_over_tasks_ci, seed_ci
 
 SUMMARISED = ("val_nll", "average", "flops_per_token", "mean_depth")
 """Columns of the results table summarised across seeds (plus the report's headline metric)."""
@@ -51,3 +51,29 @@ def aggregate_points(points: pd.DataFrame, metric: str) -> pd.DataFrame:
         row["seeds"] = len(grp)
         rows.append(row)
     return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def with_item_cis(
+    points: pd.DataFrame, items: dict[str, dict[str, dict[str, list]]], metric: str
+) -> pd.DataFrame:
+    """One seed per configuration: each point's 95% interval over its eval items (documents
+    for bits per byte, resampled within tasks for ``average``) as ``{metric}_item_ci_low`` /
+    ``_high``, for error bars. Points without items, and other metrics, get none."""
+    task = metric.split("/")[0] if metric.endswith("/bits_per_byte") else None
+    if metric != "average" and task is None:
+        return points
+
+    def interval(row: pd.Series) -> tuple[float, float]:
+        scores = items.get(row["run_id"], {}).get(str(row["point"]), {})
+        if task is not None:
+            ci = bpb_ci(scores[task]) if scores.get(task) else None
+        else:
+            accs = {t: v for t, v in scores.items() if v and not isinstance(v[0], list)}
+            ci = mean_over_tasks_ci(accs) if accs else None
+        return (ci.low, ci.high) if ci is not None else (float("nan"), float("nan"))
+
+    bounds = points.apply(interval, axis=1, result_type="expand")
+    if bounds.empty:
+        return points
+    low, high = f"{metric}_item_ci_low", f"{metric}_item_ci_high"
+    return points.assign(**{low: bounds[0], high: bounds[1]})

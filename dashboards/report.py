@@ -13,7 +13,7 @@ from core.keys import ROUTER_POINT, TOPK_POINT
 from dashboards.html import interactive_html
 from dashboards.pareto import VS_FRONT, front_status, higher_is_better, pareto_front
 from dashboards.plots import COST, depth_curves_png, iso_flop_png, pareto_png, router_depths_png
-from dashboards.replicates import aggregate_points, by_config, has_replicates
+from dashboards.replicates import aggregate_points, by_config, has_replicates, with_item_cis
 from dashboards.runs import SweepRuns, load_runs
 from dashboards.stats import (
     Diff,
@@ -336,6 +336,8 @@ def build_report(
         runs.points.to_csv(out / "points.csv", index=False)
         causal = runs.points[runs.points["causal"]]  # no non-causal top-k point on a front
         points = aggregate_points(causal.dropna(subset=[metric]), metric)
+        if not has_replicates(runs.trials):  # one seed: error bars from the eval's items
+            points = with_item_cis(points, runs.items, metric)
         points[VS_FRONT] = front_status(points, COST, metric, higher_is_better(metric))
         front = pareto_front(points, COST, metric, higher_is_better(metric))
         front_models = front_models_by_budget(points, runs.trials, metric)

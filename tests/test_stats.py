@@ -302,3 +302,37 @@ def test_seeds_become_one_row_per_configuration_with_a_t_interval(tmp_path: Path
     assert (tmp_path / "rep" / "pareto.png").stat().st_size > 5000
     page = (tmp_path / "rep" / "report.html").read_text()
     assert '"arrayminus"' in page and "95% CI" in page  # error bars in the HTML too
+
+
+def test_one_seed_points_get_error_bars_from_their_items() -> None:
+    """Without seeds, each depth point's interval comes from its own eval items: documents
+    for bits per byte, items within tasks for the average; a point without items has none."""
+    from dashboards.plots import error_bars
+    from dashboards.replicates import with_item_cis
+
+    rng = np.random.default_rng(0)
+    docs = [[-float(n) * 1.4, float(n)] for n in rng.integers(200, 800, 60)]
+    accs = {"a": rng.integers(0, 2, 80).astype(float).tolist(), "b": [1.0, 0.0] * 20}
+    items = {"r1": {"1": {"bpb": docs, **accs}}, "r2": {"1": {}}}
+    bpb = -sum(ll for ll, _ in docs) / sum(n for _, n in docs) / math.log(2)
+    points = pd.DataFrame(
+        {"run_id": ["r1", "r2"], "point": ["1", "1"], "bpb/bits_per_byte": [bpb, 2.0],
+         "average": [np.mean([np.mean(accs["a"]), 0.5]), 0.5]}
+    )  # fmt: skip
+    got = with_item_cis(points, items, "bpb/bits_per_byte")
+    low, high = (
+        got.loc[0, "bpb/bits_per_byte_item_ci_low"],
+        got.loc[0, "bpb/bits_per_byte_item_ci_high"],
+    )
+    assert low < bpb < high and high - low < 0.2
+    assert math.isnan(got.loc[1, "bpb/bits_per_byte_item_ci_low"])  # no items, no interval
+    below, above, what = error_bars(got, "bpb/bits_per_byte")
+    assert above[0] == pytest.approx(high - bpb)
+    assert what == "95% CI over items" and below[0] == pytest.approx(bpb - low)
+    avg = with_item_cis(points, items, "average")
+    assert (
+        avg.loc[0, "average_item_ci_low"]
+        < points.loc[0, "average"]
+        < avg.loc[0, "average_item_ci_high"]
+    )
+    assert with_item_cis(points, items, "nll").equals(points)  # no items behind NLL
