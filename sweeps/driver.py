@@ -9,7 +9,6 @@ child, and each evaluation a child of that.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -38,7 +37,7 @@ from sweeps.plan import (
 from sweeps.space import sample_defaults
 from sweeps.spec import POINT, SweepSpec
 from sweeps.store import SweepStore
-from sweeps.summary import finished, log_parent_metrics, parent_metrics
+from sweeps.summary import log_parent_metrics, parent_metrics, search_outcome
 from trainers.data import prepare_data
 from trainers.launcher import ResourceError, check_resources
 from trainers.tracking import connect, find_or_create_run, flatten, mark_interrupted_run
@@ -446,79 +445,6 @@ def summarise(
     sweep_store(spec).publish([csv, state_dir / "summary.json", *artifacts])
     client.set_terminated(parent_run_id, status="FAILED" if errors else "FINISHED")
     return SweepResult(spec.name, parent_run_id, uri, csv, rows, errors, artifacts, outcome)
-
-
-def best_trial(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The finished trial with the best ``spec.metric`` (stopped and failed trials excluded)."""
-    done = [
-        r
-        for r in rows
-        if not r.get("error")
-        and not r.get("stopped_early_at_flops")
-        and isinstance(r.get(spec.metric), (int, float))
-        and math.isfinite(r[spec.metric])
-    ]
-    if not done:
-        return None
-    pick = (max if spec.mode == "max" else min)(done, key=lambda r: r[spec.metric])
-    config = {k: pick[k] for k in spec.space if k in pick}  # the sampled values
-    return {
-        "label": pick["label"],
-        "trial_id": pick.get("trial_id"),
-        "config": config,
-        "metric": spec.metric,
-        "value": pick[spec.metric],
-        "train_run_id": pick.get("train_run_id"),
-    }
-
-
-def search_outcome(
-    spec: SweepSpec, rows: list[dict[str, Any]], state_dir: Path, uri: str, parent_run_id: str
-) -> dict[str, Any]:
-    """What the search did, in ``summary.json`` and on the MLflow parent run: the best trial
-    (tags ``mor.best_label``/``mor.best.KEY``, metric ``best/METRIC``), the trials ASHA stopped
-    (their runs tagged ``mor.stopped_early``; rows get ``stopped_early_at_flops``), the draws
-    skipped as invalid with their reasons, and the training FLOPs spent."""
-    from mlflow import MlflowClient
-
-    from core.keys import TAG_BEST_LABEL, TAG_SKIPPED
-    from sweeps.search import SKIPPED_FILE, STOPPED_FILE, mark_stopped, read_jsonl
-
-    stopped = read_jsonl(state_dir / STOPPED_FILE)
-    rung = {r["trial"]: r["rung_flops"] for r in stopped}
-    for row in rows:
-        if row.get("trial_id") in rung:
-            row["stopped_early_at_flops"] = rung[row["trial_id"]]
-    mark_stopped(uri, parent_run_id, stopped)  # again: a late end of the trial may retag it
-    skipped = read_jsonl(state_dir / SKIPPED_FILE)
-    spent = sum(r["flops"] for r in rows if isinstance(r.get("flops"), (int, float)))
-    outcome = {
-        "searcher": spec.searcher,
-        "trials": len(rows),
-        "finished": sum(finished(r) for r in rows),
-        "failed": sum(1 for r in rows if r.get("error")),
-        "stopped_early": [{k: r[k] for k in ("trial", "rung_flops", "metric")} for r in stopped],
-        "skipped": skipped,
-        "best": best_trial(spec, rows),
-        "max_concurrent": spec.resources.max_concurrent,
-        "max_total_flops": spec.max_total_flops,
-        "train_flops_spent": spent,
-    }
-    (state_dir / "summary.json").write_text(json.dumps(outcome, indent=2, default=str))
-    client = MlflowClient(uri)
-    client.log_artifact(parent_run_id, str(state_dir / "summary.json"))
-    client.set_tag(parent_run_id, TAG_SKIPPED, str(len(skipped)))
-    client.log_metric(parent_run_id, "sweep/train_flops_spent", spent)
-    client.log_metric(parent_run_id, "sweep/stopped_early", len(stopped))
-    if skipped:
-        client.log_artifact(parent_run_id, str(state_dir / SKIPPED_FILE))
-    best = outcome["best"]
-    if best is not None:
-        client.set_tag(parent_run_id, TAG_BEST_LABEL, best["label"])
-        for k, v in best["config"].items():
-            client.set_tag(parent_run_id, f"mor.best.{k}", str(v))
-        client.log_metric(parent_run_id, f"best/{spec.metric}", float(best["value"]))
-    return outcome
 
 
 def load_saved_spec(name: str, storage_path: str = "outputs") -> SweepSpec:

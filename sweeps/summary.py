@@ -3,15 +3,18 @@
 Per training budget: the best value of the headline metric among the finished trials, how
 many models are on that budget's Pareto front (the report's), and the trials finished and
 failed; over the whole sweep: trials finished and failed, and the models on the report's
-front. The best trial itself (``best/<metric>``, its tags) and the FLOPs spent are logged by
-``sweeps.driver.search_outcome``. The key formats are ``core.keys``'.
+front. ``search_outcome``: what the search did (the best trial, the trials ASHA stopped, the
+draws skipped, the FLOPs spent), in ``summary.json`` and on the parent run. The key formats
+are ``core.keys``'.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from core.keys import (
@@ -22,6 +25,7 @@ from core.keys import (
     eval_key,
     higher_is_better,
 )
+from sweeps.spec import SweepSpec
 
 
 def finished(row: Mapping[str, Any]) -> bool:
@@ -71,3 +75,76 @@ def log_parent_metrics(client: Any, parent_run_id: str, metrics: Mapping[str, fl
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def best_trial(spec: SweepSpec, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished trial with the best ``spec.metric`` (stopped and failed trials excluded)."""
+    done = [
+        r
+        for r in rows
+        if not r.get("error")
+        and not r.get("stopped_early_at_flops")
+        and isinstance(r.get(spec.metric), (int, float))
+        and math.isfinite(r[spec.metric])
+    ]
+    if not done:
+        return None
+    pick = (max if spec.mode == "max" else min)(done, key=lambda r: r[spec.metric])
+    config = {k: pick[k] for k in spec.space if k in pick}  # the sampled values
+    return {
+        "label": pick["label"],
+        "trial_id": pick.get("trial_id"),
+        "config": config,
+        "metric": spec.metric,
+        "value": pick[spec.metric],
+        "train_run_id": pick.get("train_run_id"),
+    }
+
+
+def search_outcome(
+    spec: SweepSpec, rows: list[dict[str, Any]], state_dir: Path, uri: str, parent_run_id: str
+) -> dict[str, Any]:
+    """What the search did, in ``summary.json`` and on the MLflow parent run: the best trial
+    (tags ``mor.best_label``/``mor.best.KEY``, metric ``best/METRIC``), the trials ASHA stopped
+    (their runs tagged ``mor.stopped_early``; rows get ``stopped_early_at_flops``), the draws
+    skipped as invalid with their reasons, and the training FLOPs spent."""
+    from mlflow import MlflowClient
+
+    from core.keys import TAG_BEST_LABEL, TAG_SKIPPED
+    from sweeps.search import SKIPPED_FILE, STOPPED_FILE, mark_stopped, read_jsonl
+
+    stopped = read_jsonl(state_dir / STOPPED_FILE)
+    rung = {r["trial"]: r["rung_flops"] for r in stopped}
+    for row in rows:
+        if row.get("trial_id") in rung:
+            row["stopped_early_at_flops"] = rung[row["trial_id"]]
+    mark_stopped(uri, parent_run_id, stopped)  # again: a late end of the trial may retag it
+    skipped = read_jsonl(state_dir / SKIPPED_FILE)
+    spent = sum(r["flops"] for r in rows if isinstance(r.get("flops"), (int, float)))
+    outcome = {
+        "searcher": spec.searcher,
+        "trials": len(rows),
+        "finished": sum(finished(r) for r in rows),
+        "failed": sum(1 for r in rows if r.get("error")),
+        "stopped_early": [{k: r[k] for k in ("trial", "rung_flops", "metric")} for r in stopped],
+        "skipped": skipped,
+        "best": best_trial(spec, rows),
+        "max_concurrent": spec.resources.max_concurrent,
+        "max_total_flops": spec.max_total_flops,
+        "train_flops_spent": spent,
+    }
+    (state_dir / "summary.json").write_text(json.dumps(outcome, indent=2, default=str))
+    client = MlflowClient(uri)
+    client.log_artifact(parent_run_id, str(state_dir / "summary.json"))
+    client.set_tag(parent_run_id, TAG_SKIPPED, str(len(skipped)))
+    client.log_metric(parent_run_id, "sweep/train_flops_spent", spent)
+    client.log_metric(parent_run_id, "sweep/stopped_early", len(stopped))
+    if skipped:
+        client.log_artifact(parent_run_id, str(state_dir / SKIPPED_FILE))
+    best = outcome["best"]
+    if best is not None:
+        client.set_tag(parent_run_id, TAG_BEST_LABEL, best["label"])
+        for k, v in best["config"].items():
+            client.set_tag(parent_run_id, f"mor.best.{k}", str(v))
+        client.log_metric(parent_run_id, f"best/{spec.metric}", float(best["value"]))
+    return outcome
