@@ -41,11 +41,34 @@ def _hover(grp: pd.DataFrame, model: str, metric: str) -> list[str]:
     ]
 
 
-def _bars(grp: pd.DataFrame, bars: tuple | None) -> dict[str, Any] | None:
-    if bars is None:
-        return None
-    return {"type": "data", "symmetric": False, "array": bars[1][grp.index].tolist(),
-            "arrayminus": bars[0][grp.index].tolist()}  # fmt: skip
+def _curve_trace(part: pd.DataFrame, x: str, metric: str, model: str, bars: tuple | None) -> dict:
+    """x, y, hover text and error bars of one model's points, one curve per trained
+    configuration (each budget its own; seeds averaged), the curves kept apart by gaps."""
+    key = next((k for k in ("replicate_of", "run_id") if k in part), None)
+    groups = [g for _, g in part.groupby(key, sort=True)] if key else [part]
+    xs: list[Any] = []
+    ys: list[Any] = []
+    texts: list[str] = []
+    plus: list[float] = []
+    minus: list[float] = []
+    for g in groups:
+        g = g.sort_values(x)
+        if xs:  # a gap: plotly does not join across it
+            xs.append(None)
+            ys.append(None)
+            texts.append("")
+            plus.append(0.0)
+            minus.append(0.0)
+        xs += g[x].tolist()
+        ys += g[metric].tolist()
+        texts += _hover(g, model, metric)
+        if bars is not None:
+            plus += bars[1][g.index].tolist()
+            minus += bars[0][g.index].tolist()
+    err = None
+    if bars is not None:
+        err = {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}
+    return {"x": xs, "y": ys, "text": texts, "error_y": err}
 
 
 def pareto_figure(points: pd.DataFrame, metric: str, colors: dict[str, str]) -> Any:
@@ -62,10 +85,10 @@ def pareto_figure(points: pd.DataFrame, metric: str, colors: dict[str, str]) -> 
             part = grp[grp["fixed_depth"] == fixed]
             fig.add_trace(
                 go.Scatter(
-                    x=part[COST], y=part[metric], name=model, legendgroup=model,
-                    showlegend=fixed, mode="lines+markers" if fixed else "markers",
-                    text=_hover(part, model, metric), hoverinfo="text",
-                    line={"color": color}, error_y=_bars(part, bars),
+                    **_curve_trace(part, COST, metric, model, bars), name=model,
+                    legendgroup=model, showlegend=fixed,
+                    mode="lines+markers" if fixed else "markers", hoverinfo="text",
+                    line={"color": color},
                     marker={"color": color, "symbol": "circle" if fixed else "star",
                             "size": 9 if fixed else 16, "line": {"width": 0 if fixed else 1}},
                 )
@@ -102,10 +125,10 @@ def depth_figure(points: pd.DataFrame, metric: str, colors: dict[str, str]) -> A
     for model in sorted(shown["model"].unique()):
         grp, color = shown[shown["model"] == model], colors.get(model, "black")
         fixed = grp[grp["fixed_depth"]].assign(depth=lambda g: g["point"].astype(int))
-        fixed = fixed.sort_values("depth")
-        fig.add_trace(go.Scatter(x=fixed["depth"], y=fixed[metric], name=model,
-                                 legendgroup=model, mode="lines+markers", line={"color": color},
-                                 error_y=_bars(fixed, bars)))  # fmt: skip
+        trace = _curve_trace(fixed, "depth", metric, model, bars)
+        fig.add_trace(go.Scatter(x=trace["x"], y=trace["y"], name=model, legendgroup=model,
+                                 mode="lines+markers", line={"color": color},
+                                 error_y=trace["error_y"]))  # fmt: skip
         routed = grp[~grp["fixed_depth"]]
         if not routed.empty and "mean_depth" in routed:
             fig.add_trace(go.Scatter(x=routed["mean_depth"], y=routed[metric], name=model,

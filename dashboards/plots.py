@@ -5,6 +5,7 @@ a colour no model has."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,23 @@ def pareto_png(
     return save(fig, path)
 
 
+def curves(points: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame, str | None]]:
+    """(model, its points, legend label) per curve: one curve per trained configuration (a
+    model at each training budget is a curve of its own: joining budgets would zigzag), its
+    seeds already averaged; the legend names each model once."""
+    key = next((k for k in ("replicate_of", "run_id") if k in points), "model")
+    named: set[str] = set()
+    for (model, _), grp in points.groupby(["model", key], sort=True):
+        yield model, grp, None if model in named else model
+        named.add(model)
+
+
 def _pareto_axis(ax: Any, points: pd.DataFrame, metric: str, colors: dict[str, str]) -> None:
     bars = error_bars(points, metric)
-    for model, grp in points.groupby("model", sort=True):
+    for model, grp, label in curves(points):
         color = colors.get(model, "black")
         fixed = grp[grp["fixed_depth"]].sort_values(COST)
-        ax.plot(fixed[COST], fixed[metric], "o-", color=color, alpha=0.85, label=model)
+        ax.plot(fixed[COST], fixed[metric], "o-", color=color, alpha=0.85, label=label)
         if bars is not None:
             ax.errorbar(grp[COST], grp[metric], yerr=[bars[0][grp.index], bars[1][grp.index]],
                         fmt="none", ecolor=color, alpha=0.6, capsize=3)  # fmt: skip
@@ -97,11 +109,11 @@ def depth_curves_png(
     colors = colors or model_colors(shown["model"])
     bars = error_bars(shown, metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model, grp in shown.groupby("model", sort=True):
+    for model, grp, label in curves(shown):
         color = colors.get(model, "black")
         fixed = grp[grp["fixed_depth"]].assign(depth=lambda g: g["point"].astype(int))
         fixed = fixed.sort_values("depth")
-        ax.plot(fixed["depth"], fixed[metric], "o-", color=color, label=model)
+        ax.plot(fixed["depth"], fixed[metric], "o-", color=color, label=label)
         if bars is not None:
             ax.errorbar(fixed["depth"], fixed[metric], fmt="none", ecolor=color, alpha=0.6,
                         capsize=3, yerr=[bars[0][fixed.index], bars[1][fixed.index]])  # fmt: skip

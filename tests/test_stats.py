@@ -336,3 +336,20 @@ def test_one_seed_points_get_error_bars_from_their_items() -> None:
         < avg.loc[0, "average_item_ci_high"]
     )
     assert with_item_cis(points, items, "nll").equals(points)  # no items behind NLL
+
+
+def test_a_model_at_two_budgets_is_two_curves_named_once() -> None:
+    """Figures join a model's depth points per trained configuration: the same model at two
+    training budgets is two curves (joining them would zigzag between budgets), one legend
+    entry."""
+    from dashboards.plots import curves
+
+    points = pd.DataFrame(
+        {"model": ["m", "m", "m", "m", "v"], "point": ["1", "2", "1", "2", "1"],
+         "replicate_of": ["m,budget=1e+12"] * 2 + ["m,budget=2e+12"] * 2 + ["v,budget=1e+12"]}
+    )  # fmt: skip
+    got = [
+        (model, sorted(grp["replicate_of"].unique()), label) for model, grp, label in curves(points)
+    ]
+    assert got == [("m", ["m,budget=1e+12"], "m"), ("m", ["m,budget=2e+12"], None),
+                   ("v", ["v,budget=1e+12"], "v")]  # fmt: skip
