@@ -74,17 +74,18 @@ def configure(flag: bool = False) -> None:
     # Ray's driver merges worker lines that differ only in numbers ("[repeated 3x across
     # cluster]"): progress lines are exactly that, so they are never merged. Read at import.
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[mor\] ")
+    # A raylet warns once its Python workers reach 4x its CPU count ("8 PYTHON worker
+    # processes have been started ... 4x the maximum expected startup concurrency (2)").
+    # Every trial is 3+ zero-CPU actors (Tune's trial, Train's controller, the worker
+    # group), so two trials on 2 cores trip it with nothing wrong (in both modes: what the
+    # cluster keeps must not depend on the console's verbosity). The threshold is
+    # max(CPU count, num_workers_soft_limit); a raylet started from here (local ray.init,
+    # `mor up`) inherits this. The soft limit is also how many idle workers are kept.
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(max(8, 2 * (os.cpu_count() or 1))))
     if not verbose():
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(BENIGN_WORKER_LINES))
         # Ray Data's progress bars (the data stage, before training starts).
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        # A raylet warns once its Python workers reach 4x its CPU count ("8 PYTHON worker
-        # processes have been started ... 4x the maximum expected startup concurrency (2)").
-        # Every trial is 3+ zero-CPU actors (Tune's trial, Train's controller, the worker
-        # group), so two trials on 2 cores trip it with nothing wrong. The threshold is
-        # max(CPU count, num_workers_soft_limit); a raylet started from here (local ray.init,
-        # `mor up`) inherits this. The soft limit is also how many idle workers are kept.
-        os.environ.setdefault("RAY_num_workers_soft_limit", str(max(8, 2 * (os.cpu_count() or 1))))
         # Bars no caller can turn off: lm-eval's request building (``Task.build_all_requests``
         # passes no ``disable``) and HF datasets' "Generating test split". tqdm reads
         # TQDM_DISABLE when it is imported: Ray's processes started from here inherit it.

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from dashboards.pareto import VS_FRONT, higher_is_better, pareto_front
-from dashboards.plots import COST, depth_columns, error_bars, routed_points
+from dashboards.plots import COST, curves, depth_columns, error_bars, routed_points
 from dashboards.style import FRONT_COLOR, metric_label, metric_name, model_colors
 
 TABLE_COLUMNS = ["model", "point", "sharing", "router", "num_recursions", "kv_cache", COST]
@@ -44,8 +44,7 @@ def _hover(grp: pd.DataFrame, model: str, metric: str) -> list[str]:
 def _curve_trace(part: pd.DataFrame, x: str, metric: str, model: str, bars: tuple | None) -> dict:
     """x, y, hover text and error bars of one model's points, one curve per trained
     configuration (each budget its own; seeds averaged), the curves kept apart by gaps."""
-    key = next((k for k in ("replicate_of", "run_id") if k in part), None)
-    groups = [g for _, g in part.groupby(key, sort=True)] if key else [part]
+    groups = [g for _, g, _ in curves(part)]
     xs: list[Any] = []
     ys: list[Any] = []
     texts: list[str] = []

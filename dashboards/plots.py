@@ -58,7 +58,8 @@ def pareto_png(
 def curves(points: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame, str | None]]:
     """(model, its points, legend label) per curve: one curve per trained configuration (a
     model at each training budget is a curve of its own: joining budgets would zigzag), its
-    seeds already averaged; the legend names each model once."""
+    seeds already averaged; the legend names each model once. The HTML report draws the same
+    curves (``dashboards.html``)."""
     key = next((k for k in ("replicate_of", "run_id") if k in points), "model")
     named: set[str] = set()
     for (model, _), grp in points.groupby(["model", key], sort=True):
