@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
+from types import TracebackType
 from typing import Any
 
 VERBOSE_ENV = "MOR_VERBOSE"
@@ -59,6 +63,20 @@ class _OneLine(logging.Filter):
         return True
 
 
+def node_env() -> dict[str, str]:
+    """Variables for a process that starts Ray nodes (a local ``ray.init``, ``mor up``'s
+    ``ray start``); a value the user set wins.
+
+    A raylet warns once its Python workers reach 4x its CPU count ("8 PYTHON worker
+    processes have been started ... 4x the maximum expected startup concurrency (2)").
+    Every trial is 3+ zero-CPU actors (Tune's trial, Train's controller, the worker group),
+    so two trials on 2 cores trip it with nothing wrong (in both console modes: what the
+    cluster keeps must not depend on verbosity). The threshold is max(CPU count,
+    ``num_workers_soft_limit``), which is also how many idle workers a raylet keeps."""
+    key = "RAY_num_workers_soft_limit"
+    return {key: os.environ.get(key, str(max(8, 2 * (os.cpu_count() or 1))))}
+
+
 def verbose() -> bool:
     """True when ``MOR_VERBOSE`` is set to anything but 0/false/no (``--verbose`` sets it)."""
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
@@ -74,15 +92,12 @@ def configure(flag: bool = False) -> None:
     # Ray's driver merges worker lines that differ only in numbers ("[repeated 3x across
     # cluster]"): progress lines are exactly that, so they are never merged. Read at import.
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^\[mor\] ")
-    # A raylet warns once its Python workers reach 4x its CPU count ("8 PYTHON worker
-    # processes have been started ... 4x the maximum expected startup concurrency (2)").
-    # Every trial is 3+ zero-CPU actors (Tune's trial, Train's controller, the worker
-    # group), so two trials on 2 cores trip it with nothing wrong (in both modes: what the
-    # cluster keeps must not depend on the console's verbosity). The threshold is
-    # max(CPU count, num_workers_soft_limit); a raylet started from here (local ray.init,
-    # `mor up`) inherits this. The soft limit is also how many idle workers are kept.
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(max(8, 2 * (os.cpu_count() or 1))))
+    for key, value in node_env().items():
+        os.environ.setdefault(key, value)
     if not verbose():
+        # MLflow prints "🏃 View run NAME at: URL" whenever a run on a tracking server ends
+        # (every trial, every eval): the sweep's summary names the server once.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(BENIGN_WORKER_LINES))
         # Ray Data's progress bars (the data stage, before training starts).
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -99,10 +114,30 @@ def configure(flag: bool = False) -> None:
             tune_logger.addFilter(_OneLine(TUNE_TRIAL_ERROR[1]))
 
 
-def ray_init_kwargs() -> dict[str, Any]:
+MODE_ENV = (
+    VERBOSE_ENV,
+    PRINT_PATCH_ENV,
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+    "RAY_DATA_DISABLE_PROGRESS_BARS",
+    "TQDM_DISABLE",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS",
+)
+"""The variables by which ``configure`` tells Ray's worker processes the console mode."""
+
+
+def ray_init_kwargs(address: str | None = "local") -> dict[str, Any]:
     """Extra ``ray.init`` arguments: the driver's ``ray`` logger at WARNING (no start-up
-    banner) unless verbose. Workers' output still reaches the console (``log_to_driver``)."""
-    return {} if verbose() else {"logging_level": logging.WARNING}
+    banner) unless verbose. Workers' output still reaches the console (``log_to_driver``).
+
+    Connecting to a running cluster (``mor up``'s, or another), the job's workers are
+    children of raylets started elsewhere, without this process's environment: the console
+    mode travels to them as the job's ``runtime_env`` variables. (A local Ray started here
+    inherits it; an env-only runtime_env there would only cost its pre-started workers.)"""
+    kwargs: dict[str, Any] = {} if verbose() else {"logging_level": logging.WARNING}
+    if address not in (None, "local"):
+        env = {k: os.environ[k] for k in MODE_ENV if k in os.environ}
+        kwargs["runtime_env"] = {"env_vars": env}
+    return kwargs
 
 
 def ray_train_log_level() -> str:
@@ -130,3 +165,42 @@ def quiet_worker() -> None:
     except ImportError:  # pragma: no cover - deepspeed is a dependency
         return
     ds_logger.setLevel(logging.WARNING)
+
+
+def honour_lost_sigterm() -> None:
+    """In a Ray worker process (a Tune trial, a Train worker): make a SIGTERM that Python
+    swallowed end the process after all, without printing it.
+
+    Ray's worker turns SIGTERM into ``SystemExit`` (``ray._private.worker``'s
+    ``sigterm_handler``). When Tune tears a finished trial's actor down, the signal can land
+    while Python runs a weakref callback (seen: ``WeakSet._remove``, once in 42 trials); an
+    exception there is "unraisable", so Python prints "Exception ignored in ... SystemExit: 1"
+    and the process goes on instead of exiting. This hook sends the signal again, to be
+    handled where it can end the process (one swallowed again is sent again). Any other
+    unraisable exception goes to the previous hook, printed as before: nothing else is
+    hidden."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mor_lost_sigterm", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, SystemExit) and _from_sigterm_handler(
+            unraisable.exc_traceback
+        ):
+            # From another thread, a moment later: sent from here, the handler would run at
+            # once, still inside the callback, and be swallowed again.
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            return
+        previous(unraisable)
+
+    hook._mor_lost_sigterm = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
+def _from_sigterm_handler(tb: TracebackType | None) -> bool:
+    """True when the exception passed through a function named ``sigterm_handler``."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "sigterm_handler":
+            return True
+        tb = tb.tb_next
+    return False

@@ -61,6 +61,7 @@ from core.procs import (
     stop,
     tail,
 )
+from core.quiet import node_env
 
 STACK_DIR_ENV = "MOR_STACK_DIR"
 STACK_FILE = "stack.json"
@@ -375,7 +376,7 @@ def _wait_healthy(record: StackRecord, timeout: float) -> None:
 def _stack_env(record: StackRecord) -> dict[str, str]:
     """The environment of every process the stack starts: tagged as its own, single-machine
     mode when loopback-only, Ray token auth (a token generated if none exists)."""
-    env = dict(os.environ)
+    env = {**os.environ, **node_env()}
     env[TAG_ENV] = record.id
     env[STACK_DIR_ENV] = record.state_dir  # jobs on this head find the stack (its MLflow) too
     if record.ray.loopback_only:  # Ray's processes, job drivers and workers inherit it

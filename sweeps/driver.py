@@ -25,6 +25,7 @@ from core.keys import (
     eval_point_key,
     eval_points,
 )
+from core.quiet import honour_lost_sigterm
 from mor.overrides import ConfigError
 from sweeps.plan import (
     SweepPlan,
@@ -94,6 +95,7 @@ def trial_fn(
 
     from trainers.launcher import run_training
 
+    honour_lost_sigterm()  # the actor's teardown SIGTERM exits even inside a weakref callback
     spec = SweepSpec.model_validate(spec_dict)
     point = TrialPoint.model_validate(config[POINT])
     sampled = {k: v for k, v in config.items() if k != POINT}
@@ -266,7 +268,8 @@ def _run_sweep(plan: SweepPlan, resume: bool, address: str | None) -> SweepResul
         from core.endpoints import resolve_endpoints
         from core.quiet import ray_init_kwargs
 
-        ray.init(address=resolve_endpoints(ray_address=address).ray_address, **ray_init_kwargs())
+        target = resolve_endpoints(ray_address=address).ray_address
+        ray.init(address=target, **ray_init_kwargs(target))
     res = spec.resources
     try:  # a trial that can never be placed would make Tune wait forever
         check_resources(

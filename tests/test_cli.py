@@ -127,3 +127,41 @@ def test_eval_of_an_mlflow_model_without_a_store_creates_nothing(
     assert main(["eval", "runs:/0123456789abcdef/model", "--no-mlflow"]) == 2
     assert f"no tracking store at {tmp_path / 'outputs' / 'mlflow.db'}" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+_TEARDOWN = """
+import os, signal, sys, time, weakref
+sys.path.insert(0, os.getcwd())
+
+def sigterm_handler(signum, frame):  # what Ray's worker installs (ray._private.worker)
+    raise SystemExit(1)
+
+signal.signal(signal.SIGTERM, sigterm_handler)
+if sys.argv[1] == "hook":
+    from core.quiet import honour_lost_sigterm
+    honour_lost_sigterm()
+
+class Item: pass
+item = Item()
+# The signal is raised inside a weakref callback, as when Tune tears a trial's actor down.
+ref = weakref.ref(item, lambda _: signal.raise_signal(signal.SIGTERM))
+del item
+time.sleep(0.5)
+print("still running")
+"""
+
+
+@pytest.mark.parametrize("mode", ["hook", "plain"])
+def test_sigterm_in_a_weakref_callback_ends_the_process(mode: str) -> None:
+    """Ray's SIGTERM landing in a weakref callback: without the hook Python prints "Exception
+    ignored ... SystemExit" and the process lives on; with it, the process exits, silently."""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", _TEARDOWN, mode], cwd=repo, capture_output=True, text=True
+    )
+    if mode == "plain":  # the problem is real: the exit is lost and a traceback printed
+        assert out.returncode == 0 and "still running" in out.stdout
+        assert "Exception ignored" in out.stderr and "SystemExit" in out.stderr
+    else:
+        assert out.returncode == 1 and "still running" not in out.stdout
+        assert out.stderr == ""

@@ -307,6 +307,11 @@ def _check_stored_on_s3(
     mlflow_root = Location.parse(f"{s3}/mlflow")
     selector = pafs.FileSelector(mlflow_root.path, recursive=True)
     objects = [i.path for i in mlflow_root.fs.get_file_info(selector)]
-    assert sum(p.endswith("/model/config.json") for p in objects) == len(finished)
+    # Each finished trial's export is a logged MLflow model, its files in the bucket (MLflow 3:
+    # <experiment>/models/<model id>/...). A trial ASHA stopped may have one too.
+    exports = [p for p in objects if "/models/m-" in p and p.endswith("/export/config.json")]
+    for t in finished:
+        ids = {o.model_id for o in t.outputs.model_outputs}
+        assert any(f"/models/{i}/" in p for i in ids for p in exports), (ids, exports)
     assert any(p.endswith("/summary.csv") for p in objects)
     assert any(p.endswith("/results.md") for p in objects)

@@ -488,23 +488,38 @@ def test_submitted_sweep_runs_trials_on_both_nodes(
     assert Location.parse(storage).child("sweeps", "stack-sweep", "summary.json").is_file()
 
 
-def test_submit_follow_and_stop(
-    cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture
+def test_submit_stop_and_resume_on_object_storage(
+    cluster: Cluster,
+    driver: None,
+    storage: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`mor sweep submit|status|logs|stop --address DASHBOARD`: a submission followed while it
-    runs, then stopped. (After the other sweep: its trials must not wait for this one's.)"""
+    """`mor sweep submit|status|logs|stop --address DASHBOARD`, then `mor sweep resume`: a
+    two-trial sweep that keeps everything in the bucket is stopped (Ray's job stop kills its
+    driver) once a trial checkpointed, and resumed from this process with an empty cache, as
+    from another machine: both trials finish (the checkpointed one from its checkpoint), are
+    evaluated and reported; the report is in the bucket and among the parent run's MLflow
+    artifacts. (After the other sweep: its trials must not wait for this one's.)"""
     from sweeps import jobs
 
-    address = cluster.dashboard
+    address, store = cluster.dashboard, f"{storage}/resumable"
     path = tmp_path / "to-stop.yaml"
-    path.write_text(yaml.safe_dump(tiny_spec_dict(tmp_path, "to-stop", variants=TINY_VARIANTS[1:])))
+    data = tiny_spec_dict(
+        tmp_path, "to-stop", storage_path=store, budgets=[1.5e9],
+        eval={"limit": 4, "tasks": ["mor_heldout_mc"], "depths": ["1"]},
+        resources={"num_workers": 1, "cpus_per_worker": 1, "max_concurrent": 2},
+    )  # fmt: skip
+    data["base"] = {
+        **data["base"],
+        "data": {"source": cluster.data, "seq_len": 64},
+        "checkpoint": {"every_steps": 4},
+    }
+    path.write_text(yaml.safe_dump(data))
     assert mor_main(["sweep", "submit", str(path), "--address", address]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
-    deadline = time.time() + 180
-    while "trial" not in jobs.logs(job_id, address).lower():  # the sweep is under way
-        assert jobs.status(job_id, address) in ("PENDING", "RUNNING"), jobs.logs(job_id, address)
-        assert time.time() < deadline
-        time.sleep(2)
+    checkpointed = _wait_for_a_trial_checkpoint(store, job_id, address)
     assert mor_main(["sweep", "status", job_id, "--address", address]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "RUNNING"
     assert mor_main(["sweep", "logs", job_id, "--address", address]) == 0
@@ -515,6 +530,53 @@ def test_submit_follow_and_stop(
         assert time.time() < deadline
         time.sleep(1)
     assert jobs.status(job_id, address) == "STOPPED"
+
+    monkeypatch.setenv("MOR_CACHE_DIR", str(tmp_path / "other-machine"))
+    assert mor_main(["sweep", "resume", "to-stop", "--storage-path", store]) == 0
+    _check_resumed_on_object_storage(cluster, store, checkpointed)
+
+
+def _wait_for_a_trial_checkpoint(store: str, job_id: str, address: str) -> str:
+    """The run name of the sweep's first trial with a checkpoint in the bucket."""
+    from sweeps import jobs
+
+    deadline = time.time() + 240
+    while True:
+        assert jobs.status(job_id, address) in ("PENDING", "RUNNING"), jobs.logs(job_id, address)
+        assert time.time() < deadline, jobs.logs(job_id, address)[-3000:]
+        names = Location.parse(store).child(RAY_SUBDIR).names()
+        done = [n for n in names if n.startswith("to-stop-") and _checkpointed(store, n)]
+        if done:
+            return done[0]
+        time.sleep(1)
+
+
+def _check_resumed_on_object_storage(cluster: Cluster, store: str, checkpointed: str) -> None:
+    client = MlflowClient(cluster.mlflow)
+    exp = client.get_experiment_by_name("sweeps-test").experiment_id
+    parents = client.search_runs(
+        [exp], "tags.`mor.kind` = 'sweep' and attributes.run_name = 'to-stop'"
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0].info.run_id
+    trials = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    trials = [t for t in trials if "mor.interrupted" not in t.data.tags]  # reopened: untagged
+    assert sorted(t.info.run_name for t in trials) == ["mor-ec @ 1.5e9", "vanilla @ 1.5e9"]
+    home = Location.parse(store)
+    for t in trials:
+        assert t.info.status == "FINISHED"
+        name = t.data.tags["mor.run_name"]
+        assert home.child("runs", name, "export", "model.pt").is_file()  # in the bucket
+        assert client.get_run(t.data.tags["mor.eval_run_id"]).info.status == "FINISHED"
+        if name == checkpointed:  # the stopped trial went on from its checkpoint
+            assert int(t.data.tags[TAG_RESUMED_FROM_STEP]) >= 4
+            steps = [m.step for m in client.get_metric_history(t.info.run_id, "train/loss")]
+            assert steps == sorted(set(steps)), steps  # no step logged twice
+    sweep = home.child("sweeps", "to-stop")
+    assert sweep.child("summary.json").read_json()["trials"] == 2
+    assert "mor_heldout_mc" in sweep.child("report", "results.md").read_text()
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/results.md", "report/report.html"} <= logged
 
 
 def test_down_stops_exactly_the_stack(cluster: Cluster, capsys: pytest.CaptureFixture) -> None:

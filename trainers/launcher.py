@@ -236,7 +236,7 @@ def _run_training(cfg: TrainConfig, callbacks: list[Any] | None, plan: TrainPlan
         address = resolve_endpoints(ray_address=cfg.address).ray_address
         try:
             check_ray_reachable(address)
-            ray.init(address=address, **ray_init_kwargs())
+            ray.init(address=address, **ray_init_kwargs(address))
         except Exception as exc:  # the run exists in MLflow: it must not stay RUNNING
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             reason = f"could not start or connect to Ray at {address!r}: {first}"

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from core.keys import TAG_OPTIMIZER, TAG_PRECISION
-from core.quiet import quiet_worker
+from core.quiet import honour_lost_sigterm, quiet_worker
 from core.storage import Location
 from trainers.checkpointing import Checkpointer, resume
 from trainers.components import (
@@ -59,6 +59,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, plan: TrainPlan) -> None:
         self.cfg, self.plan = cfg, plan
         quiet_worker()  # DeepSpeed's info logs off unless --verbose / MOR_VERBOSE=1
+        honour_lost_sigterm()  # Ray's SIGTERM exits even if it lands in a weakref callback
         home = Location.parse(plan.state_dir)
         self.worker = w = Worker.start(cfg, plan.use_gpu, home)
         self.engine = build_engine(cfg, plan.model, plan.total_steps, w.device)

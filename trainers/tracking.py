@@ -116,8 +116,11 @@ def find_or_create_run(
             if run.info.lifecycle_stage == "active":
                 if run.info.status == "RUNNING":  # the caller holds the writer lock: its last
                     mark_interrupted_run(client, run.info.run_id)  # writer was killed
+                    run = client.get_run(run.info.run_id)
                 if run.info.status != "FINISHED":  # a finished run stays finished
                     client.update_run(run.info.run_id, status="RUNNING")
+                    if TAG_INTERRUPTED in run.data.tags:  # it goes on: no longer interrupted
+                        client.delete_tag(run.info.run_id, TAG_INTERRUPTED)
                 return run.info.run_id, True
         except MlflowException:
             pass
