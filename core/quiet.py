@@ -67,14 +67,16 @@ def node_env() -> dict[str, str]:
     """Variables for a process that starts Ray nodes (a local ``ray.init``, ``mor up``'s
     ``ray start``); a value the user set wins.
 
-    A raylet warns once its Python workers reach 4x its CPU count ("8 PYTHON worker
+    A raylet warns each time its Python workers reach another multiple (from 4x) of its
+    ``worker_maximum_startup_concurrency``, which defaults to its CPU count ("8 PYTHON worker
     processes have been started ... 4x the maximum expected startup concurrency (2)").
     Every trial is 3+ zero-CPU actors (Tune's trial, Train's controller, the worker group),
     so two trials on 2 cores trip it with nothing wrong (in both console modes: what the
-    cluster keeps must not depend on verbosity). The threshold is max(CPU count,
-    ``num_workers_soft_limit``), which is also how many idle workers a raylet keeps."""
-    key = "RAY_num_workers_soft_limit"
-    return {key: os.environ.get(key, str(max(8, 2 * (os.cpu_count() or 1))))}
+    cluster keeps must not depend on verbosity). Raised to 3x the CPUs (at least 8), as
+    SkyPilot does for the same reason; it also lets that many workers start at once, which
+    only matters while a trial's actors start."""
+    key = "RAY_worker_maximum_startup_concurrency"
+    return {key: os.environ.get(key, str(max(8, 3 * (os.cpu_count() or 1))))}
 
 
 def verbose() -> bool:

@@ -118,14 +118,24 @@ class SweepTable(ProgressReporter):
             self._lines(trials, done)
         self._status = {t.trial_id: t.status for t in trials}
 
-    def table(self, trials: list) -> Any:
+    def table(self, trials: list, width: int = 200) -> Any:
+        """The trials as a rich table. Where one line per trial does not fit in ``width``
+        (an 80-column terminal), a compact layout: headers on two lines, the FLOPs without
+        the budget (the trial's name has it), one space between columns; never a cut cell."""
         from rich.table import Table
 
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for h in self.headers():
-            table.add_column(h, justify="left" if h in ("trial", "status") else "right")
-        for trial in trials:
-            table.add_row(*trial_row(trial, self.metric))
+        headers, rows = self.headers(), [trial_row(trial, self.metric) for trial in trials]
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+        compact = sum(widths) + 2 * (len(widths) - 1) > width
+        if compact:
+            headers = [h.replace(" ", "\n", 1).replace("/", "/\n", 1) for h in headers]
+            rows = [[*r[:5], r[5].split(" / ")[0], *r[6:]] for r in rows]
+        table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=compact)
+        for h in headers:
+            justify = "left" if h in ("trial", "status") else "right"
+            table.add_column(h, justify=justify)
+        for row in rows:
+            table.add_row(*row)
         return table
 
     def _redraw(self, trials: list, done: bool) -> None:
@@ -135,7 +145,7 @@ class SweepTable(ProgressReporter):
             self._live = Live(auto_refresh=False, redirect_stdout=True, redirect_stderr=True)
             self._live.start()
             atexit.register(self._stop)  # a sweep cut short still gives the terminal back
-        self._live.update(self.table(trials), refresh=True)
+        self._live.update(self.table(trials, self._live.console.width), refresh=True)
         if done:
             self._stop()
 

@@ -165,3 +165,35 @@ def test_sigterm_in_a_weakref_callback_ends_the_process(mode: str) -> None:
     else:
         assert out.returncode == 1 and "still running" not in out.stdout
         assert out.stderr == ""
+
+
+_MANY_ACTORS = """
+import time, ray
+from core.quiet import configure, ray_init_kwargs
+configure()  # what `mor sweep run` / `mor train` do before Ray starts
+ray.init(address="local", num_cpus=2, **ray_init_kwargs())
+@ray.remote(num_cpus=0)
+class Idle:
+    def pid(self):
+        import os
+        return os.getpid()
+actors = [Idle.remote() for _ in range(12)]
+print(len(set(ray.get([a.pid.remote() for a in actors]))), "actors")
+time.sleep(8)  # the raylet's warning reaches the driver through Ray's log monitor
+ray.shutdown()
+"""
+
+
+def test_many_zero_cpu_actors_do_not_warn() -> None:
+    """Two trials on 2 cores are 6+ zero-CPU actors: by default the raylet warns at 8 worker
+    processes ("4x the maximum expected startup concurrency (2)"); the console mode raises
+    the threshold, so 12 actors on 2 CPUs start without the warning."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_maximum_startup_concurrency"}
+    out = subprocess.run(
+        [sys.executable, "-c", _MANY_ACTORS],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "12 actors" in out.stdout
+    assert "PYTHON worker processes" not in out.stdout + out.stderr

@@ -460,7 +460,13 @@ def test_submitted_sweep_runs_trials_on_both_nodes(
     ):  # fmt: skip
         assert time.time() < deadline, jobs.logs(job_id, cluster.dashboard)[-3000:]
         time.sleep(3)
-    assert state == "SUCCEEDED", jobs.logs(job_id, cluster.dashboard)[-3000:]
+    log = jobs.logs(job_id, cluster.dashboard)
+    assert state == "SUCCEEDED", log[-3000:]
+    # The job's workers are children of the stack's raylets, not of the job: the console mode
+    # reached them (no MLflow URL per finished run, no Ray Data bars) and the raylets' too.
+    assert "[mor] trial vanilla @ 1e9: finished" in log
+    for noise in ("View run", "PYTHON worker processes", "Running Dataset"):
+        assert noise not in log, noise
     workers = _new_workers(cluster.dashboard, before)
     assert [n for n, _ in workers] == ["mor_node_0", "mor_node_1"]
 

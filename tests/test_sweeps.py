@@ -4,6 +4,7 @@ tests/test_stack.py, on the `mor up` stack.)"""
 from __future__ import annotations
 
 import inspect
+import io
 import re
 import sys
 import time
@@ -371,9 +372,44 @@ def test_sweep_console_is_short_and_says_what_runs(tiny_sweep) -> None:
         assert needle in text, needle
     for noise in ("fatal: not a git repository", "Configuration for experiment",
                   "View detailed results", "PlacementGroupCleaner", "Generating test split",
-                  "Exception in thread"):  # fmt: skip
+                  "Exception in thread", "PYTHON worker processes"):  # fmt: skip
         assert noise not in text, noise
     assert not re.search(r"\d+%\|", text), "a progress bar reached the console"
+
+
+def test_the_live_table_fits_an_80_column_terminal() -> None:
+    """The live table in a terminal: at 80 columns a compact layout (two-line headers, the
+    FLOPs without the budget) keeps every trial on one line and no cell cut; wide terminals
+    and the final table keep one header line and FLOPs against the budget."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from sweeps.progress import SweepTable
+    from sweeps.spec import POINT
+
+    def trial(label: str, status: str, **last: float) -> SimpleNamespace:
+        point = {"label": f"{label},budget=2e+12", "budget": 2e12}
+        return SimpleNamespace(trial_id=label, status=status, config={POINT: point},
+                               last_result=last)  # fmt: skip
+
+    metric = "eval/mor_heldout_bpb/bits_per_byte"
+    trials = [
+        trial("mor-ec-middle-cycle-2", "TERMINATED", step=216, flops=2e12,
+              **{"train/loss": 5.855, "val/loss": 5.543, metric: 2.429}),
+        trial("vanilla", "RUNNING", step=100, flops=1e12, **{"train/loss": 6.1}),
+    ]  # fmt: skip
+    reporter = SweepTable(metric)
+    for width in (80, 200):
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(reporter.table(trials, width))
+        lines = console.export_text().splitlines()
+        assert max(len(line.rstrip()) for line in lines) <= width
+        rows = [line.split() for line in lines if line.startswith(("mor-ec", "vanilla"))]
+        assert rows[0][:4] == ["mor-ec-middle-cycle-2", "@", "2e12", "finished"]
+        assert rows[0][-1] == "2.429" and rows[1][:4] == ["vanilla", "@", "2e12", "running"]
+        wide = "2e+12 / 2e+12" in " ".join(lines)
+        assert wide == (width == 200) and len(lines) == (3 if wide else 4)
 
 
 @pytest.mark.extended  # 150 s measured on the shared 2-core machine (load ~35): over budget
