@@ -93,7 +93,7 @@ def rank_main(small: bool) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainers.components import build_engine
+    from trainers.components import build_engine, training_forward
     from trainers.config import load_train_config
 
     torch.set_num_threads(1)  # the Ray Train worker's 1 CPU
@@ -108,7 +108,7 @@ def rank_main(small: bool) -> None:
     gen = torch.Generator().manual_seed(dist.get_rank())
     for step in (1, 2):
         x = torch.randint(0, 49152, (1, cfg.data.seq_len), generator=gen)
-        out = phases.run(f"step {step}: forward", lambda x=x: engine(x, labels=x))
+        out = phases.run(f"step {step}: forward", lambda x=x: training_forward(engine, x))
         phases.run(f"step {step}: backward", lambda out=out: engine.backward(out.loss))
         phases.run(f"step {step}: optimizer step", engine.step)
         del out

@@ -165,9 +165,14 @@ def iso_flop_png(trials: pd.DataFrame, path: Path, colors: dict[str, str] | None
 
 
 def depth_columns(points: pd.DataFrame) -> list[str]:
-    """The ``frac_depth_K`` columns, by K."""
+    """The ``frac_depth_K`` columns, by K; depth 0 only where a routed model sends tokens
+    there (expert-choice's first recursion usually keeps them all: an empty slot otherwise)."""
     cols = [c for c in points.columns if c.startswith("frac_depth_")]
-    return sorted(cols, key=lambda c: int(c.rsplit("_", 1)[1]))
+    cols = sorted(cols, key=lambda c: int(c.rsplit("_", 1)[1]))
+    if cols and cols[0] == "frac_depth_0" and {"fixed_depth", "router"} <= set(points.columns):
+        if not (routed_points(points)[cols[0]].fillna(0) > 0).any():
+            cols = cols[1:]
+    return cols
 
 
 def routed_points(points: pd.DataFrame) -> pd.DataFrame:

@@ -46,24 +46,35 @@ def metric_label(metric: str) -> str:
     return metric
 
 
-def si(value: float) -> str:
+def si(value: float, digits: int = 3) -> str:
     """A FLOPs count as people read it: 1.27e5 → '127k', 2e12 → '2T'."""
     if value == 0 or not math.isfinite(value):
         return f"{value:g}"
     exp = min(max(math.floor(math.log10(abs(value)) / 3), -1), 6)
     scaled = value / 10 ** (3 * exp)
-    return f"{scaled:.3g}{['m', '', 'k', 'M', 'G', 'T', 'P', 'E'][exp + 1]}"
+    return f"{scaled:.{digits}g}{['m', '', 'k', 'M', 'G', 'T', 'P', 'E'][exp + 1]}"
+
+
+def si_ticks(values: Iterable[float]) -> list[str]:
+    """SI labels for a row of ticks, with as many digits as it takes to tell them apart
+    (budgets a few per mille apart: '1.992T', '1.994T', not '2T' five times)."""
+    values = list(values)
+    for digits in range(3, 9):
+        labels = [si(v, digits) for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 def flops_axis(ax: Any, values: Iterable[float], which: str = "x") -> None:
     """A FLOPs axis: log scale over a decade or more, else linear; about six labelled ticks
     either way, in SI units ('127k', '2G'), never an offset or a '1e9' corner label; a
     single value (every budget equal) sits in the middle of a ±5% range."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
 
     axis = ax.xaxis if which == "x" else ax.yaxis
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v)) and v > 0]
-    fmt = FuncFormatter(lambda v, _pos: si(v))
+    fmt = _SITicks()
     if vals and max(vals) / min(vals) >= 10:
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
         axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -78,6 +89,20 @@ def flops_axis(ax: Any, values: Iterable[float], which: str = "x") -> None:
         (ax.set_xlim if which == "x" else ax.set_ylim)(min(vals) - pad, max(vals) + pad)
     axis.set_major_locator(MaxNLocator(nbins=6, min_n_ticks=4))
     axis.set_major_formatter(fmt)
+
+
+def _SITicks() -> Any:
+    """A matplotlib formatter of a whole row of ticks at once (``si_ticks``)."""
+    from matplotlib.ticker import Formatter
+
+    class SITicks(Formatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return si(x)
+
+        def format_ticks(self, values: Any) -> list[str]:
+            return si_ticks(values)
+
+    return SITicks()
 
 
 def save(fig: Any, path: Path) -> Path:

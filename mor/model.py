@@ -113,7 +113,7 @@ class RoutingCounts:
 
 @dataclass
 class MoROutput:
-    logits: torch.Tensor
+    logits: torch.Tensor  # None once a training loop has dropped it (the backward needs none)
     loss: torch.Tensor | None = None  # lm_loss + weighted router losses (what to backprop)
     lm_loss: torch.Tensor | None = None
     router_loss: torch.Tensor | None = None
@@ -353,13 +353,12 @@ class MoRModel(nn.Module):
         for k, v in mean_losses.items():
             router_loss = router_loss + coefs[k] * v
         if labels is not None:
-            shift_logits = logits[:, :-1].float()
-            target = labels[:, 1:] if packed else labels[:, 1:].masked_fill(~valid[:, 1:], -100)
-            lm = F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]),
-                target.reshape(-1),
-                ignore_index=-100,
-            )
+            # Next-token targets: the labels shift left and the last position is ignored, so
+            # the logits are used in place (shifting them would copy B·T·V floats when B > 1).
+            target = F.pad(labels[:, 1:], (0, 1), value=-100)
+            if not packed:
+                target = target.masked_fill(~F.pad(valid[:, 1:], (0, 1)), -100)
+            lm = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
             out.lm_loss, out.router_loss, out.loss = lm, router_loss, lm + router_loss
         else:
             out.router_loss = router_loss

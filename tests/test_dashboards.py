@@ -301,3 +301,41 @@ def test_lower_is_better_metrics_make_a_minimising_front() -> None:
     df = pd.DataFrame({"id": [0, 1, 2], "cost": [1.0, 2.0, 3.0], "bpb": [2.0, 1.5, 1.8]})
     front = pareto_front(df, "cost", "bpb", higher_is_better("bpb/bits_per_byte"))
     assert front["id"].tolist() == [0, 1]  # 2 costs more and is worse (higher bpb) than 1
+
+
+def test_flops_ticks_tell_close_budgets_apart(tmp_path: Path) -> None:
+    """Training FLOPs a few per mille apart (trials stop at the budget's last whole step):
+    the axis labels every tick differently ('1.992T', ...), not '2T' five times; far-apart
+    values keep three digits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dashboards.style import flops_axis, si_ticks
+
+    assert si_ticks([1e9, 2e9, 5e9]) == ["1G", "2G", "5G"]
+    fig, ax = plt.subplots()
+    values = [1.9888e12, 1.9935e12, 1.9962e12, 1.9973e12, 1.99995e12]
+    ax.scatter(values, [1, 2, 3, 4, 5])
+    flops_axis(ax, values)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    plt.close(fig)
+    assert len(labels) >= 4 and len(set(labels)) == len(labels), labels
+    assert all(label.endswith("T") for label in labels), labels
+
+
+def test_router_depths_leave_out_an_empty_depth_zero() -> None:
+    """Depth 0 appears in the router figures only where a routed model sends tokens there."""
+    from dashboards.plots import depth_columns
+
+    def points(zero: float) -> pd.DataFrame:
+        return pd.DataFrame({
+            "model": ["mor-ec", "mor-ec", "vanilla"], "router": ["expert_choice"] * 2 + ["none"],
+            "fixed_depth": [False, True, True], "frac_depth_0": [zero, 0.3, 0.0],
+            "frac_depth_1": [0.5, 0.4, 1.0], "frac_depth_2": [0.5 - zero, 0.3, 0.0],
+        })  # fmt: skip
+
+    assert depth_columns(points(0.0)) == ["frac_depth_1", "frac_depth_2"]
+    assert depth_columns(points(0.1)) == ["frac_depth_0", "frac_depth_1", "frac_depth_2"]

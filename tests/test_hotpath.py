@@ -173,3 +173,34 @@ def test_bf16_zero3_checkpointed_training_matches_fp32(world_of_one: Path) -> No
     assert fp32[-1].loss < fp32[0].loss  # it trains
     # bf16 keeps 8 bits of mantissa (relative spacing 2^-7 ≈ 0.8%): losses agree to about that.
     torch.testing.assert_close([r.loss for r in low], [r.loss for r in fp32], rtol=1e-2, atol=0.0)
+
+
+def test_a_training_forward_leaves_no_logits_for_the_backward() -> None:
+    """The training forward drops the logits (B·T·V floats, 384 MiB at seq 2048 with SmolLM2's
+    vocabulary): the backward keeps only the cross-entropy's log-softmax of that size, and
+    the loss and gradients are those of the model's own forward."""
+    from trainers.components import training_forward
+
+    cfg = build_config("micro", vocab_size=VOCAB, max_seq_len=16, **MOR_EC3)
+    torch.manual_seed(0)
+    model = MoRModel(cfg).train()
+    x = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
+    full = model(x, labels=x)
+    full.loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    vocab_sized: set[int] = set()  # the storages of B·T·V-sized tensors the backward keeps
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() >= x.numel() * VOCAB * 0.9:
+            vocab_sized.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = training_forward(model, x)
+    assert out.logits is None
+    assert len(vocab_sized) == 1, vocab_sized  # the log-softmax, not the logits or a copy
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want)
